@@ -1,0 +1,1 @@
+"""awe: Affinity Weighted Embedding."""
