@@ -55,3 +55,60 @@ def read_json(path: str | os.PathLike):
         raise AweError(f"{path}: missing file") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AweError(f"{path}: not valid JSON ({exc}); the file is damaged, retrain") from exc
+
+
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+LABELS = "labels.json"
+WSABIE_WEIGHTS = "wsabie.safetensors"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+
+
+def library_versions() -> dict[str, str]:
+    import faiss
+    import numpy
+    import pyarrow
+    import torch
+
+    from . import __version__
+
+    return {"awe": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "pyarrow": pyarrow.__version__, "faiss": getattr(faiss, "__version__", "unknown")}
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """Load safetensors (never pickle); a missing or damaged file is a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise AweError(f"{path}: missing file; train the model again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AweError(f"{path}: damaged weights file ({exc}); train the model again") from exc
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(c for c in row if c not in columns)
+    lines = [",".join(columns)]
+    for row in rows:
+        lines.append(",".join(_csv_cell(row.get(c, "")) for c in columns))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

@@ -1,0 +1,102 @@
+"""Compressed sparse rows: the one representation of variable-length per-row lists in awe.
+
+Labels, exclusions, sparse features and (later) the affinity weights G are all "per row, a sorted
+list of ids with optional values". Everything here is vectorised numpy; no loop over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Csr:
+    """Rows of ids (int64) with optional float32 values; ``indptr`` has n_rows + 1 entries."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, n_rows: int, with_values: bool = False) -> Csr:
+        return cls(np.zeros(n_rows + 1, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                   np.zeros(0, dtype=np.float32) if with_values else None)
+
+    @classmethod
+    def from_lengths(cls, lengths: np.ndarray, indices: np.ndarray,
+                     values: np.ndarray | None = None) -> Csr:
+        indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return cls(indptr, np.asarray(indices, dtype=np.int64), values)
+
+    @classmethod
+    def concat(cls, parts: list[Csr]) -> Csr:
+        if not parts:
+            return cls.empty(0)
+        lengths = np.concatenate([p.lengths for p in parts])
+        indices = np.concatenate([p.indices for p in parts])
+        values = None
+        if parts[0].values is not None:
+            values = np.concatenate([p.values for p in parts])
+        return cls.from_lengths(lengths, indices, values)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def row_of_entry(self) -> np.ndarray:
+        """For every stored entry, the row it belongs to."""
+        return np.repeat(np.arange(self.n_rows, dtype=np.int64), self.lengths)
+
+    def entry_positions(self, rows: np.ndarray) -> np.ndarray:
+        """Positions in ``indices`` of all entries of ``rows``, in the order of ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        # offset of each output entry within its row, then shift by the row's start
+        row_first = np.cumsum(lengths) - lengths
+        within = np.arange(total, dtype=np.int64) - np.repeat(row_first, lengths)
+        return np.repeat(starts, lengths) + within
+
+    def take(self, rows: np.ndarray) -> Csr:
+        rows = np.asarray(rows, dtype=np.int64)
+        pos = self.entry_positions(rows)
+        values = None if self.values is None else self.values[pos]
+        return Csr.from_lengths(self.indptr[rows + 1] - self.indptr[rows], self.indices[pos], values)
+
+    def select_entries(self, keep: np.ndarray) -> Csr:
+        """Keep the entries where the boolean mask ``keep`` is true; rows stay (maybe empty)."""
+        lengths = np.bincount(self.row_of_entry()[keep], minlength=self.n_rows)
+        values = None if self.values is None else self.values[keep]
+        return Csr.from_lengths(lengths, self.indices[keep], values)
+
+    def keys(self, n_cols: int) -> np.ndarray:
+        """row * n_cols + id for every entry: sorted when ids are sorted within rows."""
+        return self.row_of_entry() * n_cols + self.indices
+
+    def sorted_within_rows(self) -> Csr:
+        order = np.lexsort((self.indices, self.row_of_entry()))
+        values = None if self.values is None else self.values[order]
+        return Csr(self.indptr.copy(), self.indices[order], values)
+
+
+def contains(sorted_keys: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
+    """Membership of ``query_keys`` in the sorted array ``sorted_keys`` (any shape of query)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(np.shape(query_keys), dtype=bool)
+    pos = np.searchsorted(sorted_keys, query_keys)
+    pos = np.minimum(pos, len(sorted_keys) - 1)
+    return sorted_keys[pos] == query_keys

@@ -1,0 +1,496 @@
+"""The data contract: parquet files in, validated compact arrays out.
+
+Input is one or many parquet files (a file, a directory or a glob), read as a stream of record
+batches through ``pyarrow.dataset``; memory is bounded by the batch while scanning. A row has dense
+``features`` (fixed-length list<float>) or sparse ``feature_ids`` (+ optional ``feature_values``),
+``labels`` (a list or a scalar, strings or ints), an optional ``exclude`` list (labels never to rank
+for that row) and an optional ``id``. Column names are options (:class:`Columns`).
+
+Every problem is reported as one :class:`~awe.errors.DataError` naming the file, row and column.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from .csr import Csr
+from .errors import AweError, DataError
+
+TASKS = ("annotation", "recommendation")
+TASK_METADATA_KEY = b"awe.task"
+DEFAULT_BATCH_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the contract's columns in the user's files."""
+
+    features: str = "features"
+    feature_ids: str = "feature_ids"
+    feature_values: str = "feature_values"
+    labels: str = "labels"
+    exclude: str = "exclude"
+    id: str = "id"
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    """What the model was trained on; stored in config.json and checked on every later read."""
+
+    kind: str  # "dense" or "sparse"
+    n_features: int
+    columns: Columns = field(default_factory=Columns)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "n_features": self.n_features, "columns": asdict(self.columns)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputSchema:
+        return cls(d["kind"], int(d["n_features"]), Columns(**d.get("columns", {})))
+
+
+class LabelVocab:
+    """The label vocabulary, fixed at training time: sorted unique labels, strings or ints."""
+
+    def __init__(self, labels: list):
+        self.labels = list(labels)
+        self._array = pa.array(self.labels)
+        if len(set(self.labels)) != len(self.labels):
+            raise AweError("label vocabulary has duplicates")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def kind(self) -> str:
+        return "int" if pa.types.is_integer(self._array.type) else "string"
+
+    def lookup(self, values: pa.Array) -> np.ndarray:
+        """Label ids of ``values``; -1 for labels outside the vocabulary."""
+        if len(values) == 0:
+            return np.zeros(0, dtype=np.int64)
+        values = _coerce_labels(values, self.kind)
+        ids = pc.index_in(values, value_set=self._array)
+        return ids.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def names(self, ids: np.ndarray) -> list:
+        return [self.labels[i] for i in np.asarray(ids).ravel()]
+
+
+def _coerce_labels(values: pa.Array, kind: str) -> pa.Array:
+    if kind == "int" and not pa.types.is_integer(values.type):
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            raise AweError("labels are strings but the model's labels are integers")
+    if kind == "int":
+        return values.cast(pa.int64())
+    return values.cast(pa.string())
+
+
+@dataclass
+class Examples:
+    """Validated rows in compact form: dense matrix or CSR features, CSR labels and exclusions."""
+
+    schema: InputSchema
+    dense: np.ndarray | None  # [n, n_features] float32
+    sparse: Csr | None  # feature ids with float32 values
+    labels: Csr  # label ids (sorted within row, known labels only)
+    n_unknown: np.ndarray  # per row: labels outside the vocabulary (count as misses)
+    exclude: Csr | None = None
+    ids: pa.Array | None = None
+    task: str | None = None
+
+    def __len__(self) -> int:
+        return self.labels.n_rows
+
+    def take(self, rows: np.ndarray) -> Examples:
+        rows = np.asarray(rows, dtype=np.int64)
+        return Examples(
+            self.schema,
+            None if self.dense is None else self.dense[rows],
+            None if self.sparse is None else self.sparse.take(rows),
+            self.labels.take(rows),
+            self.n_unknown[rows],
+            None if self.exclude is None else self.exclude.take(rows),
+            None if self.ids is None else self.ids.take(pa.array(rows)),
+            self.task,
+        )
+
+    def with_labels(self, labels: Csr, exclude: Csr | None) -> Examples:
+        return Examples(self.schema, self.dense, self.sparse, labels,
+                        np.zeros(labels.n_rows, dtype=np.int64), exclude, self.ids, self.task)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def resolve_files(path: str | os.PathLike) -> list[Path]:
+    """A parquet file, a directory (searched recursively) or a glob -> sorted list of files."""
+    text = str(path)
+    p = Path(text)
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
+        if not files:
+            raise AweError(f"{text}: the pattern matches no files")
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if f.is_file()
+                       and not f.name.startswith("."))
+        if not files:
+            raise AweError(f"{p}: the directory holds no .parquet files")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise AweError(f"{p}: no such file or directory")
+    return files
+
+
+def _open_fragment(file: Path) -> pads.Fragment:
+    try:
+        dataset = pads.dataset(str(file), format="parquet")
+        return next(iter(dataset.get_fragments()))
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, StopIteration) as exc:
+        raise DataError(f"not a readable parquet file ({_short(exc)})", file=str(file),
+                        hint="rewrite it, or remove it from the input") from exc
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def file_schema(file: Path) -> pa.Schema:
+    return _open_fragment(file).physical_schema
+
+
+def read_task(files: list[Path]) -> str | None:
+    """The task recorded by ``awe data`` in the parquet metadata, if any."""
+    meta = file_schema(files[0]).metadata or {}
+    value = meta.get(TASK_METADATA_KEY)
+    return value.decode() if value else None
+
+
+def iter_batches(files: list[Path], columns: list[str], batch_rows: int = DEFAULT_BATCH_ROWS,
+                 ) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
+    """Yield (file, first row of the batch within the file, batch) for every record batch."""
+    for file in files:
+        fragment = _open_fragment(file)
+        present = set(fragment.physical_schema.names)
+        wanted = [c for c in columns if c in present]
+        offset = 0
+        try:
+            for batch in fragment.to_batches(columns=wanted, batch_size=batch_rows):
+                if batch.num_rows == 0:
+                    continue
+                yield file, offset, batch
+                offset += batch.num_rows
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            raise DataError(f"cannot read ({_short(exc)})", file=str(file), row=offset,
+                            hint="the file is damaged or truncated") from exc
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class ScanResult:
+    schema: InputSchema
+    vocab: LabelVocab
+    n_rows: int
+    task: str | None
+
+
+def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROWS) -> ScanResult:
+    """One streaming pass: input kind and width, the label vocabulary, the row count, the task."""
+    files = resolve_files(path)
+    kind = _input_kind(files[0], columns)
+    width = 0
+    label_kind = None
+    uniques: set = set()
+    n_rows = 0
+    for file, offset, batch in iter_batches(files, _wanted(columns, kind), batch_rows):
+        n_rows += batch.num_rows
+        if kind == "dense":
+            width = width or _dense_width(batch, columns, file, offset)
+        else:
+            ids = _sparse_ids(batch, columns, file, offset)
+            if len(ids.indices):
+                width = max(width, int(ids.indices.max()) + 1)
+        labels = _label_column(batch, columns.labels, file, offset, required=True)
+        flat = labels.flatten() if _is_list(labels.type) else labels
+        flat = flat.drop_null()
+        this_kind = "int" if pa.types.is_integer(flat.type) else "string"
+        if label_kind is not None and len(flat) and this_kind != label_kind:
+            raise DataError(f"labels are {this_kind}s here but {label_kind}s in earlier rows",
+                            file=str(file), row=offset, column=columns.labels)
+        if len(flat):
+            label_kind = this_kind
+            uniques.update(pc.unique(flat).to_pylist())
+    if n_rows == 0:
+        raise DataError("no rows", file=str(files[0]) if len(files) == 1 else str(path),
+                        hint="the input is empty")
+    if not uniques:
+        raise DataError("no labels in any row", file=str(path), column=columns.labels)
+    return ScanResult(InputSchema(kind, width, columns), LabelVocab(sorted(uniques)), n_rows,
+                      read_task(files))
+
+
+def _input_kind(file: Path, columns: Columns) -> str:
+    names = set(file_schema(file).names)
+    if columns.features in names:
+        return "dense"
+    if columns.feature_ids in names:
+        return "sparse"
+    raise DataError(f"no feature column: expected '{columns.features}' (dense) or "
+                    f"'{columns.feature_ids}' (sparse)", file=str(file),
+                    hint="name the column with --features-col / --feature-ids-col")
+
+
+def _wanted(columns: Columns, kind: str) -> list[str]:
+    feats = [columns.features] if kind == "dense" else [columns.feature_ids,
+                                                        columns.feature_values]
+    return [*feats, columns.labels, columns.exclude, columns.id]
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _column(batch: pa.RecordBatch, name: str, file: Path, offset: int) -> pa.Array:
+    idx = batch.schema.get_field_index(name)
+    if idx < 0:
+        raise DataError("missing column", file=str(file), column=name,
+                        hint=f"columns present: {', '.join(batch.schema.names)}")
+    return batch.column(idx)
+
+
+def _first_true(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _list_parts(arr: pa.Array, name: str, file: Path, offset: int,
+                numeric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths per row, flat values as numpy) of a list column; nulls are errors."""
+    if not _is_list(arr.type):
+        raise DataError(f"expected a list of {numeric}s, found {arr.type}", file=str(file),
+                        row=offset, column=name)
+    if arr.null_count:
+        bad = _first_true(arr.is_null().to_numpy(zero_copy_only=False))
+        raise DataError("null value", file=str(file), row=offset + bad, column=name)
+    if pa.types.is_fixed_size_list(arr.type):
+        lengths = np.full(len(arr), arr.type.list_size, dtype=np.int64)
+        flat = arr.flatten()
+    else:
+        lengths = np.asarray(pc.list_value_length(arr).to_numpy(zero_copy_only=False),
+                             dtype=np.int64)
+        flat = arr.flatten()
+    vtype = flat.type
+    ok = pa.types.is_integer(vtype) if numeric == "int" else (
+        pa.types.is_floating(vtype) or pa.types.is_integer(vtype))
+    if not ok:
+        raise DataError(f"expected {numeric} values, found {vtype}", file=str(file), row=offset,
+                        column=name)
+    if flat.null_count:
+        flat_null = flat.is_null().to_numpy(zero_copy_only=False)
+        row = np.searchsorted(np.cumsum(lengths), _first_true(flat_null), side="right")
+        raise DataError("null inside the list", file=str(file), row=offset + int(row), column=name)
+    return lengths, flat.to_numpy(zero_copy_only=False)
+
+
+def _dense_width(batch, columns, file, offset) -> int:
+    lengths, _ = _list_parts(_column(batch, columns.features, file, offset), columns.features,
+                             file, offset, "float")
+    if lengths[0] == 0:
+        raise DataError("empty feature list", file=str(file), row=offset, column=columns.features)
+    return int(lengths[0])
+
+
+def _sparse_ids(batch, columns, file, offset) -> Csr:
+    lengths, ids = _list_parts(_column(batch, columns.feature_ids, file, offset),
+                               columns.feature_ids, file, offset, "int")
+    ids = ids.astype(np.int64, copy=False)
+    if len(ids) and ids.min() < 0:
+        row = np.searchsorted(np.cumsum(lengths), _first_true(ids < 0), side="right")
+        raise DataError("negative feature id", file=str(file), row=offset + int(row),
+                        column=columns.feature_ids)
+    return Csr.from_lengths(lengths, ids)
+
+
+def _label_column(batch, name, file, offset, required: bool) -> pa.Array | None:
+    if batch.schema.get_field_index(name) < 0:
+        if required:
+            _column(batch, name, file, offset)  # raises the missing-column error
+        return None
+    arr = batch.column(batch.schema.get_field_index(name))
+    t = arr.type
+    inner = t.value_type if _is_list(t) else t
+    if not (pa.types.is_integer(inner) or pa.types.is_string(inner)
+            or pa.types.is_large_string(inner) or pa.types.is_null(inner)):
+        raise DataError(f"labels must be strings or integers, found {t}", file=str(file),
+                        row=offset, column=name)
+    return arr
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_labels: bool = True,
+                  batch_rows: int = DEFAULT_BATCH_ROWS, task: str | None = None) -> Examples:
+    """Stream ``path`` into validated :class:`Examples` for a model with ``schema`` and ``vocab``.
+
+    Unknown labels are counted per row (they are misses at evaluation); in training
+    (``require_labels``) every row must carry at least one label.
+    """
+    files = resolve_files(path)
+    cols = schema.columns
+    kind_here = _input_kind(files[0], cols)
+    if kind_here != schema.kind:
+        raise DataError(f"the model was trained on {schema.kind} features but this file has "
+                        f"{kind_here} ones", file=str(files[0]))
+    dense_parts, sparse_parts, label_parts, unknown_parts, exclude_parts, id_parts = (
+        [], [], [], [], [], [])
+    has_exclude = has_ids = False
+    for file, offset, batch in iter_batches(files, _wanted(cols, schema.kind), batch_rows):
+        n = batch.num_rows
+        if schema.kind == "dense":
+            dense_parts.append(_dense_block(batch, schema, file, offset))
+        else:
+            sparse_parts.append(_sparse_block(batch, schema, file, offset))
+        labels, unknown = _label_block(batch, cols.labels, vocab, file, offset,
+                                       required=require_labels)
+        label_parts.append(labels)
+        unknown_parts.append(unknown)
+        if require_labels:
+            empty = (labels.lengths + unknown) == 0
+            if empty.any():
+                raise DataError("row has no labels", file=str(file), row=offset + _first_true(empty),
+                                column=cols.labels, hint="every training row needs >= 1 label")
+        if batch.schema.get_field_index(cols.exclude) >= 0:
+            has_exclude = True
+            exclude_parts.append(_label_block(batch, cols.exclude, vocab, file, offset,
+                                              required=False)[0])
+        else:
+            exclude_parts.append(Csr.empty(n))
+        if batch.schema.get_field_index(cols.id) >= 0:
+            has_ids = True
+            id_parts.append(batch.column(batch.schema.get_field_index(cols.id)))
+    if not label_parts:
+        raise DataError("no rows", file=str(path), hint="the input is empty")
+    labels = Csr.concat(label_parts)
+    ids = None
+    if has_ids and len(id_parts) == len(label_parts):
+        try:
+            ids = pa.concat_arrays([a.cast(id_parts[0].type) for a in id_parts])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            ids = None
+    return Examples(
+        schema,
+        np.concatenate(dense_parts) if dense_parts else None,
+        Csr.concat(sparse_parts) if sparse_parts else None,
+        labels,
+        np.concatenate(unknown_parts),
+        Csr.concat(exclude_parts) if has_exclude else None,
+        ids,
+        task if task is not None else read_task(files),
+    )
+
+
+def _dense_block(batch, schema: InputSchema, file, offset) -> np.ndarray:
+    name = schema.columns.features
+    lengths, flat = _list_parts(_column(batch, name, file, offset), name, file, offset, "float")
+    wrong = lengths != schema.n_features
+    if wrong.any():
+        row = _first_true(wrong)
+        raise DataError(f"has {lengths[row]} features, expected {schema.n_features}",
+                        file=str(file), row=offset + row, column=name,
+                        hint="every row needs the same width as the training data")
+    x = flat.astype(np.float32, copy=False).reshape(len(lengths), schema.n_features)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise DataError("NaN or infinite feature value", file=str(file),
+                        row=offset + _first_true(~finite), column=name)
+    return x
+
+
+def _sparse_block(batch, schema: InputSchema, file, offset) -> Csr:
+    cols = schema.columns
+    ids = _sparse_ids(batch, cols, file, offset)
+    too_big = ids.indices >= schema.n_features
+    if too_big.any():
+        row = int(ids.row_of_entry()[_first_true(too_big)])
+        raise DataError(f"feature id {int(ids.indices[too_big][0])} is out of range "
+                        f"(the model knows ids 0..{schema.n_features - 1})", file=str(file),
+                        row=offset + row, column=cols.feature_ids)
+    if batch.schema.get_field_index(cols.feature_values) >= 0:
+        lengths, values = _list_parts(batch.column(batch.schema.get_field_index(
+            cols.feature_values)), cols.feature_values, file, offset, "float")
+        mismatch = lengths != ids.lengths
+        if mismatch.any():
+            row = _first_true(mismatch)
+            raise DataError(f"{lengths[row]} values for {ids.lengths[row]} feature ids",
+                            file=str(file), row=offset + row, column=cols.feature_values)
+        values = values.astype(np.float32, copy=False)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(ids.row_of_entry()[_first_true(bad)])
+            raise DataError("NaN or infinite feature value", file=str(file), row=offset + row,
+                            column=cols.feature_values)
+    else:
+        values = np.ones(len(ids.indices), dtype=np.float32)
+    return Csr(ids.indptr, ids.indices, values)
+
+
+def _label_block(batch, name, vocab: LabelVocab, file, offset, required: bool,
+                 ) -> tuple[Csr, np.ndarray]:
+    arr = _label_column(batch, name, file, offset, required=required)
+    n = batch.num_rows
+    if arr is None:
+        return Csr.empty(n), np.zeros(n, dtype=np.int64)
+    if _is_list(arr.type):
+        lengths = np.asarray(pc.list_value_length(arr).fill_null(0).to_numpy(
+            zero_copy_only=False), dtype=np.int64)
+        flat = arr.flatten()
+    else:  # a scalar is one label; null is none
+        lengths = (~arr.is_null().to_numpy(zero_copy_only=False)).astype(np.int64)
+        flat = arr
+    valid = ~flat.is_null().to_numpy(zero_copy_only=False)
+    row_of = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    flat_valid = flat.filter(pa.array(valid)) if not valid.all() else flat
+    row_of = row_of[valid] if not valid.all() else row_of
+    try:
+        ids = vocab.lookup(flat_valid)
+    except AweError as exc:
+        raise DataError(str(exc), file=str(file), row=offset, column=name) from exc
+    known = ids >= 0
+    unknown = np.bincount(row_of[~known], minlength=n).astype(np.int64)
+    row_known, ids_known = row_of[known], ids[known]
+    # sorted and de-duplicated within rows: a label listed twice is one label
+    key = np.unique(row_known * len(vocab) + ids_known) if len(vocab) else np.zeros(0, np.int64)
+    rows_u, ids_u = np.divmod(key, max(len(vocab), 1))
+    labels = Csr.from_lengths(np.bincount(rows_u, minlength=n), ids_u)
+    return labels, unknown
+
+
+def split_task(task: str | None) -> str:
+    if task is None:
+        return "annotation"
+    if task not in TASKS:
+        raise AweError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    return task
+
+
+def write_table(path: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> None:
+    """Write a parquet file atomically (used for small outputs and tests)."""
+    from .artifacts import atomic_path
+
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

@@ -1,0 +1,151 @@
+"""Ranking metrics: P@k, R@k, NDCG@k (binary gains) and MAP@k.
+
+P@k = hits in the top k / k, averaged over rows with at least one true label (the paper's and
+LightFM's definition). Labels unknown to the model count as true labels that are never hit. Labels in a
+row's ``exclude`` list are removed from its ranking. Ties in score are broken by the lower label id, so
+results never depend on the sort's whim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .csr import Csr, contains
+from .data import Examples
+
+METRICS = ("P", "R", "NDCG", "MAP")
+
+
+def parse_ks(text: str | Sequence[int]) -> list[int]:
+    ks = [int(k) for k in text.split(",")] if isinstance(text, str) else [int(k) for k in text]
+    if not ks or min(ks) < 1:
+        raise ValueError("k must be positive integers, e.g. 1,3,10")
+    return sorted(set(ks))
+
+
+def mask_excluded(scores: torch.Tensor, exclude: Csr | None) -> torch.Tensor:
+    """Set the scores of each row's excluded labels to -inf (in place)."""
+    if exclude is not None and exclude.nnz:
+        rows = torch.from_numpy(exclude.row_of_entry()).to(scores.device)
+        cols = torch.from_numpy(exclude.indices).to(scores.device)
+        scores[rows, cols] = float("-inf")
+    return scores
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k label ids and scores per row, ties broken by lower label id.
+
+    Returns (ids [B, k] int64, scores [B, k]); when fewer than k labels have a finite score the
+    remaining slots hold id -1 and score -inf.
+    """
+    n_rows, n_labels = scores.shape
+    k_eff = min(k, n_labels)
+    kth = torch.topk(scores, k_eff, dim=1).values[:, -1:]
+    above = scores > kth
+    at = scores == kth
+    room = k_eff - above.sum(dim=1, keepdim=True)
+    chosen = above | (at & (torch.cumsum(at.to(torch.int32), dim=1) <= room))
+    ids = chosen.nonzero()[:, 1].view(n_rows, k_eff)  # ascending label id within each row
+    vals = scores.gather(1, ids)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    ids = torch.where(torch.isneginf(vals), torch.full_like(ids, -1), ids)
+    if k_eff < k:
+        pad = k - k_eff
+        ids = torch.cat([ids, ids.new_full((n_rows, pad), -1)], dim=1)
+        vals = torch.cat([vals, vals.new_full((n_rows, pad), float("-inf"))], dim=1)
+    return ids, vals
+
+
+class RankingMetrics:
+    """Accumulates P@k, R@k, NDCG@k and MAP@k over batches of ranked rows."""
+
+    def __init__(self, ks: Sequence[int]):
+        self.ks = parse_ks(ks)
+        self.sums = {f"{m}@{k}": 0.0 for k in self.ks for m in METRICS}
+        self.n_rows = 0
+
+    def update(self, top_ids: np.ndarray, truth: Csr, n_unknown: np.ndarray) -> None:
+        """``top_ids`` [B, >= max k] ranked label ids (-1 = empty slot); ``truth`` true label ids."""
+        top_ids = np.asarray(top_ids)
+        n_true = truth.lengths + np.asarray(n_unknown)
+        counted = n_true > 0
+        if not counted.any():
+            return
+        kmax = max(self.ks)
+        top = top_ids[:, :kmax]
+        n_labels = int(max(top.max(initial=0), truth.indices.max(initial=0))) + 1
+        rows = np.arange(len(top), dtype=np.int64)[:, None]
+        keys = truth.keys(n_labels)
+        hits = contains(keys, rows * n_labels + top) & (top >= 0)
+        hits, n_true = hits[counted].astype(np.float64), n_true[counted].astype(np.float64)
+        cum_hits = np.cumsum(hits, axis=1)
+        positions = np.arange(1, kmax + 1, dtype=np.float64)
+        discount = 1.0 / np.log2(positions + 1.0)
+        precision_at = cum_hits / positions
+        for k in self.ks:
+            kk = min(k, top.shape[1])
+            h = cum_hits[:, kk - 1] if kk else np.zeros(len(hits))
+            self.sums[f"P@{k}"] += float((h / k).sum())
+            self.sums[f"R@{k}"] += float((h / n_true).sum())
+            dcg = (hits[:, :kk] * discount[:kk]).sum(axis=1)
+            ideal_n = np.minimum(n_true, k).astype(np.int64)
+            ideal = np.concatenate([[0.0], np.cumsum(discount)])
+            idcg = ideal[ideal_n]  # min(n_true, k) <= kmax: the list always has kmax slots
+            self.sums[f"NDCG@{k}"] += float((dcg / idcg).sum())
+            ap = (precision_at[:, :kk] * hits[:, :kk]).sum(axis=1) / np.minimum(n_true, k)
+            self.sums[f"MAP@{k}"] += float(ap.sum())
+        self.n_rows += int(counted.sum())
+
+    def result(self) -> dict[str, float]:
+        n = max(self.n_rows, 1)
+        return {name: total / n for name, total in self.sums.items()}
+
+
+ScoreFn = Callable[[Examples, np.ndarray], torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate(score_rows: ScoreFn, examples: Examples, ks: Sequence[int],
+             batch_rows: int = 2048) -> dict[str, float]:
+    """Rank every label for every row with ``score_rows(examples, rows) -> [B, L]`` and score it."""
+    metrics = RankingMetrics(ks)
+    kmax = max(metrics.ks)
+    for start in range(0, len(examples), batch_rows):
+        rows = np.arange(start, min(start + batch_rows, len(examples)))
+        scores = score_rows(examples, rows).float()
+        if examples.exclude is not None:
+            mask_excluded(scores, examples.exclude.take(rows))
+        ids, _ = top_k(scores, kmax)
+        metrics.update(ids.cpu().numpy(), examples.labels.take(rows), examples.n_unknown[rows])
+    return metrics.result()
+
+
+EVAL_ROWS = ("wsabie",)
+
+
+def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] = EVAL_ROWS,
+                   threads: int | None = None, batch_rows: int = 2048,
+                   ) -> dict[str, dict[str, float]]:
+    """Metrics of each requested row of the paper's table on ``test_path``: {row: {metric: v}}."""
+    from .data import load_examples
+    from .errors import AweError
+    from .model import batch_inputs, load_wsabie
+
+    unknown = [r for r in rows if r not in EVAL_ROWS]
+    if unknown:
+        raise AweError(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(EVAL_ROWS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    saved = load_wsabie(model_dir)
+    test = load_examples(test_path, saved.schema, saved.vocab, require_labels=False)
+    model = saved.model
+
+    def wsabie_scores(examples: Examples, batch: np.ndarray) -> torch.Tensor:
+        return model.all_scores(model.embed(batch_inputs(examples, batch)))
+
+    scorers = {"wsabie": wsabie_scores}
+    return {row: evaluate(scorers[row], test, ks, batch_rows) for row in rows}

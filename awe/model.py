@@ -1,0 +1,230 @@
+"""The Wsabie embedding model f(x, y) = (x U) . V_y, and its persistence.
+
+Dense inputs multiply a dense U (n_features x D); sparse inputs (ids with values) sum rows of U in an
+``EmbeddingBag`` with sparse gradients, so a step touches only the rows it uses. Labels are rows of V
+(an ``Embedding`` with sparse gradients). Stage 3 (AWE) reuses this module and multiplies its scores by
+the affinity weights G.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import artifacts
+from .data import Examples, InputSchema, LabelVocab
+from .errors import AweError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_features: int
+    n_labels: int
+    dim: int
+    sparse_input: bool
+
+
+@dataclass
+class Inputs:
+    """A batch of x on a device: dense [B, F], or EmbeddingBag's (ids, offsets, weights)."""
+
+    dense: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.dense) if self.dense is not None else len(self.offsets)
+
+
+def batch_inputs(examples: Examples, rows: np.ndarray, device: torch.device | str = "cpu",
+                 ) -> Inputs:
+    """Gather the inputs of ``rows`` (indices into ``examples``) as tensors."""
+    if examples.dense is not None:
+        return Inputs(dense=torch.from_numpy(examples.dense[rows]).to(device))
+    part = examples.sparse.take(rows)
+    return Inputs(ids=torch.from_numpy(part.indices).to(device),
+                  offsets=torch.from_numpy(part.indptr[:-1]).to(device),
+                  weights=torch.from_numpy(part.values).to(device))
+
+
+class Wsabie(nn.Module):
+    """f(x, y) = (x U) . V_y."""
+
+    # Tables above this many weights get sparse gradients; below it a dense optimizer step is
+    # cheaper, and Adagrad/SGD leave rows with a zero gradient unchanged either way.
+    SPARSE_GRAD_MIN_WEIGHTS = 1 << 20
+
+    def __init__(self, shape: ModelShape, init_scale: float = 0.1,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.shape = shape
+        u = torch.randn(shape.n_features, shape.dim, generator=generator)
+        v = torch.randn(shape.n_labels, shape.dim, generator=generator)
+        # scale so that a row embedding of unit-norm x has norm ~ init_scale
+        u *= init_scale / np.sqrt(shape.dim)
+        v *= init_scale / np.sqrt(shape.dim)
+        if shape.sparse_input:
+            self.U = nn.EmbeddingBag(shape.n_features, shape.dim, mode="sum",
+                                     sparse=self._sparse_grad(shape.n_features))
+            self.U.weight.data.copy_(u)
+        else:
+            self.U = nn.Linear(shape.n_features, shape.dim, bias=False)
+            self.U.weight.data.copy_(u.T)
+        self.V = nn.Embedding(shape.n_labels, shape.dim,
+                              sparse=self._sparse_grad(shape.n_labels))
+        self.V.weight.data.copy_(v)
+
+    def _sparse_grad(self, n_rows: int) -> bool:
+        return n_rows * self.shape.dim >= self.SPARSE_GRAD_MIN_WEIGHTS
+
+    # U as n_features x D whatever the layer stores
+    def u_matrix(self) -> torch.Tensor:
+        return self.U.weight if self.shape.sparse_input else self.U.weight.T
+
+    def v_matrix(self) -> torch.Tensor:
+        return self.V.weight
+
+    def embed(self, x: Inputs) -> torch.Tensor:
+        """e = x U, [B, D]."""
+        if self.shape.sparse_input:
+            return self.U(x.ids, x.offsets, per_sample_weights=x.weights)
+        return self.U(x.dense)
+
+    def pair_scores(self, e: torch.Tensor, labels: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """f for each row of ``e`` against ``labels`` ([B] or [B, K]); ``rows`` serves subclasses."""
+        if torch.is_grad_enabled():
+            v = self.V(labels)
+        else:  # index_select is several times faster than the embedding op on CPU
+            v = self.V.weight.index_select(0, labels.reshape(-1)).view(*labels.shape, -1)
+        if labels.dim() == 1:
+            return (e * v).sum(-1)
+        return (v * e.unsqueeze(1)).sum(-1)
+
+    def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """f against every label: [B, L]."""
+        return e @ self.V.weight.T
+
+    @torch.no_grad()
+    def project_rows(self, max_norm: float, u_rows: torch.Tensor | None,
+                     v_rows: torch.Tensor) -> None:
+        """Project the touched rows of U and V onto the ball of radius ``max_norm`` (the paper)."""
+        _renorm_rows(self.V.weight, v_rows, max_norm)
+        if self.shape.sparse_input:
+            _renorm_rows(self.U.weight, u_rows, max_norm)
+        else:  # dense U is touched everywhere; its rows are the columns of Linear.weight
+            w = self.U.weight
+            norms = w.norm(dim=0).clamp(min=max_norm)
+            w.mul_(max_norm / norms)
+
+    def touched_sq_norm(self, x: Inputs, labels: torch.Tensor) -> torch.Tensor:
+        """Squared norm of the rows of U and V a step touches (lazy L2, as LightFM's)."""
+        total = self.V(labels).pow(2).sum()
+        if self.shape.sparse_input:
+            return total + self.U.weight[x.ids].pow(2).sum()
+        return total + self.U.weight.pow(2).sum()
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"U": self.u_matrix().detach().contiguous().cpu(),
+                "V": self.v_matrix().detach().contiguous().cpu()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        u, v = tensors["U"], tensors["V"]
+        if tuple(u.shape) != (self.shape.n_features, self.shape.dim) or tuple(v.shape) != (
+                self.shape.n_labels, self.shape.dim):
+            raise ValueError(f"weights have shapes U{tuple(u.shape)} V{tuple(v.shape)}, expected "
+                             f"U({self.shape.n_features}, {self.shape.dim}) "
+                             f"V({self.shape.n_labels}, {self.shape.dim})")
+        if self.shape.sparse_input:
+            self.U.weight.copy_(u)
+        else:
+            self.U.weight.copy_(u.T)
+        self.V.weight.copy_(v)
+
+
+def _renorm_rows(weight: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:
+    if rows is None or rows.numel() == 0:
+        return
+    rows = torch.unique(rows)
+    sub = weight.index_select(0, rows)
+    scale = max_norm / sub.norm(dim=1, keepdim=True).clamp(min=max_norm)
+    weight.index_copy_(0, rows, sub * scale)
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+@dataclass
+class SavedModel:
+    """A trained stage-1 model with everything needed to read data for it."""
+
+    model: Wsabie
+    schema: InputSchema
+    vocab: LabelVocab
+    config: dict
+
+
+def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab: LabelVocab,
+                train_config: dict, extra: dict | None = None) -> list[Path]:
+    """Write labels.json, wsabie.safetensors and config.json (last: it marks the model complete)."""
+    model_dir = Path(model_dir)
+    artifacts.write_json(model_dir / artifacts.LABELS, vocab.labels)
+    config = {
+        "format_version": artifacts.FORMAT_VERSION,
+        "schema": schema.to_dict(),
+        "n_labels": len(vocab),
+        "label_kind": vocab.kind,
+        "stage1": {"model": asdict(model.shape), "train": train_config},
+        "versions": artifacts.library_versions(),
+        **(extra or {}),
+    }
+    fingerprint = config_fingerprint(config["stage1"])
+    config["stage1"]["fingerprint"] = fingerprint
+    artifacts.write_tensors(model_dir / artifacts.WSABIE_WEIGHTS, model.state_tensors(),
+                            {"fingerprint": fingerprint})
+    artifacts.write_json(model_dir / artifacts.CONFIG, config)
+    return [model_dir / artifacts.LABELS, model_dir / artifacts.WSABIE_WEIGHTS,
+            model_dir / artifacts.CONFIG]
+
+
+def config_fingerprint(stage_config: dict) -> str:
+    text = json.dumps(stage_config, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_wsabie(model_dir: str | Path) -> SavedModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise AweError(f"{model_dir}: no such model directory; train one with `awe train`")
+    config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    try:
+        version = int(config.get("format_version", 0))
+        if version > artifacts.FORMAT_VERSION:
+            raise AweError(f"{model_dir}: written by a newer awe (format {version}); upgrade awe")
+        schema = InputSchema.from_dict(config["schema"])
+        shape = ModelShape(**config["stage1"]["model"])
+        labels = artifacts.read_json(model_dir / artifacts.LABELS)
+        if not isinstance(labels, list) or len(labels) != shape.n_labels:
+            raise AweError(f"{model_dir / artifacts.LABELS}: expected {shape.n_labels} labels")
+        vocab = LabelVocab(labels)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AweError(f"{model_dir / artifacts.CONFIG}: incomplete or damaged ({exc})") from exc
+    model = Wsabie(shape)
+    try:
+        model.load_tensors(artifacts.read_tensors(model_dir / artifacts.WSABIE_WEIGHTS))
+    except (KeyError, ValueError) as exc:
+        raise AweError(f"{model_dir / artifacts.WSABIE_WEIGHTS}: {exc}") from exc
+    model.eval()
+    return SavedModel(model, schema, vocab, config)

@@ -1,0 +1,331 @@
+"""One training loop for both stages: WARP over positive pairs, batched, with validation.
+
+Stage 1 (Wsabie) and stage 3 (AWE) differ only in the model's scores (AWE multiplies by the affinity
+weights G), so :func:`fit` takes any model with ``embed``, ``pair_scores`` and ``all_scores``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from . import artifacts
+from .data import TASKS, Columns, Examples, load_examples, scan
+from .errors import AweError, TrainingDiverged
+from .evaluate import evaluate
+from .model import ModelShape, Wsabie, batch_inputs, save_wsabie
+from .warp import (
+    RANK_WEIGHTS,
+    PositiveSet,
+    estimate_rank,
+    rank_weight_table,
+    sample_violators,
+    uniform_draws,
+    warp_loss,
+)
+
+OPTIMIZERS = ("adagrad", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a training stage; saved in config.json and used to rebuild."""
+
+    dim: int = 64
+    epochs: int = 30
+    lr: float = 0.05
+    negatives: int = 50  # K: draws per positive pair (the WARP sampling budget)
+    margin: float = 1.0
+    rank_weight: str = "harmonic"
+    optimizer: str = "adagrad"
+    max_norm: float | None = None  # project rows of U and V to norm <= C (the paper's regulariser)
+    weight_decay: float = 0.0  # L2 on the rows a step touches
+    batch_size: int = 1024  # positive pairs per step
+    init_scale: float = 0.1
+    task: str | None = None  # None: from the data's metadata (awe data), else annotation
+    valid_fraction: float = 0.0
+    valid_k: int | None = None  # P@k that picks the best epoch: 1 (annotation) / 10 (recommendation)
+    patience: int = 5
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        checks = [
+            (self.dim >= 1, "--dim must be >= 1"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
+            (self.negatives >= 1, "--negatives must be >= 1"),
+            (self.margin >= 0, "--margin must be >= 0"),
+            (self.rank_weight in RANK_WEIGHTS, f"--rank-weight must be one of {RANK_WEIGHTS}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
+            (self.max_norm is None or self.max_norm > 0, "--max-norm must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (0 <= self.valid_fraction < 1, "--valid-fraction must be in [0, 1)"),
+            (self.patience >= 1, "--patience must be >= 1"),
+            (self.task in (None, *TASKS),
+             "--task must be annotation or recommendation"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AweError(message)
+
+    @property
+    def selection_k(self) -> int:
+        return self.valid_k or (10 if self.task == "recommendation" else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    best_metrics: dict[str, float]
+    seconds: float
+
+
+HISTORY_KS = (1, 3, 5, 10)
+
+
+def resolve_device(requested: str | None) -> str:
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise AweError("--device cuda: torch sees no CUDA device; use --device cpu")
+    if requested not in ("cpu", "cuda"):
+        raise AweError(f"--device must be cpu or cuda, not '{requested}'")
+    return requested
+
+
+def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | None = None,
+        progress: bool = False) -> FitResult:
+    """Train ``model`` in place with batched WARP; keep the best epoch on ``valid`` (if given)."""
+    device = torch.device(config.device)
+    model.to(device)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    n_labels = model.shape.n_labels
+    optimizer = _optimizer(model, config)
+    weights_table = rank_weight_table(n_labels, config.rank_weight).to(device)
+
+    pair_rows = train.labels.row_of_entry()
+    pair_labels = train.labels.indices
+    positive_set = PositiveSet(train.labels, n_labels, device)
+    draw = uniform_draws(n_labels, generator, device)
+    n_negatives_of_row = torch.from_numpy(n_labels - train.labels.lengths).to(device)
+    n_pairs = len(pair_rows)
+    if n_pairs == 0:
+        raise AweError("the training data has no labels")
+
+    history: list[dict] = []
+    best_score, best_epoch, best_state, best_metrics = -1.0, 0, None, {}
+    epochs_without_gain = 0
+    started = time.perf_counter()
+    bar = _Progress(progress, config.epochs, math.ceil(n_pairs / config.batch_size))
+    with bar:
+        for epoch in range(1, config.epochs + 1):
+            t0 = time.perf_counter()
+            order = torch.randperm(n_pairs, generator=generator).numpy()
+            loss_sum, violators = 0.0, 0
+            model.train()
+            for batch_no, start in enumerate(range(0, n_pairs, config.batch_size)):
+                idx = order[start:start + config.batch_size]
+                rows = pair_rows[idx]
+                rows_t = torch.from_numpy(rows).to(device)
+                positives = torch.from_numpy(pair_labels[idx]).to(device)
+                inputs = batch_inputs(train, rows, device)
+                e = model.embed(inputs)
+                with torch.no_grad():
+                    e_fixed = e.detach()
+                    found, negatives, n_draws = sample_violators(
+                        model.pair_scores(e_fixed, positives, rows_t), draw,
+                        lambda a, y: model.pair_scores(e_fixed[a], y, rows_t[a]),
+                        lambda a, y: positive_set.contains(rows_t[a], y),
+                        config.negatives, config.margin)
+                if not bool(found.any()):
+                    bar.advance()
+                    continue
+                sel = found.nonzero().squeeze(1)
+                negatives = negatives[sel]
+                ranks = estimate_rank(n_negatives_of_row[rows_t[sel]], n_draws[sel])
+                phi = weights_table[ranks.clamp(max=n_labels)]
+                e_sel = e[sel]
+                loss = warp_loss(model.pair_scores(e_sel, positives[sel], rows_t[sel]),
+                                 model.pair_scores(e_sel, negatives, rows_t[sel]), phi,
+                                 config.margin)
+                if config.weight_decay:
+                    loss = loss + config.weight_decay * 0.5 * model.touched_sq_norm(
+                        inputs, torch.cat([positives[sel], negatives]))
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(_divergence_advice(epoch, batch_no, config))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if config.max_norm is not None:
+                    model.project_rows(config.max_norm, inputs.ids,
+                                       torch.cat([positives[sel], negatives]))
+                loss_sum += float(loss.detach())
+                violators += int(sel.numel())
+                bar.advance()
+            if not model.weights_finite():
+                raise TrainingDiverged(_divergence_advice(epoch, None, config))
+            row = {"epoch": epoch, "loss": loss_sum / n_pairs, "violating": violators / n_pairs,
+                   "seconds": time.perf_counter() - t0}
+            if valid is not None and len(valid):
+                metrics = evaluate(lambda ex, r: scores_for_rows(model, ex, r, device), valid,
+                                   sorted({*HISTORY_KS, config.selection_k}))
+                row.update({f"valid_{k}": v for k, v in metrics.items() if k.startswith("P@")})
+                score = metrics[f"P@{config.selection_k}"]
+                if score > best_score:
+                    best_score, best_epoch, best_metrics = score, epoch, metrics
+                    best_state = copy.deepcopy(model.state_dict())
+                    epochs_without_gain = 0
+                else:
+                    epochs_without_gain += 1
+            else:
+                best_epoch = epoch
+            history.append(row)
+            bar.epoch_done(row, config.selection_k)
+            if valid is not None and epochs_without_gain >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for row in history:
+        row["best"] = row["epoch"] == best_epoch
+    return FitResult(history, best_epoch, best_metrics, time.perf_counter() - started)
+
+
+def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Scores of every label for ``rows`` of ``examples``: [B, L]."""
+    model.eval()
+    with torch.no_grad():
+        e = model.embed(batch_inputs(examples, rows, device))
+        return model.all_scores(e, torch.from_numpy(np.asarray(rows)).to(device))
+
+
+def _optimizer(model: Wsabie, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=config.lr)
+    return torch.optim.SGD(model.parameters(), lr=config.lr)
+
+
+def _divergence_advice(epoch: int, batch: int | None, config: TrainConfig) -> str:
+    where = f"epoch {epoch}" + (f", batch {batch}" if batch is not None else "")
+    return (f"training diverged at {where}: the loss or a weight became NaN/inf. Lower --lr "
+            f"(now {config.lr}), normalise the features (e.g. scale rows to unit norm), or set "
+            f"--max-norm")
+
+
+def holdout_split(examples: Examples, fraction: float, task: str, seed: int,
+                  ) -> tuple[Examples, Examples]:
+    """Carve a validation set out of training data.
+
+    Annotation: hold out whole rows. Recommendation (x is an identity, so a held-out row would be
+    a user the model never saw): hold out ``fraction`` of each row's labels, never all of them; the
+    held-out rows exclude the labels that stay in training.
+    """
+    rng = np.random.default_rng(seed)
+    if task == "annotation":
+        order = rng.permutation(len(examples))
+        n_valid = int(round(fraction * len(examples)))
+        if n_valid == 0 or n_valid == len(examples):
+            raise AweError(f"--valid-fraction {fraction} leaves no rows to validate or to train on")
+        return examples.take(np.sort(order[n_valid:])), examples.take(np.sort(order[:n_valid]))
+    labels = examples.labels
+    held = rng.random(labels.nnz) < fraction
+    # never hold out every label of a row: keep the first label of such rows in training
+    held_per_row = np.bincount(labels.row_of_entry()[held], minlength=labels.n_rows)
+    all_held = held_per_row == labels.lengths
+    held[labels.indptr[:-1][all_held & (labels.lengths > 0)]] = False
+    train_labels, valid_labels = labels.select_entries(~held), labels.select_entries(held)
+    keep_valid = np.flatnonzero(valid_labels.lengths > 0)
+    if len(keep_valid) == 0:
+        raise AweError(f"--valid-fraction {fraction} holds out no labels")
+    train = examples.with_labels(train_labels, None)
+    valid = examples.with_labels(valid_labels, train_labels).take(keep_valid)
+    return train, valid
+
+
+class _Progress:
+    """A rich progress bar over the batches of every epoch (silent when disabled)."""
+
+    def __init__(self, enabled: bool, epochs: int, batches: int):
+        self.enabled, self.epochs, self.batches = enabled, epochs, batches
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.completed}/{task.total}"),
+                                      TimeElapsedColumn(), transient=False)
+            self._progress.__enter__()
+            self._task = self._progress.add_task("epoch 1", total=self.batches)
+        return self
+
+    def advance(self):
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def epoch_done(self, row: dict, k: int):
+        if self._progress is not None:
+            text = f"epoch {row['epoch']} loss {row['loss']:.4f}"
+            if f"valid_P@{k}" in row:
+                text += f" valid P@{k} {row[f'valid_P@{k}']:.4f}"
+            self._progress.console.print(text)
+            self._progress.reset(self._task, description=f"epoch {row['epoch'] + 1}")
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
+    return replace(config, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+
+def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
+                 valid_path=None, columns: Columns = Columns(), progress: bool = False,
+                 ) -> tuple[FitResult, list]:
+    """Stage 1 end to end: read, split off validation, train, write the model directory."""
+    found = scan(train_path, columns)
+    config = replace(config, task=config.task or found.task or "annotation",
+                     device=resolve_device(config.device))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    train = load_examples(train_path, found.schema, found.vocab, task=config.task)
+    valid = None
+    if valid_path is not None:
+        valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
+    elif config.valid_fraction > 0:
+        train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
+    torch.manual_seed(config.seed)
+    shape = ModelShape(found.schema.n_features, len(found.vocab), config.dim,
+                       found.schema.kind == "sparse")
+    model = Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed))
+    result = fit(model, train, config, valid, progress=progress)
+    written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
+    history_path = Path(model_dir) / artifacts.HISTORY
+    artifacts.write_csv(history_path, result.history)
+    metrics_path = Path(model_dir) / artifacts.METRICS
+    metrics = {"wsabie": {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
+                          "train_rows": len(train), "valid_rows": len(valid) if valid else 0,
+                          "valid": result.best_metrics}}
+    artifacts.write_json(metrics_path, metrics)
+    return result, [*written, history_path, metrics_path]

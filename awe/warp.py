@@ -1,0 +1,155 @@
+"""WARP: Weighted Approximate-Rank Pairwise loss (Weston, Bengio, Usunier 2011; AWE paper §2).
+
+For a positive pair (x, y+), negatives y- (never one of x's own labels) are drawn until one violates
+the margin, f(x, y-) > f(x, y+) - margin. With N draws the rank of y+ is estimated as
+r = floor((L - |labels(x)|) / N) and the hinge is weighted by Phi(r) = sum_{j<=r} 1/j.
+
+Batched: every positive gets a block of K uniform draws at once; draws that hit one of the row's own
+labels are discarded (rejection sampling keeps the accepted draws uniform over the negatives), and the
+first violator in draw order is taken, so the result equals the sequential procedure on the same draws.
+Everything here is a pure function of tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .csr import Csr
+
+RANK_WEIGHTS = ("harmonic", "log")
+
+
+def rank_weight_table(max_rank: int, kind: str = "harmonic") -> torch.Tensor:
+    """Phi(r) for r = 0..max_rank.
+
+    ``harmonic``: Phi(r) = sum_{j<=r} 1/j (the paper's choice, Usunier et al. 2009).
+    ``log``: Phi(r) = ln(max(r, 1)) (LightFM's ``log(floor((n - 1) / N))``).
+    Phi(0) = 0: a rank estimate of 0 cannot happen but keeps the table indexable.
+    """
+    r = torch.arange(max_rank + 1, dtype=torch.float64)
+    if kind == "harmonic":
+        table = torch.cumsum(torch.where(r > 0, 1.0 / r.clamp(min=1), 0.0), 0)
+    elif kind == "log":
+        table = torch.log(r.clamp(min=1))
+    else:
+        raise ValueError(f"unknown rank weight '{kind}': choose one of {', '.join(RANK_WEIGHTS)}")
+    return table.to(torch.float32)
+
+
+def estimate_rank(n_negatives: torch.Tensor, n_draws: torch.Tensor) -> torch.Tensor:
+    """r = floor((L - |labels(x)|) / N), the paper's rank estimate from N draws to a violator."""
+    return torch.div(n_negatives, n_draws.clamp(min=1), rounding_mode="floor")
+
+
+def first_violator(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
+                   accepted: torch.Tensor, margin: float,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Find the first accepted draw that violates the margin, per positive pair.
+
+    positive_scores [P], negative_scores [P, K], accepted [P, K] (False for draws that hit one of
+    the row's own labels). Returns (found [P] bool, column of the violator [P], N [P]: the number of
+    accepted draws up to and including it).
+    """
+    violates = accepted & (negative_scores > positive_scores.unsqueeze(1) - margin)
+    found = violates.any(dim=1)
+    # argmax over a 0/1 tensor returns the first maximum: the first violator in draw order
+    column = violates.to(torch.uint8).argmax(dim=1)
+    n_draws = torch.cumsum(accepted.to(torch.int64), dim=1).gather(1, column.unsqueeze(1)).squeeze(1)
+    return found, column, n_draws
+
+
+def warp_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
+              rank_weights: torch.Tensor, margin: float) -> torch.Tensor:
+    """sum_i Phi(r_i) * max(0, margin - f(x_i, y+_i) + f(x_i, y-_i))  (paper eq. 2 with WARP).
+
+    All arguments are [P]: the positive's score, its sampled violator's score and Phi(r); pairs
+    without a violator carry weight 0.
+    """
+    hinge = torch.clamp(margin - positive_scores + negative_scores, min=0.0)
+    return (rank_weights * hinge).sum()
+
+
+class PositiveSet:
+    """Membership test "is label y one of row r's labels" for the training rows, in torch.
+
+    A dense bitmap (rows x labels) while it is small, else sorted keys row * L + label searched
+    with ``searchsorted``: both answer in one vectorised call.
+    """
+
+    DENSE_LIMIT = 1 << 26  # bits of bitmap we are glad to hold (64 MiB as bool)
+
+    def __init__(self, labels: Csr, n_labels: int, device: torch.device | str = "cpu"):
+        self.n_labels = n_labels
+        rows = torch.from_numpy(labels.row_of_entry())
+        ids = torch.from_numpy(labels.indices)
+        if labels.n_rows * n_labels <= self.DENSE_LIMIT:
+            self.bitmap = torch.zeros(labels.n_rows, n_labels, dtype=torch.bool)
+            self.bitmap[rows, ids] = True
+            self.bitmap = self.bitmap.to(device)
+            self.keys = None
+        else:
+            self.bitmap = None
+            self.keys = torch.from_numpy(labels.keys(n_labels)).to(device)
+
+    def contains(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """rows [P], labels [P, K] -> bool [P, K]."""
+        if self.bitmap is not None:
+            return torch.take(self.bitmap, rows.unsqueeze(1) * self.n_labels + labels)
+        if self.keys.numel() == 0:
+            return torch.zeros_like(labels, dtype=torch.bool)
+        keys = rows.unsqueeze(1) * self.n_labels + labels
+        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+        return self.keys[pos] == keys
+
+
+DrawFn = Callable[[torch.Tensor, int], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PositiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def uniform_draws(n_labels: int, generator: torch.Generator, device: torch.device | str = "cpu",
+                  ) -> DrawFn:
+    """A draw function: ``draw(active, c)`` gives c uniform labels for each active pair."""
+    def draw(active: torch.Tensor, count: int) -> torch.Tensor:
+        return torch.randint(0, n_labels, (active.numel(), count), generator=generator).to(device)
+    return draw
+
+
+def sample_violators(positive_scores: torch.Tensor, draw: DrawFn, score: ScoreFn,
+                     is_positive: PositiveFn, budget: int, margin: float, first_block: int = 8,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample negatives for every positive pair until the first margin violator (WARP).
+
+    Draws come in blocks that double in size (``first_block``, 2x, ... up to ``budget`` draws in
+    all); only pairs still without a violator draw again, so the work follows the number of draws
+    WARP really needs, as in the sequential algorithm, and the result equals the sequential one on
+    the same draw stream. ``draw(active, c)`` -> [A, c] labels; ``score(active, labels)`` ->
+    [A, c] scores; ``is_positive(active, labels)`` -> [A, c] bool.
+
+    Returns (found [P] bool, negative label [P] (-1 where none), N [P]: accepted draws to it).
+    """
+    n_pairs = positive_scores.numel()
+    device = positive_scores.device
+    found = torch.zeros(n_pairs, dtype=torch.bool, device=device)
+    negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
+    n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
+    active = torch.arange(n_pairs, device=device)
+    drawn, block = 0, max(1, first_block)
+    while drawn < budget and active.numel():
+        count = min(block, budget - drawn)
+        labels = draw(active, count)
+        accepted = ~is_positive(active, labels)
+        hit, column, n_here = first_violator(positive_scores[active], score(active, labels),
+                                             accepted, margin)
+        done = active[hit]
+        found[done] = True
+        negatives[done] = labels[hit, column[hit]]
+        n_draws[done] = n_draws[done] + n_here[hit]
+        still = ~hit
+        active = active[still]
+        n_draws[active] += accepted[still].sum(dim=1)
+        drawn += count
+        block *= 2
+    return found, negatives, n_draws

@@ -1,0 +1,133 @@
+"""Known-answer tests of WARP: rank weights, the rank estimate, and the batched sampler against a
+plain sequential reference on the same draws."""
+
+import numpy as np
+import pytest
+import torch
+
+from awe.csr import Csr
+from awe.warp import (
+    PositiveSet,
+    estimate_rank,
+    first_violator,
+    rank_weight_table,
+    sample_violators,
+    warp_loss,
+)
+
+
+def test_harmonic_weights_by_hand():
+    table = rank_weight_table(4, "harmonic")
+    assert table.tolist() == pytest.approx([0.0, 1.0, 1.5, 1.5 + 1 / 3, 1.5 + 1 / 3 + 0.25])
+
+
+def test_log_weights_by_hand():
+    table = rank_weight_table(3, "log")
+    assert table.tolist() == pytest.approx([0.0, 0.0, np.log(2), np.log(3)])
+
+
+def test_unknown_weight_kind():
+    with pytest.raises(ValueError):
+        rank_weight_table(3, "cubic")
+
+
+def test_rank_estimate_by_hand():
+    # L - |labels| = 99 negatives: found on draw 1 -> 99, on draw 10 -> 9, on draw 100 -> 0
+    r = estimate_rank(torch.tensor([99, 99, 99, 7]), torch.tensor([1, 10, 100, 2]))
+    assert r.tolist() == [99, 9, 0, 3]
+
+
+def test_warp_loss_by_hand():
+    loss = warp_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.8, 0.0]), torch.tensor([2.0, 1.0]),
+                     margin=1.0)
+    assert float(loss) == pytest.approx(2.0 * 0.8 + 1.0 * 0.5)
+
+
+def sequential_warp(pos_score, neg_scores_row, labels_row, own_labels, margin):
+    """The textbook loop: draw, skip own labels, stop at the first violator."""
+    n = 0
+    for label, score in zip(labels_row, neg_scores_row, strict=True):
+        if label in own_labels:
+            continue
+        n += 1
+        if score > pos_score - margin:
+            return True, label, n
+    return False, -1, n
+
+
+def _random_case(seed, n_pairs=200, n_labels=30, budget=40):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(n_pairs, n_labels)).astype(np.float32)
+    own = [set(rng.choice(n_labels, size=rng.integers(1, 6), replace=False).tolist())
+           for _ in range(n_pairs)]
+    positives = np.array([min(s) for s in own])
+    draws = rng.integers(0, n_labels, size=(n_pairs, budget))
+    return scores, own, positives, draws
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_first_violator_equals_sequential_reference(seed):
+    scores, own, positives, draws = _random_case(seed)
+    margin = 0.5
+    pos = scores[np.arange(len(scores)), positives]
+    neg = np.take_along_axis(scores, draws, 1)
+    accepted = np.array([[d not in own[i] for d in draws[i]] for i in range(len(draws))])
+    found, column, n = first_violator(torch.from_numpy(pos), torch.from_numpy(neg),
+                                      torch.from_numpy(accepted), margin)
+    for i in range(len(draws)):
+        ref_found, ref_label, ref_n = sequential_warp(pos[i], neg[i], draws[i], own[i], margin)
+        assert bool(found[i]) == ref_found
+        if ref_found:
+            assert draws[i, int(column[i])] == ref_label
+            assert int(n[i]) == ref_n
+
+
+@pytest.mark.parametrize("first_block", [1, 3, 8, 64])
+def test_blockwise_sampler_equals_sequential_reference(first_block):
+    scores, own, positives, draws = _random_case(7)
+    margin = 0.3
+    n_pairs, n_labels = scores.shape
+    budget = draws.shape[1]
+    offset = torch.zeros(n_pairs, dtype=torch.int64)
+    draws_t = torch.from_numpy(draws)
+
+    def draw(active, count):  # serve the fixed draw stream, in order, per pair
+        cols = offset[active].unsqueeze(1) + torch.arange(count)
+        offset[active] += count
+        return draws_t[active.unsqueeze(1), cols]
+
+    lengths = np.array([len(s) for s in own])
+    labels = Csr.from_lengths(lengths, np.concatenate([sorted(s) for s in own]))
+    positive_set = PositiveSet(labels, n_labels)
+    scores_t = torch.from_numpy(scores)
+    pairs = torch.arange(n_pairs)
+    found, negatives, n_draws = sample_violators(
+        scores_t[pairs, torch.from_numpy(positives)], draw,
+        lambda a, y: scores_t[a.unsqueeze(1), y],
+        lambda a, y: positive_set.contains(pairs[a], y), budget, margin, first_block)
+    for i in range(n_pairs):
+        ref_found, ref_label, ref_n = sequential_warp(scores[i, positives[i]], scores[i, draws[i]],
+                                                      draws[i], own[i], margin)
+        assert bool(found[i]) == ref_found
+        if ref_found:
+            assert int(negatives[i]) == ref_label
+            assert int(n_draws[i]) == ref_n
+        else:
+            assert int(negatives[i]) == -1
+
+
+def test_positive_set_dense_and_sorted_agree(monkeypatch):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 5, size=50)
+    ids = np.concatenate([np.sort(rng.choice(40, size=n, replace=False)) for n in lengths])
+    labels = Csr.from_lengths(lengths, ids)
+    rows = torch.from_numpy(rng.integers(0, 50, size=300))
+    queries = torch.from_numpy(rng.integers(0, 40, size=(300, 7)))
+    dense = PositiveSet(labels, 40).contains(rows, queries)
+    monkeypatch.setattr(PositiveSet, "DENSE_LIMIT", 0)
+    sparse_set = PositiveSet(labels, 40)
+    assert sparse_set.bitmap is None
+    assert torch.equal(dense, sparse_set.contains(rows, queries))
+    truth = {(r, int(y)) for r in range(50) for y in ids[labels.indptr[r]:labels.indptr[r + 1]]}
+    expected = [[(int(r), int(y)) in truth for y in q] for r, q in zip(rows, queries, strict=True)]
+    assert dense.tolist() == expected
