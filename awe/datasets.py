@@ -1,0 +1,499 @@
+"""Datasets in the data contract: a synthetic generator, Fashion-MNIST, MovieLens 100k.
+
+Every builder returns ``(train, test)`` pyarrow Tables; :func:`write_split` writes them as
+``train.parquet`` / ``test.parquet`` with the task ("annotation" or "recommendation") in the parquet
+schema metadata under ``b"awe.task"``.
+
+Columns (see ``data/README.md`` for the dataset cards):
+
+* ``id`` int64, unique across the two splits of a dataset;
+* ``features`` list<float32> of a fixed length per dataset (dense data), or ``feature_ids``
+  list<int64> (sparse data, values implicitly 1);
+* ``labels`` list<string> (annotation) or list<int64> (recommendation item ids);
+* ``exclude`` list<int64> (recommendation only): the user's training positives, to leave out of
+  the user's ranking. Both splits carry it so that they share one schema; train rows hold [].
+
+Row groups are 65,536 rows.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .artifacts import atomic_path
+from .errors import AweError, DataError
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "MOVIELENS_URL",
+    "TASKS",
+    "TASK_KEY",
+    "download_movielens",
+    "fashion_mnist",
+    "make_dataset",
+    "movielens",
+    "read_task",
+    "synthetic",
+    "write_split",
+]
+
+TASK_KEY = b"awe.task"
+TASKS = ("annotation", "recommendation")
+ROW_GROUP_SIZE = 65536
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow helpers
+
+
+def _list_array(values: np.ndarray | pa.Array, lengths: np.ndarray,
+                value_type: pa.DataType) -> pa.ListArray:
+    """A list array whose row i holds the next ``lengths[i]`` entries of ``values``."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    if not isinstance(values, pa.Array):
+        values = pa.array(values, type=value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
+
+
+def _dense_column(x: np.ndarray) -> pa.ListArray:
+    """Rows of a 2-d array as list<float32>."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    return _list_array(x.reshape(-1), np.full(n, d, dtype=np.int64), pa.float32())
+
+
+def _string_labels(names: np.ndarray, flat_idx: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """list<string> from label indices into ``names`` (decoded by arrow, no Python loop)."""
+    dictionary = pa.array(names.tolist(), type=pa.string())
+    flat = pa.DictionaryArray.from_arrays(pa.array(flat_idx, type=pa.int32()), dictionary)
+    return _list_array(flat.cast(pa.string()), lengths, pa.string())
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_split(out_dir: str | os.PathLike, train: pa.Table, test: pa.Table,
+                task: str) -> list[Path]:
+    """Write ``out_dir/{train,test}.parquet`` atomically, tagged ``task``; return the paths."""
+    if task not in TASKS:
+        raise AweError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    out_dir = Path(out_dir)
+    written = []
+    for name, table in (("train", train), ("test", test)):
+        path = out_dir / f"{name}.parquet"
+        meta = dict(table.schema.metadata or {})
+        meta[TASK_KEY] = task.encode()
+        table = table.replace_schema_metadata(meta)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
+        written.append(path)
+    return written
+
+
+def read_task(path: str | os.PathLike) -> str | None:
+    """The ``awe.task`` recorded in a parquet file's schema metadata, or None when absent."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except FileNotFoundError as exc:
+        raise DataError("missing file", file=str(path)) from exc
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"not a readable parquet file ({exc})", file=str(path)) from exc
+    value = meta.get(TASK_KEY)
+    return None if value is None else value.decode()
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+@dataclass(frozen=True)
+class _Preset:
+    rows: int
+    test_rows: int
+    classes: int
+    features: int
+    signal_dim: int  # dimension of the subspace the cluster centres live in
+    clusters: tuple[int, int]  # clusters per label, inclusive range
+    label_scale: float  # std of a label's mean direction, shared by its clusters
+    centre_scale: float  # std of a cluster centre around its label's mean (within-cluster std is 1)
+    noise: float  # std of the isotropic noise added in feature space
+    multi_label: bool  # co-occurring tags per cluster (1-4 tags) or one label per example
+    drop: float  # probability of dropping each of a cluster's tags from an example
+    label_format: str
+
+
+_PRESETS = {
+    "magnatagatune": _Preset(rows=16_000, test_rows=5_000, classes=160, features=104,
+                             signal_dim=64, clusters=(3, 6), label_scale=0.7, centre_scale=1.5,
+                             noise=2.5,
+                             multi_label=True, drop=0.1, label_format="tag{:03d}"),
+    "imagenet": _Preset(rows=50_000, test_rows=10_000, classes=1_000, features=474,
+                        signal_dim=64, clusters=(3, 6), label_scale=0.6, centre_scale=1.2,
+                        noise=2.5,
+                        multi_label=False, drop=0.0, label_format="class{:05d}"),
+}
+
+
+def _positive(name: str, value: int | None, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
+    if int(value) != value or value < minimum:
+        raise AweError(f"synthetic: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def synthetic(preset: str = "magnatagatune", seed: int = 0, rows: int | None = None,
+              test_rows: int | None = None, classes: int | None = None,
+              features: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """A synthetic annotation dataset on which a linear model underfits and neighbours help.
+
+    Every label owns 3-6 clusters whose random centres scatter widely around the label's own mean
+    in a low-dimensional signal subspace; the subspace is embedded into feature space by a random
+    linear map, and isotropic noise is added. A label's examples are therefore spread over several
+    blobs, which no single hyperplane separates, while an example's nearest neighbours mostly come
+    from its own blob (see ``data/README.md`` for measured 1-NN / 20-NN / linear P@1).
+    With ``preset="magnatagatune"`` each cluster carries its own tag plus 0-3 co-occurring tags
+    drawn from a Zipf-like popularity, and each example keeps each of its cluster's tags with
+    probability ``1 - drop`` (at least one). With ``preset="imagenet"`` each example has exactly one
+    label. Features are standardised with the train split's mean and std. Deterministic in ``seed``.
+    """
+    if preset not in _PRESETS:
+        raise AweError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(_PRESETS)}")
+    p = _PRESETS[preset]
+    n_train = _positive("rows", rows, p.rows)
+    n_test = _positive("test_rows", test_rows, p.test_rows, minimum=0)
+    n_labels = _positive("classes", classes, p.classes, minimum=2)
+    n_features = _positive("features", features, p.features)
+    d_signal = min(p.signal_dim, n_features)
+    rng = np.random.default_rng(seed)
+
+    # Structure: clusters, their centres and labels, the embedding map.
+    per_label = rng.integers(p.clusters[0], p.clusters[1] + 1, size=n_labels)
+    owner = np.repeat(np.arange(n_labels), per_label)
+    n_clusters = len(owner)
+    label_means = rng.standard_normal((n_labels, d_signal)) * p.label_scale
+    centres = label_means[owner] + rng.standard_normal((n_clusters, d_signal)) * p.centre_scale
+    embed = rng.standard_normal((d_signal, n_features)) / np.sqrt(d_signal)
+    max_tags = 4 if p.multi_label else 1
+    cluster_tags = np.full((n_clusters, max_tags), -1, dtype=np.int64)
+    cluster_tags[:, 0] = owner
+    if p.multi_label:
+        popularity = 1.0 / np.arange(1, n_labels + 1)  # Zipf, s=1
+        popularity = popularity[rng.permutation(n_labels)]
+        # Sampling without replacement proportional to popularity (Gumbel top-k), never the owner.
+        keys = np.log(popularity)[None, :] + rng.gumbel(size=(n_clusters, n_labels))
+        keys[np.arange(n_clusters), owner] = -np.inf
+        k = min(max_tags - 1, n_labels - 1)
+        extra = np.argsort(-keys, axis=1)[:, :k]
+        n_extra = rng.integers(0, k + 1, size=n_clusters)
+        use = np.arange(k)[None, :] < n_extra[:, None]
+        cluster_tags[:, 1:1 + k] = np.where(use, extra, -1)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cluster = rng.integers(0, n_clusters, size=n)
+        z = centres[cluster] + rng.standard_normal((n, d_signal))
+        x = z @ embed + rng.standard_normal((n, n_features)) * p.noise
+        tags = cluster_tags[cluster]
+        keep = tags >= 0
+        if p.drop > 0:
+            keep &= rng.random(tags.shape) >= p.drop
+            keep[:, 0] |= ~keep.any(axis=1)  # never drop every tag: keep the cluster's own
+        return x, tags[keep], keep.sum(axis=1)
+
+    x_train, tags_train, len_train = draw(n_train)
+    x_test, tags_test, len_test = draw(n_test)
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0
+    names = np.array([p.label_format.format(i) for i in range(n_labels)])
+
+    def table(x: np.ndarray, tags: np.ndarray, lengths: np.ndarray, first_id: int) -> pa.Table:
+        return pa.table({
+            "id": pa.array(np.arange(first_id, first_id + len(x), dtype=np.int64)),
+            "features": _dense_column((x - mean) / std),
+            "labels": _string_labels(names, tags, lengths),
+        })
+
+    return (table(x_train, tags_train, len_train, 0),
+            table(x_test, tags_test, len_test, n_train))
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
+_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
+
+
+def _find_idx(source: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (source / name).is_file():
+            return source / name
+    raise AweError(
+        f"fashion-mnist: missing {source / stem}[.gz]; `apt-get install -y dataset-fashion-mnist` "
+        f"provides the files in {FASHION_MNIST_DEFAULT}, or pass --source DIR with the four IDX "
+        f"files")
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read IDX file ({exc})", file=str(path)) from exc
+    ndim = magic & 0xFF
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise DataError("truncated IDX header", file=str(path))
+    found = int(np.frombuffer(raw, dtype=">u4", count=1)[0])
+    if found != magic:
+        raise DataError(f"bad IDX magic number 0x{found:08x}, expected 0x{magic:08x}",
+                        file=str(path))
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        raise DataError(f"IDX header says {shape} ({size} bytes) but the file holds "
+                        f"{len(raw) - header} bytes", file=str(path))
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def fashion_mnist(source: str | os.PathLike = FASHION_MNIST_DEFAULT) -> tuple[pa.Table, pa.Table]:
+    """Fashion-MNIST from its four IDX files (gzipped or not): the standard 60k/10k split.
+
+    ``features`` are the 784 pixels / 255 as float32; ``labels`` hold the one class name. Ids are
+    0..59999 for train and 60000..69999 for test.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise AweError(
+            f"fashion-mnist: source directory {source} does not exist; `apt-get install -y "
+            f"dataset-fashion-mnist` provides {FASHION_MNIST_DEFAULT}, or pass --source DIR")
+    names = np.array(FASHION_MNIST_CLASSES)
+    tables = []
+    first_id = 0
+    for split in ("train", "t10k"):
+        img_path = _find_idx(source, f"{split}-images-idx3-ubyte")
+        lab_path = _find_idx(source, f"{split}-labels-idx1-ubyte")
+        images = _read_idx(img_path, _IDX_IMAGES)
+        labels = _read_idx(lab_path, _IDX_LABELS)
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels in {lab_path}",
+                            file=str(img_path))
+        if labels.size and labels.max() >= len(names):
+            row = int(np.argmax(labels >= len(names)))
+            raise DataError(f"label {labels[row]} is not a class id 0-9", file=str(lab_path),
+                            row=row)
+        n = len(images)
+        x = images.reshape(n, -1).astype(np.float32) / np.float32(255.0)
+        tables.append(pa.table({
+            "id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+            "features": _dense_column(x),
+            "labels": _string_labels(names, labels.astype(np.int64), np.ones(n, dtype=np.int64)),
+        }))
+        first_id += n
+    return tables[0], tables[1]
+
+
+# --------------------------------------------------------------------------------------------
+# MovieLens 100k
+
+MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+MOVIELENS_MIN_POSITIVES = 5
+MOVIELENS_TEST_FRACTION = 0.2
+MOVIELENS_POSITIVE_RATING = 4
+
+
+def _movielens_file(source: Path) -> Path:
+    for candidate in (source, source / "u.data", source / "ml-100k" / "u.data"):
+        if candidate.is_file():
+            return candidate
+    raise AweError(f"movielens: no u.data at {source} (expected the GroupLens ml-100k directory; "
+                   f"download and unzip {MOVIELENS_URL}, or use download_movielens)")
+
+
+def _read_ratings(path: Path) -> np.ndarray:
+    """u.data as an int64 array of (user, item, rating, timestamp)."""
+    try:
+        frame = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False,
+                            engine="c")
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read ratings ({exc})", file=str(path)) from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataError("empty ratings file", file=str(path)) from exc
+    if frame.shape[1] != 4:
+        raise DataError(f"expected 4 tab-separated columns (user, item, rating, timestamp), "
+                        f"found {frame.shape[1]}", file=str(path))
+    columns = ("user", "item", "rating", "timestamp")
+    out = np.empty((len(frame), 4), dtype=np.int64)
+    for j, name in enumerate(columns):
+        values = pd.to_numeric(frame[j], errors="coerce")
+        bad = values.isna().to_numpy()
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(f"not an integer: {frame[j].iloc[row]!r}", file=str(path), row=row + 1,
+                            column=name)
+        out[:, j] = values.to_numpy(dtype=np.int64)
+    if (out[:, :2] < 0).any():
+        row = int(np.argmax((out[:, :2] < 0).any(axis=1)))
+        raise DataError("negative user or item id", file=str(path), row=row + 1)
+    return out
+
+
+def movielens_split(ratings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (train, test) over ``ratings`` rows: the per-user 80/20 split of positives.
+
+    Positives are ratings >= 4. Users in ascending id order with >= 5 positives draw
+    ``rng.permutation(n)`` from one shared ``default_rng(seed)``; the first ``max(1, round(0.2 n))``
+    entries index (item-sorted) positives that go to test. Users with fewer positives keep them all
+    in train. Non-positive ratings are in neither split.
+    """
+    positive = ratings[:, 2] >= MOVIELENS_POSITIVE_RATING
+    rows = np.flatnonzero(positive)
+    rows = rows[np.lexsort((ratings[rows, 1], ratings[rows, 0]))]  # by user, then item
+    users = ratings[rows, 0]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(rows)]
+    train = np.zeros(len(ratings), dtype=bool)
+    test = np.zeros(len(ratings), dtype=bool)
+    train[rows] = True
+    rng = np.random.default_rng(seed)
+    for start, end in zip(starts, ends, strict=True):  # one iteration per user, ascending id
+        n = int(end - start)
+        if n < MOVIELENS_MIN_POSITIVES:
+            continue
+        perm = rng.permutation(n)
+        chosen = rows[start + perm[:max(1, round(MOVIELENS_TEST_FRACTION * n))]]
+        test[chosen] = True
+        train[chosen] = False
+    return train, test
+
+
+def _group(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unique users, their item counts, items sorted by user then item)."""
+    order = np.lexsort((items, users))
+    uniq, counts = np.unique(users[order], return_counts=True)
+    return uniq, counts, items[order]
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    begin = np.r_[0, np.cumsum(lengths)[:-1]]
+    return np.repeat(starts - begin, lengths) + np.arange(int(lengths.sum()))
+
+
+def movielens(source: str | os.PathLike) -> tuple[pa.Table, pa.Table]:
+    """MovieLens 100k as implicit feedback (ratings >= 4), split per user 80/20 (seed 0).
+
+    One row per user: ``id`` and ``feature_ids = [user id]`` (raw ids, so the feature space has
+    max user id + 1 entries, id 0 unused), ``labels`` the positive item ids, ``exclude`` the user's
+    training positives (test rows; empty in train rows). Train has every user with a train positive,
+    test every user with a test positive.
+    """
+    path = _movielens_file(Path(source))
+    ratings = _read_ratings(path)
+    if len(ratings) == 0:
+        raise DataError("no ratings", file=str(path))
+    train_mask, test_mask = movielens_split(ratings)
+    tr_users, tr_counts, tr_items = _group(ratings[train_mask, 0], ratings[train_mask, 1])
+    te_users, te_counts, te_items = _group(ratings[test_mask, 0], ratings[test_mask, 1])
+
+    def ids(users: np.ndarray) -> pa.ListArray:
+        return _list_array(users.astype(np.int64), np.ones(len(users), dtype=np.int64),
+                           pa.int64())
+
+    train = pa.table({
+        "id": pa.array(tr_users, type=pa.int64()),
+        "feature_ids": ids(tr_users),
+        "labels": _list_array(tr_items, tr_counts, pa.int64()),
+        "exclude": _list_array(np.empty(0, dtype=np.int64), np.zeros(len(tr_users), np.int64),
+                               pa.int64()),
+    })
+    # Every test user has train positives (n >= 5 and at most round(0.2 n) < n go to test).
+    pos = np.searchsorted(tr_users, te_users)
+    ex_counts = tr_counts[pos]
+    gather = _ranges(np.r_[0, np.cumsum(tr_counts)][pos], ex_counts)
+    test = pa.table({
+        "id": pa.array(te_users, type=pa.int64()),
+        "feature_ids": ids(te_users),
+        "labels": _list_array(te_items, te_counts, pa.int64()),
+        "exclude": _list_array(tr_items[gather], ex_counts, pa.int64()),
+    })
+    return train, test
+
+
+def download_movielens(dest: str | os.PathLike, url: str = MOVIELENS_URL) -> Path:
+    """Fetch the GroupLens ml-100k zip into ``dest`` and unpack it; returns ``dest/ml-100k``.
+
+    An existing ``dest/ml-100k/u.data`` is reused without a download.
+    """
+    dest = Path(dest)
+    target = dest / "ml-100k"
+    if (target / "u.data").is_file():
+        return target
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise AweError(f"movielens: cannot download {url} ({reason}); download and unzip it by "
+                       f"hand and pass --source DIR") from exc
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(payload))
+    except zipfile.BadZipFile as exc:
+        raise AweError(f"movielens: {url} did not return a zip archive") from exc
+    with archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        for member in members:
+            parts = Path(member.filename).parts
+            if member.filename.startswith("/") or ".." in parts:
+                raise AweError(f"movielens: unsafe path {member.filename!r} in {url}")
+        if not any(Path(m.filename).parts[-2:] == ("ml-100k", "u.data") for m in members):
+            raise AweError(f"movielens: {url} has no ml-100k/u.data")
+        for member in members:
+            out = dest / member.filename
+            with archive.open(member) as src, atomic_path(out) as tmp, open(tmp, "wb") as fh:
+                shutil.copyfileobj(src, fh)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+DATASETS = {"synthetic", "fashion-mnist", "movielens"}
+_TASK_OF = {"synthetic": "annotation", "fashion-mnist": "annotation",
+            "movielens": "recommendation"}
+
+
+def make_dataset(name: str, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                 preset: str = "magnatagatune", seed: int = 0, rows: int | None = None,
+                 test_rows: int | None = None, classes: int | None = None) -> list[Path]:
+    """Build dataset ``name`` and write its train/test parquet files into ``out_dir``."""
+    if name not in DATASETS:
+        raise AweError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    if name == "synthetic":
+        train, test = synthetic(preset, seed=seed, rows=rows, test_rows=test_rows,
+                                classes=classes)
+    elif name == "fashion-mnist":
+        train, test = fashion_mnist(source if source is not None else FASHION_MNIST_DEFAULT)
+    else:
+        if source is None:
+            raise AweError("movielens needs --source DIR (the GroupLens ml-100k directory)")
+        train, test = movielens(source)
+    return write_split(out_dir, train, test, _TASK_OF[name])
