@@ -457,8 +457,8 @@ def _label_block(batch, name, vocab: LabelVocab, file, offset, required: bool,
         lengths = np.asarray(pc.list_value_length(arr).fill_null(0).to_numpy(
             zero_copy_only=False), dtype=np.int64)
         flat = arr.flatten()
-    else:  # a scalar is one label; null is none
-        lengths = (~arr.is_null().to_numpy(zero_copy_only=False)).astype(np.int64)
+    else:  # a scalar is one label; null is none (one entry per row, nulls dropped below)
+        lengths = np.ones(n, dtype=np.int64)
         flat = arr
     valid = ~flat.is_null().to_numpy(zero_copy_only=False)
     row_of = np.repeat(np.arange(n, dtype=np.int64), lengths)

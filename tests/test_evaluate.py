@@ -1,0 +1,249 @@
+"""Ranking metrics (awe.evaluate): hand-computed answers and a brute-force reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from awe.csr import Csr
+from awe.data import Examples, InputSchema
+from awe.evaluate import RankingMetrics, evaluate, mask_excluded, parse_ks, top_k
+
+NEG = float("-inf")
+
+
+def csr(rows: list[list[int]]) -> Csr:
+    return Csr.from_lengths(np.array([len(r) for r in rows], dtype=np.int64),
+                            np.array([i for r in rows for i in r], dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------- top_k
+
+
+@pytest.mark.parametrize("scores, k, ids, vals", [
+    ([[1, 3, 3, 2]], 1, [[1]], [[3]]),
+    ([[1, 3, 3, 2]], 2, [[1, 2]], [[3, 3]]),
+    ([[1, 3, 3, 2]], 3, [[1, 2, 3]], [[3, 3, 2]]),
+    ([[5, 5, 5, 5]], 2, [[0, 1]], [[5, 5]]),  # a tie across the cut: lower ids win
+    ([[0, 7, 0, 7, 0]], 3, [[1, 3, 0]], [[7, 7, 0]]),
+    ([[2, 1, 2, 1, 2]], 4, [[0, 2, 4, 1]], [[2, 2, 2, 1]]),
+    ([[NEG, 0, NEG, -1]], 2, [[1, 3]], [[0, -1]]),  # -inf never chosen over a finite score
+    ([[NEG, 0, NEG, -1]], 3, [[1, 3, -1]], [[0, -1, NEG]]),
+    ([[NEG, -5, NEG, -(2.0**100)]], 4, [[1, 3, -1, -1]], [[-5, -(2.0**100), NEG, NEG]]),
+    ([[NEG, NEG, NEG]], 2, [[-1, -1]], [[NEG, NEG]]),
+    ([[1, 2]], 4, [[1, 0, -1, -1]], [[2, 1, NEG, NEG]]),  # k > L pads with -1
+    ([[NEG, 2]], 3, [[1, -1, -1]], [[2, NEG, NEG]]),
+    ([[0.5]], 1, [[0]], [[0.5]]),
+    (  # several rows at once, each ranked on its own
+        [[3, 1, 2], [1, 1, 1], [NEG, 9, NEG], [-2, -1, -3]], 2,
+        [[0, 2], [0, 1], [1, -1], [1, 0]], [[3, 2], [1, 1], [9, NEG], [-1, -2]],
+    ),
+])
+def test_top_k_hand_cases(scores, k, ids, vals):
+    got_ids, got_vals = top_k(torch.tensor(scores, dtype=torch.float32), k)
+    assert got_ids.dtype == torch.int64
+    assert got_ids.tolist() == ids
+    assert got_vals.tolist() == vals
+
+
+def test_top_k_matches_sorting_by_score_then_id():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n, n_labels, k = rng.integers(1, 6), rng.integers(1, 9), rng.integers(1, 11)
+        s = np.round(rng.normal(size=(n, n_labels)), 0).astype(np.float32)
+        s[rng.random(s.shape) < 0.2] = NEG
+        ids, vals = top_k(torch.from_numpy(s.copy()), int(k))
+        for i in range(n):
+            order = sorted((j for j in range(n_labels) if s[i, j] != NEG),
+                           key=lambda j, i=i: (-s[i, j], j))[:k]
+            expected = order + [-1] * (k - len(order))
+            assert ids[i].tolist() == expected
+            assert vals[i].tolist() == [float(s[i, j]) for j in order] + [NEG] * (k - len(order))
+
+
+def test_mask_excluded():
+    scores = torch.zeros(3, 4)
+    out = mask_excluded(scores, csr([[1], [], [0, 3]]))
+    assert out is scores  # in place
+    assert scores.tolist() == [[0, NEG, 0, 0], [0, 0, 0, 0], [NEG, 0, 0, NEG]]
+    untouched = torch.ones(2, 2)
+    mask_excluded(untouched, None)
+    mask_excluded(untouched, Csr.empty(2))
+    assert untouched.tolist() == [[1, 1], [1, 1]]
+
+
+def test_parse_ks():
+    assert parse_ks("10,1,3,3") == [1, 3, 10]
+    assert parse_ks([5, 2]) == [2, 5]
+    for bad in ("0", "1,-2", []):
+        with pytest.raises(ValueError):
+            parse_ks(bad)
+
+
+# ----------------------------------------------------------------------------- hand-computed
+
+C = 1 / math.log2(3)  # the discount of rank 2; rank 1 has 1, rank 3 has 1/log2(4) = 1/2
+
+# Four rows ranked over five labels (ids 0..4), ks = 1, 2, 3:
+#   A: truth {0, 4},            ranking [4, 1, 0]   hits 1 0 1
+#   B: truth {3} + 1 unknown,   ranking [0, 3, -1]  hits 0 1 0   (the -1 is row A's key 4 minus one
+#                                                                 row: it must not count as a hit)
+#   C: no truth at all,         ranking [0, 1, 2]   left out of every average
+#   D: 1 unknown label only,    ranking [4, -1, -1] hits 0 0 0
+# Per row:                 A                      B                D
+#   P@1, P@2, P@3          1, 1/2, 2/3            0, 1/2, 1/3      0, 0, 0
+#   R@1, R@2, R@3          1/2, 1/2, 1            0, 1/2, 1/2      0, 0, 0
+#   NDCG@1                 1/1                    0                0
+#   NDCG@2                 1/(1+C)                C/(1+C)          0
+#   NDCG@3                 (1+1/2)/(1+C)          C/(1+C)          0
+#   AP@1                   1/1                    0                0
+#   AP@2                   (1*1)/2                (1/2*1)/2        0
+#   AP@3                   (1 + 2/3*1)/2          (1/2*1)/2        0
+HAND_TOP = [[4, 1, 0], [0, 3, -1], [0, 1, 2], [4, -1, -1]]
+HAND_TRUTH = [[0, 4], [3], [], []]
+HAND_UNKNOWN = [0, 1, 0, 1]
+HAND_EXPECTED = {
+    "P@1": (1 + 0 + 0) / 3,
+    "P@2": (1 / 2 + 1 / 2 + 0) / 3,
+    "P@3": (2 / 3 + 1 / 3 + 0) / 3,
+    "R@1": (1 / 2 + 0 + 0) / 3,
+    "R@2": (1 / 2 + 1 / 2 + 0) / 3,
+    "R@3": (1 + 1 / 2 + 0) / 3,
+    "NDCG@1": (1 + 0 + 0) / 3,
+    "NDCG@2": (1 / (1 + C) + C / (1 + C) + 0) / 3,
+    "NDCG@3": ((1 + 1 / 2) / (1 + C) + C / (1 + C) + 0) / 3,
+    "MAP@1": (1 + 0 + 0) / 3,
+    "MAP@2": (1 / 2 + 1 / 4 + 0) / 3,
+    "MAP@3": (5 / 6 + 1 / 4 + 0) / 3,
+}
+
+
+def test_ranking_metrics_hand_computed():
+    m = RankingMetrics([3, 1, 2])
+    m.update(np.array(HAND_TOP), csr(HAND_TRUTH), np.array(HAND_UNKNOWN))
+    assert m.n_rows == 3  # row C has no true label
+    got = m.result()
+    assert set(got) == set(HAND_EXPECTED)
+    for name, value in HAND_EXPECTED.items():
+        assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+
+
+def test_ranking_metrics_accumulate_over_batches():
+    m = RankingMetrics([1, 2, 3])
+    for lo, hi in ((0, 1), (1, 3), (3, 4)):
+        m.update(np.array(HAND_TOP[lo:hi]), csr(HAND_TRUTH[lo:hi]),
+                 np.array(HAND_UNKNOWN[lo:hi]))
+    for name, value in m.result().items():
+        assert value == pytest.approx(HAND_EXPECTED[name], rel=1e-12, abs=1e-15), name
+
+
+def test_ranking_metrics_more_truth_than_k():
+    # truth {0, 1, 2}, ranking [1, 5, 2, 0]: hits 1 0 1 1
+    m = RankingMetrics([1, 2, 4])
+    m.update(np.array([[1, 5, 2, 0]]), csr([[0, 1, 2]]), np.array([0]))
+    got = m.result()
+    idcg2, idcg3 = 1 + C, 1 + C + 1 / 2
+    expected = {
+        "P@1": 1, "P@2": 1 / 2, "P@4": 3 / 4,
+        "R@1": 1 / 3, "R@2": 1 / 3, "R@4": 1,
+        "NDCG@1": 1, "NDCG@2": 1 / idcg2, "NDCG@4": (1 + 1 / 2 + 1 / math.log2(5)) / idcg3,
+        "MAP@1": 1, "MAP@2": 1 / 2, "MAP@4": (1 + 2 / 3 + 3 / 4) / 3,
+    }
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_ranking_metrics_no_counted_rows():
+    m = RankingMetrics([1, 5])
+    m.update(np.array([[0, 1, 2, 3, 4]]), csr([[]]), np.array([0]))
+    assert m.n_rows == 0
+    assert all(v == 0.0 for v in m.result().values())
+
+
+def test_evaluate_hand_computed_through_scores():
+    # the same four rows as HAND_*, as scores whose ranking (with ties and exclusions) is HAND_TOP
+    scores = torch.tensor([
+        [1.0, 2.0, 0.5, 0.5, 3.0],  # A: 4, 1, 0 (label 2 ties 3 below the cut)
+        [5.0, 1.0, 2.0, 4.0, 2.0],  # B: 0, 3, then 2 and 4 are excluded and 1 is excluded too
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # C: ties everywhere -> 0, 1, 2
+        [NEG, NEG, NEG, NEG, 1.0],  # D: one finite label, then -1 slots
+    ])
+    examples = Examples(
+        InputSchema("dense", 2), np.zeros((4, 2), np.float32), None, csr(HAND_TRUTH),
+        np.array(HAND_UNKNOWN), exclude=csr([[], [1, 2, 4], [], []]))
+
+    def score_fn(ex, rows):
+        assert ex is examples
+        return scores[torch.from_numpy(rows)].clone()
+
+    got = evaluate(score_fn, examples, [1, 2, 3], batch_rows=3)
+    for name, value in HAND_EXPECTED.items():
+        assert got[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def reference_metrics(scores: np.ndarray, truth: list[set[int]], n_unknown: list[int],
+                      exclude: list[set[int]], ks: list[int]) -> dict[str, float]:
+    """Plain loops: rank by (score desc, id asc) over finite, non-excluded labels; then score."""
+    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("P", "R", "NDCG", "MAP")}
+    counted = 0
+    for i in range(len(scores)):
+        n_true = len(truth[i]) + n_unknown[i]
+        if n_true == 0:
+            continue
+        counted += 1
+        candidates = [j for j in range(scores.shape[1])
+                      if j not in exclude[i] and scores[i, j] != float("-inf")]
+        ranking = sorted(candidates, key=lambda j, i=i: (-scores[i, j], j))
+        for k in ks:
+            top = ranking[:k]
+            hit = [1 if j in truth[i] else 0 for j in top] + [0] * (k - len(top))
+            n_hits = sum(hit)
+            sums[f"P@{k}"] += n_hits / k
+            sums[f"R@{k}"] += n_hits / n_true
+            dcg = sum(hit[r] / math.log2(r + 2) for r in range(k))
+            idcg = sum(1 / math.log2(r + 2) for r in range(min(n_true, k)))
+            sums[f"NDCG@{k}"] += dcg / idcg
+            ap = 0.0
+            for j in range(k):
+                if hit[j]:
+                    ap += sum(hit[: j + 1]) / (j + 1)
+            sums[f"MAP@{k}"] += ap / min(n_true, k)
+    return {name: total / max(counted, 1) for name, total in sums.items()}
+
+
+def test_evaluate_matches_brute_force_reference():
+    rng = np.random.default_rng(20130117)
+    for case in range(50):
+        n, n_labels = int(rng.integers(1, 25)), int(rng.integers(1, 12))
+        # rounding makes ties common; a few -inf scores exercise the -1 slots
+        scores = np.round(rng.normal(size=(n, n_labels)) * 2) / 2
+        scores[rng.random(scores.shape) < 0.1] = float("-inf")
+        scores = scores.astype(np.float32)
+        truth = [set(rng.choice(n_labels, size=rng.integers(0, min(n_labels, 4) + 1),
+                                replace=False).tolist()) for _ in range(n)]
+        n_unknown = rng.integers(0, 3, size=n) * (rng.random(n) < 0.3)
+        exclude = [set(rng.choice(n_labels, size=rng.integers(0, min(n_labels, 3) + 1),
+                                  replace=False).tolist()) if rng.random() < 0.5 else set()
+                   for _ in range(n)]
+        ks = sorted(set(rng.integers(1, n_labels + 4, size=3).tolist()))
+        examples = Examples(
+            InputSchema("dense", 3), rng.normal(size=(n, 3)).astype(np.float32), None,
+            csr([sorted(t) for t in truth]), n_unknown.astype(np.int64),
+            exclude=csr([sorted(e) for e in exclude]) if case % 5 else None)
+        if examples.exclude is None:
+            exclude = [set() for _ in range(n)]
+
+        def score_fn(ex, rows, scores=scores):
+            return torch.from_numpy(scores[rows].copy())
+
+        got = evaluate(score_fn, examples, ks, batch_rows=int(rng.integers(1, 8)))
+        expected = reference_metrics(scores, truth, n_unknown.tolist(), exclude, ks)
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), (case, name)
