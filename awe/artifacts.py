@@ -1,7 +1,7 @@
 """Atomic file writing and the model directory's files.
 
-Every file is written to a temporary name in the same directory, flushed to disk and renamed over the
-final name, so an interrupted run leaves either the old file or the new one, never half of one.
+Every file is written to a temporary name in the same directory, flushed to disk and renamed over
+the final name, so an interrupted run leaves either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ class Csr:
         rows = np.asarray(rows, dtype=np.int64)
         pos = self.entry_positions(rows)
         values = None if self.values is None else self.values[pos]
-        return Csr.from_lengths(self.indptr[rows + 1] - self.indptr[rows], self.indices[pos], values)
+        lengths = self.indptr[rows + 1] - self.indptr[rows]
+        return Csr.from_lengths(lengths, self.indices[pos], values)
 
     def select_entries(self, keep: np.ndarray) -> Csr:
         """Keep the entries where the boolean mask ``keep`` is true; rows stay (maybe empty)."""

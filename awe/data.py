@@ -370,8 +370,9 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
         if require_labels:
             empty = (labels.lengths + unknown) == 0
             if empty.any():
-                raise DataError("row has no labels", file=str(file), row=offset + _first_true(empty),
-                                column=cols.labels, hint="every training row needs >= 1 label")
+                raise DataError("row has no labels", file=str(file),
+                                row=offset + _first_true(empty), column=cols.labels,
+                                hint="every training row needs >= 1 label")
         if batch.schema.get_field_index(cols.exclude) >= 0:
             has_exclude = True
             exclude_parts.append(_label_block(batch, cols.exclude, vocab, file, offset,

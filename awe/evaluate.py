@@ -1,9 +1,9 @@
 """Ranking metrics: P@k, R@k, NDCG@k (binary gains) and MAP@k.
 
 P@k = hits in the top k / k, averaged over rows with at least one true label (the paper's and
-LightFM's definition). Labels unknown to the model count as true labels that are never hit. Labels in a
-row's ``exclude`` list are removed from its ranking. Ties in score are broken by the lower label id, so
-results never depend on the sort's whim.
+LightFM's definition). Labels unknown to the model count as true labels that are never hit. Labels
+in a row's ``exclude`` list are removed from its ranking. Ties in score are broken by the lower
+label id, so results never depend on the sort's whim.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class RankingMetrics:
         self.n_rows = 0
 
     def update(self, top_ids: np.ndarray, truth: Csr, n_unknown: np.ndarray) -> None:
-        """``top_ids`` [B, >= max k] ranked label ids (-1 = empty slot); ``truth`` true label ids."""
+        """``top_ids`` [B, >= max k] ranked ids (-1 = empty slot); ``truth`` true label ids."""
         top_ids = np.asarray(top_ids)
         n_true = truth.lengths + np.asarray(n_unknown)
         counted = n_true > 0

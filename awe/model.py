@@ -1,9 +1,9 @@
 """The Wsabie embedding model f(x, y) = (x U) . V_y, and its persistence.
 
-Dense inputs multiply a dense U (n_features x D); sparse inputs (ids with values) sum rows of U in an
-``EmbeddingBag`` with sparse gradients, so a step touches only the rows it uses. Labels are rows of V
-(an ``Embedding`` with sparse gradients). Stage 3 (AWE) reuses this module and multiplies its scores by
-the affinity weights G.
+Dense inputs multiply a dense U (n_features x D); sparse inputs (ids with values) sum rows of U in
+an ``EmbeddingBag``; labels are rows of V (an ``Embedding``). Large tables get sparse gradients, so
+a step touches only the rows it uses. Stage 3 (AWE) reuses this module and multiplies its scores
+by the affinity weights G.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Wsabie(nn.Module):
 
     def pair_scores(self, e: torch.Tensor, labels: torch.Tensor,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
-        """f for each row of ``e`` against ``labels`` ([B] or [B, K]); ``rows`` serves subclasses."""
+        """f of each row of ``e`` against ``labels`` ([B] or [B, K]); ``rows`` serves subclasses."""
         if torch.is_grad_enabled():
             v = self.V(labels)
         else:  # index_select is several times faster than the embedding op on CPU
@@ -157,7 +157,7 @@ class Wsabie(nn.Module):
 def _renorm_rows(weight: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:
     if rows is None or rows.numel() == 0:
         return
-    rows = torch.unique(rows)
+    # duplicate rows get identical values, so index_copy_ stays deterministic without unique()
     sub = weight.index_select(0, rows)
     scale = max_norm / sub.norm(dim=1, keepdim=True).clamp(min=max_norm)
     weight.index_copy_(0, rows, sub * scale)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,20 +38,23 @@ class TrainConfig:
     """Every hyper-parameter of a training stage; saved in config.json and used to rebuild."""
 
     dim: int = 64
-    epochs: int = 30
+    epochs: int = 60
     lr: float = 0.05
-    negatives: int = 50  # K: draws per positive pair (the WARP sampling budget)
+    negatives: int = 100  # K: draws per positive pair (the WARP sampling budget)
     margin: float = 1.0
     rank_weight: str = "harmonic"
     optimizer: str = "adagrad"
-    max_norm: float | None = None  # project rows of U and V to norm <= C (the paper's regulariser)
+    # project rows of U and V to norm <= C (the paper's regulariser); "auto": 1.5 for
+    # recommendation (identity inputs overfit without it), none for annotation
+    max_norm: float | str | None = "auto"
     weight_decay: float = 0.0  # L2 on the rows a step touches
-    batch_size: int = 1024  # positive pairs per step
+    batch_size: int = 2048  # positive pairs per step
     init_scale: float = 0.1
     task: str | None = None  # None: from the data's metadata (awe data), else annotation
     valid_fraction: float = 0.0
-    valid_k: int | None = None  # P@k that picks the best epoch: 1 (annotation) / 10 (recommendation)
-    patience: int = 5
+    valid_k: int | None = None  # P@k picking the best epoch: 1 (annotation), 10 (recommendation)
+    patience: int = 10
+    refit: bool = True  # after picking the epoch on a held-out fraction, retrain on all rows
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
@@ -65,7 +68,8 @@ class TrainConfig:
             (self.margin >= 0, "--margin must be >= 0"),
             (self.rank_weight in RANK_WEIGHTS, f"--rank-weight must be one of {RANK_WEIGHTS}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.max_norm is None or self.max_norm > 0, "--max-norm must be positive"),
+            (self.max_norm in (None, "auto") or float(self.max_norm) > 0,
+             "--max-norm must be positive"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (0 <= self.valid_fraction < 1, "--valid-fraction must be in [0, 1)"),
@@ -76,6 +80,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise AweError(message)
+
+    def resolved(self, task: str | None, device: str) -> TrainConfig:
+        """Fill the data-dependent defaults: task, device and the max-norm."""
+        task = self.task or task or "annotation"
+        max_norm = self.max_norm
+        if max_norm == "auto":
+            max_norm = 1.5 if task == "recommendation" else None
+        return replace(self, task=task, device=device,
+                       max_norm=None if max_norm is None else float(max_norm))
 
     @property
     def selection_k(self) -> int:
@@ -152,8 +165,8 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
                     e_fixed = e.detach()
                     found, negatives, n_draws = sample_violators(
                         model.pair_scores(e_fixed, positives, rows_t), draw,
-                        lambda a, y: model.pair_scores(e_fixed[a], y, rows_t[a]),
-                        lambda a, y: positive_set.contains(rows_t[a], y),
+                        lambda a, y, e=e_fixed, r=rows_t: model.pair_scores(e[a], y, r[a]),
+                        lambda a, y, r=rows_t: positive_set.contains(r[a], y),
                         config.negatives, config.margin)
                 if not bool(found.any()):
                     bar.advance()
@@ -219,7 +232,10 @@ def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
 
 def _optimizer(model: Wsabie, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=config.lr)
+        # the fused CPU kernel is faster; it takes dense gradients only
+        dense_cpu = config.device == "cpu" and not any(
+            getattr(m, "sparse", False) for m in (model.U, model.V))
+        return torch.optim.Adagrad(model.parameters(), lr=config.lr, fused=dense_cpu or None)
     return torch.optim.SGD(model.parameters(), lr=config.lr)
 
 
@@ -301,16 +317,15 @@ def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
 
 
 def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
-                 valid_path=None, columns: Columns = Columns(), progress: bool = False,
+                 valid_path=None, columns: Columns | None = None, progress: bool = False,
                  ) -> tuple[FitResult, list]:
     """Stage 1 end to end: read, split off validation, train, write the model directory."""
-    found = scan(train_path, columns)
-    config = replace(config, task=config.task or found.task or "annotation",
-                     device=resolve_device(config.device))
+    found = scan(train_path, columns or Columns())
+    config = config.resolved(found.task, resolve_device(config.device))
     if config.threads:
         torch.set_num_threads(config.threads)
     train = load_examples(train_path, found.schema, found.vocab, task=config.task)
-    valid = None
+    all_rows, valid = train, None
     if valid_path is not None:
         valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
     elif config.valid_fraction > 0:
@@ -320,6 +335,15 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
                        found.schema.kind == "sparse")
     model = Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed))
     result = fit(model, train, config, valid, progress=progress)
+    if config.refit and valid_path is None and config.valid_fraction > 0:
+        # the held-out part picked the epoch; now learn from every row for that many epochs
+        model = Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed))
+        refit = fit(model, all_rows, replace(config, epochs=result.best_epoch), None,
+                    progress=progress)
+        for row in refit.history:
+            row["phase"] = "refit"
+        result = FitResult(result.history + refit.history, result.best_epoch,
+                           result.best_metrics, result.seconds + refit.seconds)
     written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
     history_path = Path(model_dir) / artifacts.HISTORY
     artifacts.write_csv(history_path, result.history)

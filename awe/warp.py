@@ -4,10 +4,10 @@ For a positive pair (x, y+), negatives y- (never one of x's own labels) are draw
 the margin, f(x, y-) > f(x, y+) - margin. With N draws the rank of y+ is estimated as
 r = floor((L - |labels(x)|) / N) and the hinge is weighted by Phi(r) = sum_{j<=r} 1/j.
 
-Batched: every positive gets a block of K uniform draws at once; draws that hit one of the row's own
-labels are discarded (rejection sampling keeps the accepted draws uniform over the negatives), and the
-first violator in draw order is taken, so the result equals the sequential procedure on the same draws.
-Everything here is a pure function of tensors.
+Batched: every positive gets blocks of uniform draws at once (K in all); draws that hit one of the
+row's own labels are discarded (rejection sampling keeps the accepted draws uniform over the
+negatives), and the first violator in draw order is taken, so the result equals the sequential
+procedure on the same draws. Everything here is a pure function of tensors.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def first_violator(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     found = violates.any(dim=1)
     # argmax over a 0/1 tensor returns the first maximum: the first violator in draw order
     column = violates.to(torch.uint8).argmax(dim=1)
-    n_draws = torch.cumsum(accepted.to(torch.int64), dim=1).gather(1, column.unsqueeze(1)).squeeze(1)
+    accepted_so_far = torch.cumsum(accepted.to(torch.int64), dim=1)
+    n_draws = accepted_so_far.gather(1, column.unsqueeze(1)).squeeze(1)
     return found, column, n_draws
 
 
