@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import urllib.error
 import urllib.request
@@ -30,7 +31,18 @@ from awe.datasets import (
 )
 from awe.errors import AweError, DataError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+def _shared_data() -> Path:
+    """$AWE_SHARED_DATA, else ../shared/data beside the checkout, else the workplace's copy."""
+    candidates = [os.environ.get("AWE_SHARED_DATA"),
+                  Path(__file__).resolve().parents[2] / "shared" / "data", "/work/shared/data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "ml-100k").is_dir():
+            return Path(candidate)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 ML100K = SHARED_DATA / "ml-100k"
 ML100K_IMPLICIT = SHARED_DATA / "ml-100k-implicit"
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
