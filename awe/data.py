@@ -149,7 +149,7 @@ def resolve_files(path: str | os.PathLike) -> list[Path]:
     elif p.is_file():
         files = [p]
     else:
-        raise AweError(f"{p}: no such file or directory")
+        raise DataError("no such file or directory", file=str(p))
     return files
 
 

@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .artifacts import atomic_path
+from .data import TASK_METADATA_KEY, TASKS, resolve_files
+from .data import read_task as data_read_task
 from .errors import AweError, DataError
 
 __all__ = [
@@ -51,8 +53,7 @@ __all__ = [
     "write_split",
 ]
 
-TASK_KEY = b"awe.task"
-TASKS = ("annotation", "recommendation")
+TASK_KEY = TASK_METADATA_KEY  # one key, defined with the reader in awe.data
 ROW_GROUP_SIZE = 65536
 
 
@@ -108,14 +109,7 @@ def write_split(out_dir: str | os.PathLike, train: pa.Table, test: pa.Table,
 
 def read_task(path: str | os.PathLike) -> str | None:
     """The ``awe.task`` recorded in a parquet file's schema metadata, or None when absent."""
-    try:
-        meta = pq.read_schema(path).metadata or {}
-    except FileNotFoundError as exc:
-        raise DataError("missing file", file=str(path)) from exc
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"not a readable parquet file ({exc})", file=str(path)) from exc
-    value = meta.get(TASK_KEY)
-    return None if value is None else value.decode()
+    return data_read_task(resolve_files(path))
 
 
 # --------------------------------------------------------------------------------------------
