@@ -479,14 +479,6 @@ def _label_block(batch, name, vocab: LabelVocab, file, offset, required: bool,
     return labels, unknown
 
 
-def split_task(task: str | None) -> str:
-    if task is None:
-        return "annotation"
-    if task not in TASKS:
-        raise AweError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
-    return task
-
-
 def write_table(path: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> None:
     """Write a parquet file atomically (used for small outputs and tests)."""
     from .artifacts import atomic_path

@@ -86,6 +86,7 @@ class RankingMetrics:
         positions = np.arange(1, kmax + 1, dtype=np.float64)
         discount = 1.0 / np.log2(positions + 1.0)
         precision_at = cum_hits / positions
+        ideal = np.concatenate([[0.0], np.cumsum(discount)])  # ideal DCG of the first j hits
         for k in self.ks:
             kk = min(k, top.shape[1])
             h = cum_hits[:, kk - 1] if kk else np.zeros(len(hits))
@@ -93,7 +94,6 @@ class RankingMetrics:
             self.sums[f"R@{k}"] += float((h / n_true).sum())
             dcg = (hits[:, :kk] * discount[:kk]).sum(axis=1)
             ideal_n = np.minimum(n_true, k).astype(np.int64)
-            ideal = np.concatenate([[0.0], np.cumsum(discount)])
             idcg = ideal[ideal_n]  # min(n_true, k) <= kmax: the list always has kmax slots
             self.sums[f"NDCG@{k}"] += float((dcg / idcg).sum())
             ap = (precision_at[:, :kk] * hits[:, :kk]).sum(axis=1) / np.minimum(n_true, k)
