@@ -11,6 +11,7 @@ Every problem is reported as one :class:`~awe.errors.DataError` naming the file,
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from collections.abc import Iterator
@@ -108,6 +109,8 @@ class Examples:
     exclude: Csr | None = None
     ids: pa.Array | None = None
     task: str | None = None
+    # stage 3: the affinity weights G of every row (label ids with weights), set by awe.affinity
+    affinity: Csr | None = None
 
     def __len__(self) -> int:
         return self.labels.n_rows
@@ -123,11 +126,16 @@ class Examples:
             None if self.exclude is None else self.exclude.take(rows),
             None if self.ids is None else self.ids.take(pa.array(rows)),
             self.task,
+            None if self.affinity is None else self.affinity.take(rows),
         )
 
     def with_labels(self, labels: Csr, exclude: Csr | None) -> Examples:
         return Examples(self.schema, self.dense, self.sparse, labels,
-                        np.zeros(labels.n_rows, dtype=np.int64), exclude, self.ids, self.task)
+                        np.zeros(labels.n_rows, dtype=np.int64), exclude, self.ids, self.task,
+                        self.affinity)
+
+    def with_affinity(self, affinity: Csr) -> Examples:
+        return dataclasses.replace(self, affinity=affinity)
 
 
 # ----------------------------------------------------------------------------- files
