@@ -16,6 +16,19 @@ from pathlib import Path
 from .errors import AweError
 
 
+def cannot_write(path: Path, exc: OSError) -> AweError:
+    """One line for a failed write: what, where and how to fix it."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a directory"
+    fix = ("free some space and run again" if exc.errno == errno.ENOSPC
+           else "check the path and its permissions, or choose another location")
+    return AweError(f"cannot write {path}: {reason} ({fix})")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``."""
@@ -24,7 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise AweError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise cannot_write(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -32,9 +45,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError):
+            raise cannot_write(path, exc) from exc
         raise
 
 
@@ -52,7 +67,7 @@ def read_json(path: str | os.PathLike):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise AweError(f"{path}: missing file") from exc
+        raise AweError(f"{path}: missing file; train the model again") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AweError(f"{path}: not valid JSON ({exc}); the file is damaged, retrain") from exc
 
@@ -61,7 +76,9 @@ FORMAT_VERSION = 1
 CONFIG = "config.json"
 LABELS = "labels.json"
 WSABIE_WEIGHTS = "wsabie.safetensors"
+AWE_WEIGHTS = "awe.safetensors"
 HISTORY = "history.csv"
+AWE_HISTORY = "awe_history.csv"
 METRICS = "metrics.json"
 
 
@@ -112,3 +129,25 @@ def _csv_cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+@contextlib.contextmanager
+def staged(directory: str | os.PathLike) -> Iterator[Path]:
+    """A hidden staging directory inside ``directory``: files written there are moved into
+    ``directory`` only when the block succeeds (config.json last); on failure it is removed."""
+    import shutil
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".staging-", suffix=".tmp", dir=directory))
+    except OSError as exc:
+        raise cannot_write(directory, exc) from exc
+    try:
+        yield stage
+        names = sorted((p.name for p in stage.iterdir() if not p.name.startswith(".")),
+                       key=lambda n: n == CONFIG)
+        for name in names:
+            os.replace(stage / name, directory / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -6,7 +6,14 @@ batches through ``pyarrow.dataset``; memory is bounded by the batch while scanni
 ``labels`` (a list or a scalar, strings or ints), an optional ``exclude`` list (labels never to rank
 for that row) and an optional ``id``. Column names are options (:class:`Columns`).
 
-Every problem is reported as one :class:`~awe.errors.DataError` naming the file, row and column.
+Every problem is reported as one :class:`~awe.errors.DataError` naming the file, row and column
+and saying how to fix it. Files are read row group by row group, so a damaged page is reported
+with the exact rows of its row group; page checksums are verified where the writer stored them.
+
+Labels given as integers to a model whose vocabulary holds strings are compared by their decimal
+text (``7`` matches ``"7"``; a vocabulary read from CSV often holds numbers as strings), and those
+that match nothing are unknown labels, i.e. misses. The reverse, string labels for an integer
+vocabulary, is an error: the text could mean anything.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from .errors import AweError, DataError
 TASKS = ("annotation", "recommendation")
 TASK_METADATA_KEY = b"awe.task"
 DEFAULT_BATCH_ROWS = 65_536
+# Sparse feature ids index rows of U (n_features x D): an id beyond this is a hash or a raw key,
+# not an index, and would ask for an impossible U.
+MAX_FEATURE_ID = 2**31 - 2
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,16 @@ class LabelVocab:
 
     def __init__(self, labels: list):
         self.labels = list(labels)
-        self._array = pa.array(self.labels)
+        kinds = {type(label) for label in self.labels}
+        if not (kinds <= {str} or kinds <= {int}):  # bool is no int here
+            names = ", ".join(sorted(k.__name__ for k in kinds))
+            raise AweError(f"the label vocabulary holds {names}: labels are all strings or all "
+                           f"integers")
+        self._array = pa.array(self.labels, type=pa.int64() if kinds == {int} else pa.string())
         if len(set(self.labels)) != len(self.labels):
-            raise AweError("label vocabulary has duplicates")
+            seen: set = set()
+            dup = next(label for label in self.labels if label in seen or seen.add(label))
+            raise AweError(f"the label vocabulary lists {dup!r} twice")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -77,7 +94,11 @@ class LabelVocab:
         return "int" if pa.types.is_integer(self._array.type) else "string"
 
     def lookup(self, values: pa.Array) -> np.ndarray:
-        """Label ids of ``values``; -1 for labels outside the vocabulary."""
+        """Label ids of ``values``; -1 for labels outside the vocabulary.
+
+        Integers against a string vocabulary are compared by their decimal text; strings against
+        an integer vocabulary are an :class:`AweError`.
+        """
         if len(values) == 0:
             return np.zeros(0, dtype=np.int64)
         values = _coerce_labels(values, self.kind)
@@ -89,12 +110,17 @@ class LabelVocab:
 
 
 def _coerce_labels(values: pa.Array, kind: str) -> pa.Array:
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
     if kind == "int" and not pa.types.is_integer(values.type):
         if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            raise AweError("labels are strings but the model's labels are integers")
-    if kind == "int":
-        return values.cast(pa.int64())
-    return values.cast(pa.string())
+            raise AweError("labels are strings but the model's labels are integers (write them "
+                           "as integers, as in the training data)")
+    try:
+        return values.cast(pa.int64() if kind == "int" else pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise AweError(f"labels of type {values.type} do not fit the model's {kind} labels "
+                       f"({_short(exc)}; write them as {kind}s)") from exc
 
 
 @dataclass
@@ -148,30 +174,46 @@ def resolve_files(path: str | os.PathLike) -> list[Path]:
     if any(ch in text for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(text, recursive=True) if Path(f).is_file())
         if not files:
-            raise AweError(f"{text}: the pattern matches no files")
+            raise AweError(f"{text}: the pattern matches no files (check the path; quote the "
+                           f"pattern so that the shell passes it on unexpanded)")
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*.parquet") if f.is_file()
                        and not f.name.startswith("."))
         if not files:
-            raise AweError(f"{p}: the directory holds no .parquet files")
+            raise AweError(f"{p}: the directory holds no .parquet files (point to the files, "
+                           f"or use a glob such as '{p}/*.pq')")
     elif p.is_file():
         files = [p]
     else:
-        raise DataError("no such file or directory", file=str(p))
+        raise DataError("no such file or directory", file=str(p), hint="check the path")
     return files
+
+
+# Verify page checksums where the writer stored them (pyarrow's write_page_checksum): a damaged
+# page is then an error instead of silently different numbers.
+_PARQUET = pads.ParquetFileFormat(
+    default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+        page_checksum_verification=True))
 
 
 def _open_fragment(file: Path) -> pads.Fragment:
     try:
-        dataset = pads.dataset(str(file), format="parquet")
+        dataset = pads.dataset(str(file), format=_PARQUET)
         return next(iter(dataset.get_fragments()))
     except (pa.ArrowInvalid, pa.ArrowException, OSError, StopIteration) as exc:
-        raise DataError(f"not a readable parquet file ({_short(exc)})", file=str(file),
+        raise DataError(f"not a readable parquet file ({_short(exc, file)})", file=str(file),
                         hint="rewrite it, or remove it from the input") from exc
 
 
-def _short(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+def _short(exc: Exception, file: Path | None = None) -> str:
+    """The gist of a library error on one line; without the file name, which the error names."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    text = text.splitlines()[0]
+    if file is not None and str(file) in text:  # "...from '<file>'...: <reason>"
+        text = text.rsplit(": ", 1)[-1].replace(str(file), "the file")
+    return text[:200]
 
 
 def file_schema(file: Path) -> pa.Schema:
@@ -187,21 +229,40 @@ def read_task(files: list[Path]) -> str | None:
 
 def iter_batches(files: list[Path], columns: list[str], batch_rows: int = DEFAULT_BATCH_ROWS,
                  ) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
-    """Yield (file, first row of the batch within the file, batch) for every record batch."""
+    """Yield (file, first row of the batch within the file, batch) for every record batch.
+
+    Files are read one row group at a time, so that a damaged page is reported with the exact
+    rows of its row group (read-ahead would otherwise blame a later or earlier batch).
+    """
     for file in files:
         fragment = _open_fragment(file)
         present = set(fragment.physical_schema.names)
         wanted = [c for c in columns if c in present]
-        offset = 0
         try:
-            for batch in fragment.to_batches(columns=wanted, batch_size=batch_rows):
-                if batch.num_rows == 0:
-                    continue
-                yield file, offset, batch
-                offset += batch.num_rows
-        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
-            raise DataError(f"cannot read ({_short(exc)})", file=str(file), row=offset,
-                            hint="the file is damaged or truncated") from exc
+            groups = [(g, g.row_groups[0].num_rows) for g in fragment.split_by_row_group()]
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"cannot read the file's metadata ({_short(exc)})", file=str(file),
+                            hint="the file is damaged or truncated; rewrite it") from exc
+        offset = 0
+        for number, (group, n_rows) in enumerate(groups):
+            read = 0
+            try:
+                for batch in group.to_batches(columns=wanted, batch_size=batch_rows):
+                    if batch.num_rows == 0:
+                        continue
+                    yield file, offset + read, batch
+                    read += batch.num_rows
+            except (pa.ArrowException, OSError) as exc:
+                last = offset + max(n_rows, read + 1) - 1
+                raise DataError(f"cannot read rows {offset}..{last} (row group {number}): "
+                                f"{_short(exc)}", file=str(file), row=offset,
+                                hint="the file is damaged or truncated; rewrite it, or remove "
+                                     "it from the input") from exc
+            if read != n_rows:
+                raise DataError(f"row group {number} holds {read} rows, its metadata says "
+                                f"{n_rows}", file=str(file), row=offset,
+                                hint="the file is damaged; rewrite it")
+            offset += n_rows
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -220,13 +281,14 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
     files = resolve_files(path)
     kind = _input_kind(files[0], columns)
     width = 0
+    widths: dict[int, list] = {}  # dense: width -> [rows, file, first row]
     label_kind = None
     uniques: set = set()
     n_rows = 0
     for file, offset, batch in iter_batches(files, _wanted(columns, kind), batch_rows):
         n_rows += batch.num_rows
         if kind == "dense":
-            width = width or _dense_width(batch, columns, file, offset)
+            _count_widths(widths, batch, columns, file, offset)
         else:
             ids = _sparse_ids(batch, columns, file, offset)
             if len(ids.indices):
@@ -237,15 +299,22 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
         this_kind = "int" if pa.types.is_integer(flat.type) else "string"
         if label_kind is not None and len(flat) and this_kind != label_kind:
             raise DataError(f"labels are {this_kind}s here but {label_kind}s in earlier rows",
-                            file=str(file), row=offset, column=columns.labels)
+                            file=str(file), row=offset, column=columns.labels,
+                            hint="use one type for every label")
         if len(flat):
             label_kind = this_kind
             uniques.update(pc.unique(flat).to_pylist())
     if n_rows == 0:
         raise DataError("no rows", file=str(files[0]) if len(files) == 1 else str(path),
-                        hint="the input is empty")
+                        hint="the input is empty; point to files that hold examples")
+    if kind == "dense":
+        width = _common_width(widths, n_rows, columns)
+    elif width == 0:
+        raise DataError("no feature ids in any row", file=str(path), column=columns.feature_ids,
+                        hint="every example needs features; check the column")
     if not uniques:
-        raise DataError("no labels in any row", file=str(path), column=columns.labels)
+        raise DataError("no labels in any row", file=str(path), column=columns.labels,
+                        hint="name the label column with --labels-col")
     return ScanResult(InputSchema(kind, width, columns), LabelVocab(sorted(uniques)), n_rows,
                       read_task(files))
 
@@ -258,7 +327,8 @@ def _input_kind(file: Path, columns: Columns) -> str:
         return "sparse"
     raise DataError(f"no feature column: expected '{columns.features}' (dense) or "
                     f"'{columns.feature_ids}' (sparse)", file=str(file),
-                    hint="name the column with --features-col / --feature-ids-col")
+                    hint=f"columns present: {', '.join(names) or 'none'}; rename the column, or "
+                         f"name it with --features-col / --feature-ids-col when training")
 
 
 def _wanted(columns: Columns, kind: str) -> list[str]:
@@ -271,11 +341,12 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def _column(batch: pa.RecordBatch, name: str, file: Path, offset: int) -> pa.Array:
+def _column(batch: pa.RecordBatch, name: str, file: Path, offset: int, option: str) -> pa.Array:
     idx = batch.schema.get_field_index(name)
     if idx < 0:
         raise DataError("missing column", file=str(file), column=name,
-                        hint=f"columns present: {', '.join(batch.schema.names)}")
+                        hint=f"columns present: {', '.join(batch.schema.names) or 'none'}; "
+                             f"rename the column, or name it with {option} when training")
     return batch.column(idx)
 
 
@@ -286,12 +357,14 @@ def _first_true(mask: np.ndarray) -> int:
 def _list_parts(arr: pa.Array, name: str, file: Path, offset: int,
                 numeric: str) -> tuple[np.ndarray, np.ndarray]:
     """(lengths per row, flat values as numpy) of a list column; nulls are errors."""
+    want = "list<float32>" if numeric == "float" else "list<int64>"
     if not _is_list(arr.type):
         raise DataError(f"expected a list of {numeric}s, found {arr.type}", file=str(file),
-                        row=offset, column=name)
+                        column=name, hint=f"write the column as {want}")
     if arr.null_count:
         bad = _first_true(arr.is_null().to_numpy(zero_copy_only=False))
-        raise DataError("null value", file=str(file), row=offset + bad, column=name)
+        raise DataError("null value", file=str(file), row=offset + bad, column=name,
+                        hint="fill in or drop the row")
     if pa.types.is_fixed_size_list(arr.type):
         lengths = np.full(len(arr), arr.type.list_size, dtype=np.int64)
         flat = arr.flatten()
@@ -303,46 +376,89 @@ def _list_parts(arr: pa.Array, name: str, file: Path, offset: int,
     ok = pa.types.is_integer(vtype) if numeric == "int" else (
         pa.types.is_floating(vtype) or pa.types.is_integer(vtype))
     if not ok:
-        raise DataError(f"expected {numeric} values, found {vtype}", file=str(file), row=offset,
-                        column=name)
+        raise DataError(f"expected {numeric} values, found {vtype}", file=str(file),
+                        column=name, hint=f"write the column as {want}")
     if flat.null_count:
         flat_null = flat.is_null().to_numpy(zero_copy_only=False)
         row = np.searchsorted(np.cumsum(lengths), _first_true(flat_null), side="right")
-        raise DataError("null inside the list", file=str(file), row=offset + int(row), column=name)
+        raise DataError("null inside the list", file=str(file), row=offset + int(row),
+                        column=name, hint="fill in or drop the row")
     return lengths, flat.to_numpy(zero_copy_only=False)
 
 
-def _dense_width(batch, columns, file, offset) -> int:
-    lengths, _ = _list_parts(_column(batch, columns.features, file, offset), columns.features,
-                             file, offset, "float")
-    if lengths[0] == 0:
-        raise DataError("empty feature list", file=str(file), row=offset, column=columns.features)
-    return int(lengths[0])
+def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> None:
+    """Tally the dense width of every row: width -> [rows, file, first row]."""
+    lengths, _ = _list_parts(_column(batch, columns.features, file, offset, "--features-col"),
+                             columns.features, file, offset, "float")
+    values, first, counts = np.unique(lengths, return_index=True, return_counts=True)
+    for width, row, count in zip(values.tolist(), first.tolist(), counts.tolist(), strict=True):
+        if width in widths:
+            widths[width][0] += count
+        else:
+            widths[width] = [count, file, offset + row]
+
+
+def _common_width(widths: dict[int, list], n_rows: int, columns: Columns) -> int:
+    """The dense width of every row; a row of another width is an error naming the first one.
+
+    When widths differ, the most common one is taken as right (ties: the first seen) and the
+    first row of any other width is reported: the odd row may well be row 0.
+    """
+    seen = list(widths.items())  # in order of first appearance
+    width, (count, _, _) = max(seen, key=lambda item: item[1][0])  # max keeps the first of ties
+    odd = [(w, info) for w, info in seen if w != width]
+    if odd:
+        bad, (_, file, row) = odd[0]
+        raise DataError(f"has {bad} features but {count} of {n_rows} rows have {width}",
+                        file=str(file), row=row, column=columns.features,
+                        hint="every row needs the same number of features; fix or drop the row")
+    if width == 0:
+        _, file, row = widths[0]
+        raise DataError("empty feature list", file=str(file), row=row, column=columns.features,
+                        hint="every row needs the same number (> 0) of features")
+    return width
 
 
 def _sparse_ids(batch, columns, file, offset) -> Csr:
-    lengths, ids = _list_parts(_column(batch, columns.feature_ids, file, offset),
-                               columns.feature_ids, file, offset, "int")
+    lengths, ids = _list_parts(_column(batch, columns.feature_ids, file, offset,
+                                       "--feature-ids-col"), columns.feature_ids, file, offset,
+                               "int")
+    if len(ids) and ids.max() > MAX_FEATURE_ID:  # before the cast: uint64 would wrap
+        bad = _first_true(ids > MAX_FEATURE_ID)
+        row = np.searchsorted(np.cumsum(lengths), bad, side="right")
+        raise DataError(f"feature id {ids[bad]} is too large (at most {MAX_FEATURE_ID})",
+                        file=str(file), row=offset + int(row), column=columns.feature_ids,
+                        hint="feature ids index the model's rows: remap them to 0..n-1")
     ids = ids.astype(np.int64, copy=False)
     if len(ids) and ids.min() < 0:
         row = np.searchsorted(np.cumsum(lengths), _first_true(ids < 0), side="right")
         raise DataError("negative feature id", file=str(file), row=offset + int(row),
-                        column=columns.feature_ids)
+                        column=columns.feature_ids, hint="feature ids are 0..n-1")
     return Csr.from_lengths(lengths, ids)
 
 
 def _label_column(batch, name, file, offset, required: bool) -> pa.Array | None:
     if batch.schema.get_field_index(name) < 0:
         if required:
-            _column(batch, name, file, offset)  # raises the missing-column error
+            _column(batch, name, file, offset, "--labels-col")  # raises: missing column
         return None
     arr = batch.column(batch.schema.get_field_index(name))
     t = arr.type
     inner = t.value_type if _is_list(t) else t
+    if pa.types.is_dictionary(inner):  # e.g. a pandas categorical
+        inner = inner.value_type
+        arr = arr.cast(pa.list_(inner) if _is_list(t) else inner)
+    if pa.types.is_integer(inner) and inner != pa.int64():
+        try:  # one integer type for the vocabulary; uint64 beyond int64 is refused
+            arr = arr.cast(pa.list_(pa.int64()) if _is_list(t) else pa.int64())
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"label does not fit a signed 64-bit integer ({_short(exc)})",
+                            file=str(file), column=name,
+                            hint="use smaller integer labels, or strings") from exc
     if not (pa.types.is_integer(inner) or pa.types.is_string(inner)
             or pa.types.is_large_string(inner) or pa.types.is_null(inner)):
         raise DataError(f"labels must be strings or integers, found {t}", file=str(file),
-                        row=offset, column=name)
+                        column=name, hint="convert the labels to strings or integers")
     return arr
 
 
@@ -361,7 +477,8 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
     kind_here = _input_kind(files[0], cols)
     if kind_here != schema.kind:
         raise DataError(f"the model was trained on {schema.kind} features but this file has "
-                        f"{kind_here} ones", file=str(files[0]))
+                        f"{kind_here} ones", file=str(files[0]),
+                        hint="use a model trained on the same kind of features")
     dense_parts, sparse_parts, label_parts, unknown_parts, exclude_parts, id_parts = (
         [], [], [], [], [], [])
     has_exclude = has_ids = False
@@ -391,7 +508,8 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
             has_ids = True
             id_parts.append(batch.column(batch.schema.get_field_index(cols.id)))
     if not label_parts:
-        raise DataError("no rows", file=str(path), hint="the input is empty")
+        raise DataError("no rows", file=str(path),
+                        hint="the input is empty; point to files that hold examples")
     labels = Csr.concat(label_parts)
     ids = None
     if has_ids and len(id_parts) == len(label_parts):
@@ -413,18 +531,21 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
 
 def _dense_block(batch, schema: InputSchema, file, offset) -> np.ndarray:
     name = schema.columns.features
-    lengths, flat = _list_parts(_column(batch, name, file, offset), name, file, offset, "float")
+    lengths, flat = _list_parts(_column(batch, name, file, offset, "--features-col"), name,
+                                file, offset, "float")
     wrong = lengths != schema.n_features
     if wrong.any():
         row = _first_true(wrong)
         raise DataError(f"has {lengths[row]} features, expected {schema.n_features}",
                         file=str(file), row=offset + row, column=name,
                         hint="every row needs the same width as the training data")
-    x = flat.astype(np.float32, copy=False).reshape(len(lengths), schema.n_features)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: rejected below
+        x = flat.astype(np.float32, copy=False).reshape(len(lengths), schema.n_features)
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         raise DataError("NaN or infinite feature value", file=str(file),
-                        row=offset + _first_true(~finite), column=name)
+                        row=offset + _first_true(~finite), column=name,
+                        hint="replace the value or drop the row")
     return x
 
 
@@ -436,7 +557,8 @@ def _sparse_block(batch, schema: InputSchema, file, offset) -> Csr:
         row = int(ids.row_of_entry()[_first_true(too_big)])
         raise DataError(f"feature id {int(ids.indices[too_big][0])} is out of range "
                         f"(the model knows ids 0..{schema.n_features - 1})", file=str(file),
-                        row=offset + row, column=cols.feature_ids)
+                        row=offset + row, column=cols.feature_ids,
+                        hint="drop ids the training data never had, or retrain with them")
     if batch.schema.get_field_index(cols.feature_values) >= 0:
         lengths, values = _list_parts(batch.column(batch.schema.get_field_index(
             cols.feature_values)), cols.feature_values, file, offset, "float")
@@ -444,13 +566,16 @@ def _sparse_block(batch, schema: InputSchema, file, offset) -> Csr:
         if mismatch.any():
             row = _first_true(mismatch)
             raise DataError(f"{lengths[row]} values for {ids.lengths[row]} feature ids",
-                            file=str(file), row=offset + row, column=cols.feature_values)
-        values = values.astype(np.float32, copy=False)
+                            file=str(file), row=offset + row, column=cols.feature_values,
+                            hint="give one value per id, or no values column (values default "
+                                 "to 1)")
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf: rejected below
+            values = values.astype(np.float32, copy=False)
         bad = ~np.isfinite(values)
         if bad.any():
             row = int(ids.row_of_entry()[_first_true(bad)])
             raise DataError("NaN or infinite feature value", file=str(file), row=offset + row,
-                            column=cols.feature_values)
+                            column=cols.feature_values, hint="replace the value or drop the row")
     else:
         values = np.ones(len(ids.indices), dtype=np.float32)
     return Csr(ids.indptr, ids.indices, values)
@@ -494,4 +619,4 @@ def write_table(path: Path, table: pa.Table, metadata: dict[bytes, bytes] | None
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)

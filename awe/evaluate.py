@@ -38,9 +38,13 @@ def mask_excluded(scores: torch.Tensor, exclude: Csr | None) -> torch.Tensor:
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k label ids and scores per row, ties broken by lower label id.
 
-    Returns (ids [B, k] int64, scores [B, k]); when fewer than k labels have a finite score the
-    remaining slots hold id -1 and score -inf.
+    Returns (ids [B, k] int64, scores [B, k]); when fewer than k labels have a score above -inf
+    the remaining slots hold id -1 and score -inf. NaN scores rank last: they count as -inf
+    (never chosen, never a hit), whatever produced them (an overflow, a damaged model).
     """
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        scores = scores.masked_fill(nan, float("-inf"))
     n_rows, n_labels = scores.shape
     k_eff = min(k, n_labels)
     kth = torch.topk(scores, k_eff, dim=1).values[:, -1:]
@@ -124,28 +128,24 @@ def evaluate(score_rows: ScoreFn, examples: Examples, ks: Sequence[int],
     return metrics.result()
 
 
-EVAL_ROWS = ("wsabie",)
-
-
-def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] = EVAL_ROWS,
-                   threads: int | None = None, batch_rows: int = 2048,
+def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] | None = None,
+                   threads: int | None = None, batch_rows: int = 2048, train_path=None,
                    ) -> dict[str, dict[str, float]]:
-    """Metrics of each requested row of the paper's table on ``test_path``: {row: {metric: v}}."""
-    from .data import load_examples
-    from .errors import AweError
-    from .model import batch_inputs, load_wsabie
+    """Metrics of each row of the paper's table on ``test_path``: {row: {metric: value}}.
 
-    unknown = [r for r in rows if r not in EVAL_ROWS]
-    if unknown:
-        raise AweError(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(EVAL_ROWS)}")
+    ``rows`` default to every row the model directory supports (see ``awe.score.ROWS``).
+    """
+    from .data import load_examples
+    from .score import Predictor
+
     if threads:
         torch.set_num_threads(threads)
-    saved = load_wsabie(model_dir)
-    test = load_examples(test_path, saved.schema, saved.vocab, require_labels=False)
-    model = saved.model
-
-    def wsabie_scores(examples: Examples, batch: np.ndarray) -> torch.Tensor:
-        return model.all_scores(model.embed(batch_inputs(examples, batch)))
-
-    scorers = {"wsabie": wsabie_scores}
-    return {row: evaluate(scorers[row], test, ks, batch_rows) for row in rows}
+    predictor = Predictor(model_dir, train_path=train_path)
+    rows = list(rows) if rows else predictor.available()
+    predictor.check_rows(rows)
+    test = load_examples(test_path, predictor.schema, predictor.vocab, require_labels=False)
+    results = {}
+    for row in rows:
+        results[row] = evaluate(lambda ex, b, row=row: predictor.scores(ex, b, row), test, ks,
+                                batch_rows)
+    return results

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .csr import Csr
 from .data import Examples, InputSchema, LabelVocab
 from .errors import AweError
 
@@ -98,6 +99,13 @@ class Wsabie(nn.Module):
             return self.U(x.ids, x.offsets, per_sample_weights=x.weights)
         return self.U(x.dense)
 
+    def bind(self, examples: Examples) -> None:
+        """Make ``rows`` arguments refer to rows of ``examples`` (stage 3 looks up their G)."""
+
+    def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """A fixed per-pair multiplier of the score (stage 3's G + b); None: 1."""
+        return None
+
     def pair_scores(self, e: torch.Tensor, labels: torch.Tensor,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
         """f of each row of ``e`` against ``labels`` ([B] or [B, K]); ``rows`` serves subclasses."""
@@ -154,6 +162,129 @@ class Wsabie(nn.Module):
         self.V.weight.copy_(v)
 
 
+class AffinityWsabie(Wsabie):
+    """Stage 3 (AWE): f(x, y) = (G(x, y) + b) * ((x U') . V'_y + beta_y), G fixed from stage 2.
+
+    ``beta`` (``label_bias``, optional) is a learned per-label offset of the embedding score;
+    None keeps the paper's model. ``rows`` arguments index the examples last passed to
+    :meth:`bind`, whose ``affinity`` holds G.
+    """
+
+    def __init__(self, shape: ModelShape, bias: float = 0.0, init_scale: float = 0.1,
+                 generator: torch.Generator | None = None, label_bias: float | None = None):
+        super().__init__(shape, init_scale, generator)
+        self.bias = float(bias)
+        self.label_bias = None
+        if label_bias is not None:
+            self.label_bias = nn.Parameter(torch.full((shape.n_labels,), float(label_bias)))
+        self._table: AffinityTable | None = None
+
+    def bind(self, examples: Examples) -> None:
+        if examples.affinity is None or examples.affinity.n_rows != len(examples):
+            raise AweError("stage 3 needs the affinity weights G of every row: run "
+                           "`awe build-g` before `awe retrain`")
+        self._table = AffinityTable(examples.affinity, self.shape.n_labels,
+                                    self.V.weight.device)
+
+    def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if labels.dim() == 2:
+            rows = rows.unsqueeze(1).expand_as(labels)
+        return self._table.lookup(rows, labels) + self.bias
+
+    def pair_scores(self, e: torch.Tensor, labels: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        base = super().pair_scores(e, labels)
+        if self.label_bias is not None:
+            base = base + self.label_bias[labels]
+        return base * self.pair_weight(labels, rows)
+
+    def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return awe_ranking_scores(self._table.dense_rows(rows) + self.bias,
+                                  self.all_scores_plain(e))
+
+    def all_scores_plain(self, e: torch.Tensor) -> torch.Tensor:
+        """(x U') . V'_y + beta_y for every label, before the G weighting: [B, L]."""
+        base = super().all_scores(e)
+        return base if self.label_bias is None else base + self.label_bias
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().state_tensors()
+        if self.label_bias is not None:
+            tensors["label_bias"] = self.label_bias.detach().contiguous().cpu()
+        return tensors
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_tensors(tensors)
+        if self.label_bias is not None and "label_bias" in tensors:
+            if tuple(tensors["label_bias"].shape) != (self.shape.n_labels,):
+                raise ValueError(f"label_bias has shape {tuple(tensors['label_bias'].shape)}, "
+                                 f"expected ({self.shape.n_labels},)")
+            self.label_bias.copy_(tensors["label_bias"])
+
+
+def awe_ranking_scores(weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Scores that rank labels by f = weight * base, the labels with weight 0 last.
+
+    With b = 0 a label no neighbour carries has f = 0 whatever the model, so it is no candidate:
+    it would otherwise outrank every candidate with a negative base score. Those labels follow
+    the candidates in the order of their base (stage-3 embedding) score.
+    """
+    f = weight * base
+    candidate = weight != 0
+    if bool(candidate.all()):
+        return f
+    lowest = torch.where(candidate, f, torch.inf).amin(1, keepdim=True)
+    lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
+    return torch.where(candidate, f, base - base.amax(1, keepdim=True) + lowest - 1)
+
+
+class AffinityTable:
+    """G of a set of rows, looked up per (row, label) pair in one vectorised call.
+
+    A dense rows x labels matrix while it is small, else sorted keys row * L + label with their
+    weights, searched with ``searchsorted`` (absent pairs weigh 0).
+    """
+
+    DENSE_LIMIT = 1 << 25  # floats of dense G we are glad to hold (128 MiB)
+
+    def __init__(self, g: Csr, n_labels: int, device: torch.device | str = "cpu"):
+        self.n_labels = n_labels
+        self.g = g
+        rows = torch.from_numpy(g.row_of_entry())
+        ids = torch.from_numpy(g.indices)
+        values = torch.from_numpy(g.values.astype(np.float32))
+        if g.n_rows * n_labels <= self.DENSE_LIMIT:
+            self.dense = torch.zeros(g.n_rows, n_labels)
+            self.dense[rows, ids] = values
+            self.dense = self.dense.to(device)
+            self.keys = self.values = None
+        else:
+            self.dense = None
+            self.keys = torch.from_numpy(g.keys(n_labels)).to(device)
+            self.values = values.to(device)
+        self.device = device
+
+    def lookup(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """G at (rows[i], labels[i]), any matching shapes."""
+        if self.dense is not None:
+            return torch.take(self.dense, rows * self.n_labels + labels)
+        if self.keys.numel() == 0:
+            return torch.zeros(labels.shape, device=labels.device)
+        keys = rows * self.n_labels + labels
+        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[pos] == keys, self.values[pos], 0.0)
+
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense.index_select(0, rows)
+        part = self.g.take(rows.cpu().numpy())
+        out = torch.zeros(len(rows), self.n_labels)
+        out[torch.from_numpy(part.row_of_entry()), torch.from_numpy(part.indices)] = (
+            torch.from_numpy(part.values.astype(np.float32)))
+        return out.to(rows.device)
+
+
 def _renorm_rows(weight: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:
     if rows is None or rows.numel() == 0:
         return
@@ -180,7 +311,6 @@ def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab
                 train_config: dict, extra: dict | None = None) -> list[Path]:
     """Write labels.json, wsabie.safetensors and config.json (last: it marks the model complete)."""
     model_dir = Path(model_dir)
-    artifacts.write_json(model_dir / artifacts.LABELS, vocab.labels)
     config = {
         "format_version": artifacts.FORMAT_VERSION,
         "schema": schema.to_dict(),
@@ -192,9 +322,11 @@ def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab
     }
     fingerprint = config_fingerprint(config["stage1"])
     config["stage1"]["fingerprint"] = fingerprint
-    artifacts.write_tensors(model_dir / artifacts.WSABIE_WEIGHTS, model.state_tensors(),
-                            {"fingerprint": fingerprint})
-    artifacts.write_json(model_dir / artifacts.CONFIG, config)
+    with artifacts.staged(model_dir) as stage:
+        artifacts.write_json(stage / artifacts.LABELS, vocab.labels)
+        artifacts.write_tensors(stage / artifacts.WSABIE_WEIGHTS, model.state_tensors(),
+                                {"fingerprint": fingerprint})
+        artifacts.write_json(stage / artifacts.CONFIG, config)
     return [model_dir / artifacts.LABELS, model_dir / artifacts.WSABIE_WEIGHTS,
             model_dir / artifacts.CONFIG]
 
@@ -209,6 +341,9 @@ def load_wsabie(model_dir: str | Path) -> SavedModel:
     if not model_dir.is_dir():
         raise AweError(f"{model_dir}: no such model directory; train one with `awe train`")
     config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    if not isinstance(config, dict):
+        raise AweError(f"{model_dir / artifacts.CONFIG}: incomplete or damaged (not a JSON "
+                       f"object); retrain")
     try:
         version = int(config.get("format_version", 0))
         if version > artifacts.FORMAT_VERSION:
@@ -218,7 +353,10 @@ def load_wsabie(model_dir: str | Path) -> SavedModel:
         labels = artifacts.read_json(model_dir / artifacts.LABELS)
         if not isinstance(labels, list) or len(labels) != shape.n_labels:
             raise AweError(f"{model_dir / artifacts.LABELS}: expected {shape.n_labels} labels")
-        vocab = LabelVocab(labels)
+        try:
+            vocab = LabelVocab(labels)
+        except AweError as exc:
+            raise AweError(f"{model_dir / artifacts.LABELS}: {exc}; train the model again") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise AweError(f"{model_dir / artifacts.CONFIG}: incomplete or damaged ({exc})") from exc
     model = Wsabie(shape)
@@ -228,3 +366,51 @@ def load_wsabie(model_dir: str | Path) -> SavedModel:
         raise AweError(f"{model_dir / artifacts.WSABIE_WEIGHTS}: {exc}") from exc
     model.eval()
     return SavedModel(model, schema, vocab, config)
+
+
+def save_awe(model_dir: str | Path, model: AffinityWsabie, train_config: dict, extra: dict,
+             ) -> list[Path]:
+    """Write awe.safetensors, then the stage3 section of config.json (which marks it complete)."""
+    model_dir = Path(model_dir)
+    config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    section = {"model": asdict(model.shape), "bias": model.bias,
+               "label_bias": model.label_bias is not None, "train": train_config,
+               "stage2_fingerprint": config["stage2"]["fingerprint"], **extra}
+    section["fingerprint"] = config_fingerprint(section)
+    artifacts.write_tensors(model_dir / artifacts.AWE_WEIGHTS, model.state_tensors(),
+                            {"fingerprint": section["fingerprint"]})
+    config["stage3"] = section
+    artifacts.write_json(model_dir / artifacts.CONFIG, config)
+    return [model_dir / artifacts.AWE_WEIGHTS, model_dir / artifacts.CONFIG]
+
+
+def load_awe(model_dir: str | Path, config: dict) -> AffinityWsabie:
+    """The stage-3 model of a directory (G is bound later, per set of rows)."""
+    model_dir = Path(model_dir)
+    section = config.get("stage3")
+    if section is None:
+        raise AweError(f"{model_dir}: no stage-3 (AWE) model; run `awe build-g` and "
+                       f"`awe retrain` first")
+    if section.get("stage2_fingerprint") != config.get("stage2", {}).get("fingerprint"):
+        raise AweError(f"{model_dir}: the AWE model was trained on another G; run `awe retrain`")
+    try:
+        model = AffinityWsabie(ModelShape(**section["model"]), float(section["bias"]),
+                               label_bias=0.0 if section.get("label_bias") else None)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AweError(f"{model_dir / artifacts.CONFIG}: the stage3 section is damaged ({exc}); "
+                       f"run `awe retrain` again") from exc
+    path = model_dir / artifacts.AWE_WEIGHTS
+    from safetensors import safe_open
+
+    tensors = artifacts.read_tensors(path)
+    with safe_open(str(path), "pt") as fh:
+        fingerprint = (fh.metadata() or {}).get("fingerprint")
+    if fingerprint != section.get("fingerprint"):
+        raise AweError(f"{path}: does not match config.json (an interrupted run?); run "
+                       f"`awe retrain` again")
+    try:
+        model.load_tensors(tensors)
+    except (KeyError, ValueError) as exc:
+        raise AweError(f"{path}: {exc}") from exc
+    model.eval()
+    return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
     config = config.resolved(train.task, resolve_device(config.device))
     device = torch.device(config.device)
     model.to(device)
+    model.bind(train)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     n_labels = model.shape.n_labels
     optimizer = _optimizer(model, config)
@@ -143,6 +145,11 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
 
     pair_rows = train.labels.row_of_entry()
     pair_labels = train.labels.indices
+    weight = model.pair_weight(torch.from_numpy(pair_labels).to(device),
+                               torch.from_numpy(pair_rows).to(device))
+    if weight is not None:  # stage 3: a positive of weight 0 scores 0 whatever the model
+        learnable = (weight != 0).cpu().numpy()
+        pair_rows, pair_labels = pair_rows[learnable], pair_labels[learnable]
     positive_set = PositiveSet(train.labels, n_labels, device)
     draw = uniform_draws(n_labels, generator, device)
     n_negatives_of_row = torch.from_numpy(n_labels - train.labels.lengths).to(device)
@@ -205,8 +212,10 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
             row = {"epoch": epoch, "loss": loss_sum / n_pairs, "violating": violators / n_pairs,
                    "seconds": time.perf_counter() - t0}
             if valid is not None and len(valid):
+                model.bind(valid)
                 metrics = evaluate(lambda ex, r: scores_for_rows(model, ex, r, device), valid,
                                    sorted({*HISTORY_KS, config.selection_k}))
+                model.bind(train)
                 row.update({f"valid_{k}": v for k, v in metrics.items() if k.startswith("P@")})
                 score = metrics[f"P@{config.selection_k}"]
                 if score > best_score:
@@ -323,6 +332,38 @@ def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
 
 
 
+def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: TrainConfig,
+                 valid: Examples | None = None, progress: bool = False,
+                 ) -> tuple[Wsabie, FitResult, Examples, Examples | None]:
+    """Train a fresh model, picking the epoch on ``valid`` or on a held-out fraction.
+
+    With ``config.valid_fraction`` (and no ``valid``) the held-out part picks the epoch, then a
+    new model learns from every row for that many epochs (``refit``). Returns the model, the
+    result, and the rows it trained and validated on.
+    """
+    all_rows = train
+    if valid is None and config.valid_fraction > 0:
+        train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
+    torch.manual_seed(config.seed)
+    model = new_model()
+    result = fit(model, train, config, valid, progress=progress)
+    if config.refit and all_rows is not train:
+        model = new_model()
+        refit = fit(model, all_rows, replace(config, epochs=result.best_epoch), None,
+                    progress=progress)
+        for row in refit.history:
+            row["phase"] = "refit"
+        result = FitResult(result.history + refit.history, result.best_epoch,
+                           result.best_metrics, result.seconds + refit.seconds)
+    return model, result, train, valid
+
+
+def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None) -> dict:
+    return {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
+            "train_rows": len(train), "valid_rows": len(valid) if valid else 0,
+            "valid": result.best_metrics}
+
+
 def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
                  valid_path=None, columns: Columns | None = None, progress: bool = False,
                  ) -> tuple[FitResult, list]:
@@ -332,31 +373,103 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
     if config.threads:
         torch.set_num_threads(config.threads)
     train = load_examples(train_path, found.schema, found.vocab, task=config.task)
-    all_rows, valid = train, None
+    valid = None
     if valid_path is not None:
         valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
-    elif config.valid_fraction > 0:
-        train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
-    torch.manual_seed(config.seed)
     shape = ModelShape(found.schema.n_features, len(found.vocab), config.dim,
                        found.schema.kind == "sparse")
-    model = Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed))
-    result = fit(model, train, config, valid, progress=progress)
-    if config.refit and valid_path is None and config.valid_fraction > 0:
-        # the held-out part picked the epoch; now learn from every row for that many epochs
-        model = Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed))
-        refit = fit(model, all_rows, replace(config, epochs=result.best_epoch), None,
-                    progress=progress)
-        for row in refit.history:
-            row["phase"] = "refit"
-        result = FitResult(result.history + refit.history, result.best_epoch,
-                           result.best_metrics, result.seconds + refit.seconds)
+    model, result, train, valid = fit_selected(
+        lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed)),
+        train, config, valid, progress)
     written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
     history_path = Path(model_dir) / artifacts.HISTORY
     artifacts.write_csv(history_path, result.history)
     metrics_path = Path(model_dir) / artifacts.METRICS
-    metrics = {"wsabie": {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
-                          "train_rows": len(train), "valid_rows": len(valid) if valid else 0,
-                          "valid": result.best_metrics}}
-    artifacts.write_json(metrics_path, metrics)
+    artifacts.write_json(metrics_path, {"wsabie": _stage_metrics(result, train, valid)})
     return result, [*written, history_path, metrics_path]
+
+
+INITS = ("wsabie", "random")
+
+
+def retrain_awe(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
+                init: str = "wsabie", rounds: int = 1, label_bias: float | None = None,
+                valid_path=None, progress: bool = False) -> tuple[FitResult, list]:
+    """Stage 3 (``awe retrain``): f = (G + b) * (x U') . V'_y with the same loop as stage 1.
+
+    U', V' start from stage 1 (``init="wsabie"``) or at random. ``rounds`` > 1 repeats
+    build-g -> retrain, each time building G from the newest U' (the paper's step 4).
+    """
+    from .affinity import Affinity, build_affinity, write_stage2
+    from .model import AffinityWsabie, load_wsabie, save_awe
+
+    if init not in INITS:
+        raise AweError(f"--init must be one of {', '.join(INITS)}")
+    if rounds < 1:
+        raise AweError("--rounds must be >= 1")
+    model_dir = Path(model_dir)
+    saved = load_wsabie(model_dir)
+    if "stage2" not in saved.config:
+        raise AweError(f"{model_dir}: no affinity weights G; run `awe build-g` first")
+    task = saved.config["stage1"]["train"].get("task")
+    config = config.resolved(task, resolve_device(config.device))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    affinity, g_train = Affinity.load(model_dir, saved.config["stage2"], with_train_g=True)
+    train = load_examples(train_path, saved.schema, saved.vocab, task=task)
+    _check_same_rows(train, affinity, train_path, model_dir)
+    valid = None
+    if valid_path is not None:
+        valid = load_examples(valid_path, saved.schema, saved.vocab, require_labels=False)
+    shape = saved.model.shape
+    bias = affinity.config.bias
+    start = saved.model
+    history: list[dict] = []
+    written: list[Path] = []
+    metrics: dict = {}
+    for round_no in range(1, rounds + 1):
+        if round_no > 1:  # G from the newest embedding U'
+            affinity, g_train, stats = build_affinity(
+                train, len(saved.vocab), affinity.config, start.u_matrix().detach().clone(),
+                start.v_matrix().detach().clone())
+            written += write_stage2(model_dir, affinity, g_train, stats,
+                                    saved.config["stage2"].get("train_path", str(train_path)),
+                                    f"awe round {round_no - 1}")
+        train_g = train.with_affinity(g_train)
+        valid_g = None if valid is None else valid.with_affinity(
+            affinity.examples_affinity(valid))
+
+        def new_model(start=start):
+            model = AffinityWsabie(shape, bias, config.init_scale,
+                                   torch.Generator().manual_seed(config.seed), label_bias)
+            if init == "wsabie":
+                model.load_tensors(start.state_tensors())
+            return model
+
+        model, result, fitted, validated = fit_selected(new_model, train_g, config, valid_g,
+                                                        progress)
+        for row in result.history:
+            row["round"] = round_no
+        history += result.history
+        written += save_awe(model_dir, model, config.to_dict(),
+                            {"init": init, "rounds": rounds, "round": round_no,
+                             "label_bias_init": label_bias})
+        metrics = _stage_metrics(result, fitted, validated)
+        start = model
+    history_path = model_dir / artifacts.AWE_HISTORY
+    artifacts.write_csv(history_path, history)
+    metrics_path = model_dir / artifacts.METRICS
+    all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
+    all_metrics["awe"] = {**metrics, "rounds": rounds}
+    artifacts.write_json(metrics_path, all_metrics)
+    return result, sorted(set(written + [history_path, metrics_path]))
+
+
+def _check_same_rows(train: Examples, affinity, train_path, model_dir) -> None:
+    from .affinity import labels_digest
+
+    if len(train) != affinity.index.n_rows or labels_digest(train.labels) != labels_digest(
+            affinity.train_labels):
+        raise AweError(f"{train_path}: not the training data G was built on in {model_dir} "
+                       f"({len(train)} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
+                       f"`awe build-g` and `awe retrain`")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,7 +39,8 @@ def user_errors():
     except AweError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted; files already written are complete")
@@ -89,63 +92,163 @@ def data(
         _wrote(paths)
 
 
+# Options shared by the two training stages (train, retrain): name -> annotated type.
+_TRAIN_OPTIONS = {
+    "valid": Annotated[str | None, typer.Option(help="Validation parquet (else "
+                                                     "--valid-fraction).")],
+    "valid_fraction": Annotated[float, typer.Option(
+        help="Hold out this fraction for validation: whole rows (annotation) or a fraction of "
+             "each row's labels (recommendation).")],
+    "epochs": Annotated[int | None, typer.Option(help="Maximum epochs.")],
+    "lr": Annotated[float | None, typer.Option(help="Learning rate.")],
+    "negatives": Annotated[int | None, typer.Option(
+        help="WARP sampling budget K: negatives drawn per positive at most.")],
+    "margin": Annotated[float | None, typer.Option(help="WARP margin.")],
+    "max_norm": Annotated[float | None, typer.Option(help="Project rows of U, V to norm <= C.")],
+    "weight_decay": Annotated[float | None, typer.Option(help="L2 on touched rows.")],
+    "rank_weight": Annotated[str | None, typer.Option(help="harmonic (paper) | log (LightFM).")],
+    "optimizer": Annotated[str | None, typer.Option(help="adagrad | sgd.")],
+    "batch_size": Annotated[int | None, typer.Option(help="Positive pairs per step.")],
+    "patience": Annotated[int | None, typer.Option(help="Early stopping patience (epochs).")],
+    "valid_k": Annotated[int | None, typer.Option(help="Pick the best epoch by valid P@k.")],
+    "seed": Annotated[int | None, typer.Option(help="Random seed.")],
+    "threads": Annotated[int | None, typer.Option(help="CPU threads for torch.")],
+    "device": Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if "
+                                                      "available).")],
+    "quiet": Annotated[bool, typer.Option(help="No progress display.")],
+}
+_TRAIN_DEFAULTS = {"valid_fraction": 0.1, "quiet": False}
+
+
+def training_options(command):
+    """Add the shared training options to a command; it receives them as ``train_options``."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "train_options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                default=_TRAIN_DEFAULTS.get(name))
+              for name, annotation in _TRAIN_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        options = {name: kwargs.pop(name) for name in _TRAIN_OPTIONS}
+        return command(**kwargs, train_options=options)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    return wrapper
+
+
+def _train_config(options: dict, **more):
+    from awe.train import TrainConfig, with_overrides
+
+    settings = {k: v for k, v in options.items() if k not in ("valid", "quiet")}
+    if options["valid"]:
+        settings["valid_fraction"] = 0.0
+    return with_overrides(TrainConfig(), **settings, **more)
+
+
+def _fit_summary(result) -> None:
+    best = result.best_metrics
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("P@"))
+    out.print(f"best epoch {result.best_epoch} ({result.seconds:.1f}s)"
+              + (f": valid {summary}" if summary else ""), highlight=False)
+
+
 @app.command()
+@training_options
 def train(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN",
                                               help="Parquet file, directory or glob.")],
     model: Annotated[Path, typer.Option(help="Model directory to write.")],
-    valid: Annotated[str | None, typer.Option(help="Validation parquet (else --valid-fraction)."
-                                              )] = None,
-    valid_fraction: Annotated[float, typer.Option(
-        help="Hold out this fraction for validation: whole rows (annotation) or a fraction of "
-             "each row's labels (recommendation).")] = 0.1,
     task: Annotated[str | None, typer.Option(
         help="annotation | recommendation (default: recorded by `awe data`, else annotation).")]
         = None,
     dim: Annotated[int | None, typer.Option(help="Embedding dimension D.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    negatives: Annotated[int | None, typer.Option(
-        help="WARP sampling budget K: negatives drawn per positive at most.")] = None,
-    margin: Annotated[float | None, typer.Option(help="WARP margin.")] = None,
-    max_norm: Annotated[float | None, typer.Option(help="Project rows of U, V to norm <= C.")]
-        = None,
-    weight_decay: Annotated[float | None, typer.Option(help="L2 on touched rows.")] = None,
-    rank_weight: Annotated[str | None, typer.Option(help="harmonic (paper) | log (LightFM).")]
-        = None,
-    optimizer: Annotated[str | None, typer.Option(help="adagrad | sgd.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Positive pairs per step.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early stopping patience (epochs).")]
-        = None,
-    valid_k: Annotated[int | None, typer.Option(help="Pick the best epoch by valid P@k.")]
-        = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if available).")]
-        = None,
     features_col: ColumnOpt = "features", feature_ids_col: ColumnOpt = "feature_ids",
     feature_values_col: ColumnOpt = "feature_values", labels_col: ColumnOpt = "labels",
     exclude_col: ColumnOpt = "exclude", id_col: ColumnOpt = "id",
-    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+    train_options: dict | None = None,
 ) -> None:
     """Stage 1: train a Wsabie embedding with WARP; writes the model directory."""
-    from awe.train import TrainConfig, train_wsabie, with_overrides
+    from awe.train import train_wsabie
 
     with user_errors():
-        config = with_overrides(
-            TrainConfig(), dim=dim, epochs=epochs, lr=lr, negatives=negatives, margin=margin,
-            max_norm=max_norm, weight_decay=weight_decay, rank_weight=rank_weight,
-            optimizer=optimizer, batch_size=batch_size, patience=patience, valid_k=valid_k,
-            seed=seed, threads=threads, device=device, task=task,
-            valid_fraction=0.0 if valid else valid_fraction)
+        config = _train_config(train_options, dim=dim, task=task)
         result, paths = train_wsabie(
-            train_path, model, config, valid_path=valid, progress=not quiet,
+            train_path, model, config, valid_path=train_options["valid"],
+            progress=not train_options["quiet"],
             columns=_columns(features_col, feature_ids_col, feature_values_col, labels_col,
                              exclude_col, id_col))
-        best = result.best_metrics
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("P@"))
-        out.print(f"best epoch {result.best_epoch} ({result.seconds:.1f}s)"
-                  + (f": valid {summary}" if summary else ""), highlight=False)
+        _fit_summary(result)
+        _wrote(paths)
+
+
+@app.command("build-g")
+def build_g(
+    train_path: Annotated[str, typer.Argument(metavar="TRAIN", help="The training parquet of "
+                                                                    "stage 1.")],
+    model: Annotated[Path, typer.Option(help="Model directory (from `awe train`).")],
+    neighbors: Annotated[int, typer.Option(help="Neighbours per row (n).")] = 20,
+    kernel: Annotated[str, typer.Option(
+        help="gaussian | embedded-gaussian | cosine | dot | uniform.")] = "gaussian",
+    lam: Annotated[float | None, typer.Option(
+        "--lambda", help="Gaussian scale (default: 1 / median squared neighbour distance).")]
+        = None,
+    aggregate: Annotated[str, typer.Option(help="sum | max over neighbours.")] = "sum",
+    bias: Annotated[float, typer.Option(help="b in f = (G + b) (xU').V'_y: weight of labels "
+                                             "no neighbour carries.")] = 0.0,
+    space: Annotated[str, typer.Option(help="wsabie (x U) | input (x itself, G_orig).")]
+        = "wsabie",
+    label_kernel: Annotated[str, typer.Option(
+        help="exact | embedding: exp(-lambda_y |V y - V y_i|^2) instead of the label match.")]
+        = "exact",
+    label_lambda: Annotated[float | None, typer.Option(help="lambda_y of --label-kernel "
+                                                            "embedding.")] = None,
+    label_top: Annotated[int, typer.Option(help="Labels kept per row with --label-kernel "
+                                                "embedding.")] = 64,
+    index: Annotated[str, typer.Option(help="auto | flat | ivf | hnsw.")] = "auto",
+    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
+    ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (IVF clustering).")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for FAISS.")] = None,
+) -> None:
+    """Stage 2: find every training row's neighbours with FAISS and build G."""
+    from awe.affinity import AffinityConfig
+    from awe.affinity import build_g as build_g_lib
+
+    with user_errors():
+        config = AffinityConfig(neighbors=neighbors, kernel=kernel, lam=lam, aggregate=aggregate,
+                                bias=bias, space=space, label_kernel=label_kernel,
+                                label_lambda=label_lambda, label_top=label_top, index=index,
+                                nprobe=nprobe, ef_search=ef_search, seed=seed, threads=threads)
+        stats, paths = build_g_lib(train_path, model, config)
+        out.print(f"G over {stats['rows']} rows: {stats['index']} index, recall@{neighbors} "
+                  f"{stats['recall@n']:.4f}, lambda {stats['lambda']:.4g}, "
+                  f"{stats['labels_per_row']} labels per row "
+                  f"({stats['index_seconds'] + stats['search_seconds'] + stats['g_seconds']:.1f}s)",
+                  highlight=False)
+        _wrote(paths)
+
+
+@app.command()
+@training_options
+def retrain(
+    train_path: Annotated[str, typer.Argument(metavar="TRAIN", help="The training parquet G "
+                                                                    "was built on.")],
+    model: Annotated[Path, typer.Option(help="Model directory (after `awe build-g`).")],
+    init: Annotated[str, typer.Option(help="wsabie (start from stage 1) | random.")] = "wsabie",
+    rounds: Annotated[int, typer.Option(help="Repeat build-g -> retrain from the newest "
+                                             "model.")] = 1,
+    train_options: dict | None = None,
+) -> None:
+    """Stage 3: retrain f = (G + b) (x U').V'_y with WARP; writes awe.safetensors."""
+    from awe.train import retrain_awe
+
+    with user_errors():
+        config = _train_config(train_options)
+        result, paths = retrain_awe(train_path, model, config, init=init, rounds=rounds,
+                                    valid_path=train_options["valid"],
+                                    progress=not train_options["quiet"])
+        _fit_summary(result)
         _wrote(paths)
 
 
@@ -157,8 +260,12 @@ def eval_(
     k: Annotated[str, typer.Option(help="Comma-separated cut-offs.")] = "1,3,5,10",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")]
         = None,
-    rows: Annotated[str, typer.Option(help="Comma-separated rows of the table: wsabie.")]
-        = "wsabie",
+    rows: Annotated[str | None, typer.Option(
+        help="Comma-separated rows of the table: knn-input, knn-wsabie, wsabie, awe (default: "
+             "all the model has).")] = None,
+    train: Annotated[str | None, typer.Option(
+        "--train", help="Training parquet for the knn-input row (default: the one given to "
+                        "build-g).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
     """Evaluate P@k, R@k, NDCG@k and MAP@k on a test set."""
@@ -170,7 +277,8 @@ def eval_(
             ks = parse_ks(k)
         except ValueError as exc:
             raise AweError(f"--k {k!r}: {exc}") from None
-        results = evaluate_model(model, test_path, ks, rows=rows.split(","), threads=threads)
+        results = evaluate_model(model, test_path, ks, rows=rows.split(",") if rows else None,
+                                 threads=threads, train_path=train)
         out.print(metrics_table(results, title=str(test_path)))
         if json_path is not None:
             artifacts.write_json(json_path, results)

@@ -1,0 +1,475 @@
+"""Stage 2: the affinity weights G(x, y) from the labels of x's nearest training neighbours.
+
+    G(x, y) = AGG_{i in knn(x)} k(e, e_i) * [y in labels(x_i)]        (DESIGN.md §2)
+
+e = x U (stage-1 embedding, ``space="wsabie"``) or e = x (``space="input"``, the paper's G_orig);
+AGG is ``sum`` or ``max``; k is one of :data:`KERNELS`. A training row is never its own neighbour.
+With ``label_kernel="embedding"`` the exact match [y in labels(x_i)] becomes the soft match
+max_{y_i in labels(x_i)} exp(-lambda_y ||V_y - V_{y_i}||^2) (the paper's footnote).
+
+G is sparse: per row, the label ids some neighbour carries, with their weights (a :class:`Csr`).
+Everything is vectorised over a batch of query rows; no loop over examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import artifacts
+from .csr import Csr
+from .data import Examples
+from .errors import AweError
+
+KERNELS = ("gaussian", "embedded-gaussian", "cosine", "dot", "uniform")
+AGGREGATES = ("sum", "max")
+SPACES = ("wsabie", "input")
+LABEL_KERNELS = ("exact", "embedding")
+
+INDEX_FILE = "index.faiss"
+AFFINITY_FILE = "affinity.safetensors"
+# the input space is searched densely; wider sparse inputs must use the Wsabie space
+MAX_DENSE_INPUT_WIDTH = 4096
+LAMBDA_SAMPLE = 2000  # rows searched to set lambda when no training G is needed
+
+
+@dataclass(frozen=True)
+class AffinityConfig:
+    """Every option of stage 2; saved in config.json (with the resolved lambdas)."""
+
+    neighbors: int = 20
+    kernel: str = "gaussian"
+    lam: float | None = None  # gaussian scale; None: 1 / median squared neighbour distance
+    aggregate: str = "sum"
+    bias: float = 0.0  # b in f = (G + b) * s: the weight of labels no neighbour carries
+    space: str = "wsabie"
+    label_kernel: str = "exact"
+    label_lambda: float | None = None  # None: 1 / median squared distance between label vectors
+    label_top: int = 64  # labels kept per row with the soft label kernel (G is dense otherwise)
+    index: str = "auto"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    batch_rows: int = 4096
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.neighbors >= 1, "--neighbors must be >= 1"),
+            (self.kernel in KERNELS, f"--kernel must be one of {', '.join(KERNELS)}"),
+            (self.lam is None or (self.lam > 0 and math.isfinite(self.lam)),
+             "--lambda must be a positive number"),
+            (self.aggregate in AGGREGATES, "--aggregate must be sum or max"),
+            (math.isfinite(self.bias) and self.bias >= 0, "--bias must be a number >= 0"),
+            (self.space in SPACES, "--space must be wsabie or input"),
+            (self.label_kernel in LABEL_KERNELS, "--label-kernel must be exact or embedding"),
+            (self.label_lambda is None or self.label_lambda > 0,
+             "--label-lambda must be a positive number"),
+            (self.label_top >= 1, "--label-top must be >= 1"),
+            (self.batch_rows >= 1, "--batch-rows must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AweError(message)
+
+    def index_config(self):
+        from .neighbours import IndexConfig
+
+        return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
+                           seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AffinityConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def kernel_weights(kernel: str, sq_dists: np.ndarray, query_sq_norms: np.ndarray,
+                   neighbour_sq_norms: np.ndarray, lam: float) -> np.ndarray:
+    """k(e, e_i) for every query (rows) and neighbour slot (columns), float32 [B, n].
+
+    Only squared distances and squared norms are needed: e . e_i = (|e|^2 + |e_i|^2 - d^2) / 2.
+    Slots with an infinite distance (no neighbour) get weight 0.
+    """
+    d2 = np.asarray(sq_dists, dtype=np.float64)
+    valid = np.isfinite(d2)
+    d2 = np.where(valid, d2, 0.0)
+    if kernel == "gaussian":
+        w = np.exp(-lam * d2)
+    elif kernel == "uniform":
+        w = np.ones_like(d2)
+    else:
+        qn = np.asarray(query_sq_norms, dtype=np.float64)[:, None]
+        nn = np.where(valid, np.asarray(neighbour_sq_norms, dtype=np.float64), 0.0)
+        dot = (qn + nn - d2) / 2
+        if kernel == "dot":
+            w = np.maximum(dot, 0.0)
+        elif kernel == "cosine":
+            norm = np.sqrt(qn * nn)
+            w = np.exp(np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0))
+        elif kernel == "embedded-gaussian":
+            if np.any(dot[valid] > 80):
+                raise AweError("--kernel embedded-gaussian: e . e_i exceeds 80 and exp overflows; "
+                               "use --kernel cosine or gaussian, or set --max-norm in stage 1")
+            w = np.exp(dot)
+        else:
+            raise AweError(f"unknown kernel {kernel!r}")
+    return np.where(valid, w, 0.0).astype(np.float32)
+
+
+def default_lambda(sq_dists: np.ndarray) -> float:
+    """1 / the median squared neighbour distance (ignoring exact duplicates and padding)."""
+    d2 = np.asarray(sq_dists, dtype=np.float64).ravel()
+    d2 = d2[np.isfinite(d2) & (d2 > 0)]
+    if len(d2) == 0:
+        return 1.0
+    return float(1.0 / np.median(d2))
+
+
+def aggregate_labels(weights: np.ndarray, neighbour_ids: np.ndarray, train_labels: Csr,
+                     n_labels: int, aggregate: str) -> Csr:
+    """G rows: for each query, AGG over neighbours of weight * [y in labels(neighbour)].
+
+    ``neighbour_ids`` [B, n] index ``train_labels`` rows (-1: no neighbour). Returns a Csr with
+    label ids sorted within each row and float32 weights; labels no neighbour carries are absent.
+    """
+    n_queries, n_slots = neighbour_ids.shape
+    ids = neighbour_ids.ravel()
+    valid = ids >= 0
+    query_of_slot = np.repeat(np.arange(n_queries, dtype=np.int64), n_slots)[valid]
+    slot_weight = weights.ravel()[valid]
+    ids = ids[valid]
+    lengths = train_labels.indptr[ids + 1] - train_labels.indptr[ids]
+    labels = train_labels.indices[train_labels.entry_positions(ids)]
+    queries = np.repeat(query_of_slot, lengths)
+    values = np.repeat(slot_weight, lengths).astype(np.float64)
+    return _reduce_by_key(queries, labels, values, n_queries, n_labels, aggregate)
+
+
+def _reduce_by_key(queries: np.ndarray, labels: np.ndarray, values: np.ndarray, n_queries: int,
+                   n_labels: int, aggregate: str) -> Csr:
+    keys = queries * n_labels + labels
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    if len(keys) == 0:
+        return Csr.empty(n_queries, with_values=True)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    reduce = np.add if aggregate == "sum" else np.maximum
+    reduced = reduce.reduceat(values, starts)
+    unique = keys[starts]
+    lengths = np.bincount(unique // n_labels, minlength=n_queries)
+    return Csr.from_lengths(lengths, unique % n_labels, reduced.astype(np.float32))
+
+
+def soft_label_affinity(weights: np.ndarray, neighbour_ids: np.ndarray, train_labels: Csr,
+                        label_vectors: torch.Tensor, label_lambda: float, aggregate: str,
+                        top: int) -> Csr:
+    """G with the footnote's label kernel, truncated to the ``top`` largest labels per row.
+
+    G(x, y) = AGG_i k_i * max_{y_i in labels(x_i)} exp(-lambda_y ||V_y - V_{y_i}||^2).
+    """
+    n_queries, n_slots = neighbour_ids.shape
+    n_labels = label_vectors.shape[0]
+    ids = neighbour_ids.ravel()
+    valid = ids >= 0
+    slot = np.flatnonzero(valid)  # flat (query, slot) position of each real neighbour
+    ids = ids[valid]
+    lengths = train_labels.indptr[ids + 1] - train_labels.indptr[ids]
+    their_labels = train_labels.indices[train_labels.entry_positions(ids)]
+    slot_of_label = torch.from_numpy(np.repeat(slot, lengths))
+    v = label_vectors.float()
+    sq = (v * v).sum(1)
+    uniq, inverse = np.unique(their_labels, return_inverse=True)
+    u = torch.from_numpy(uniq)
+    # similarity of each distinct neighbour label to every label: [U, L]
+    d2 = (sq[u, None] + sq[None, :] - 2 * v[u] @ v.T).clamp(min=0)
+    sim = torch.exp(-label_lambda * d2)
+    match = torch.zeros(n_queries * n_slots, n_labels)
+    index = slot_of_label[:, None].expand(-1, n_labels)
+    match.scatter_reduce_(0, index, sim[torch.from_numpy(inverse)], reduce="amax",
+                          include_self=True)
+    weighted = match.view(n_queries, n_slots, n_labels) * torch.from_numpy(
+        weights.astype(np.float32)).unsqueeze(-1)
+    g = weighted.sum(1) if aggregate == "sum" else weighted.amax(1)
+    top = min(top, n_labels)
+    values, labels = torch.topk(g, top, dim=1)
+    keep = values > 0
+    order = torch.argsort(torch.where(keep, labels, n_labels), dim=1)  # ids ascending, dropped last
+    labels, values, keep = (t.gather(1, order) for t in (labels, values, keep))
+    return Csr.from_lengths(keep.sum(1).numpy(), labels[keep].numpy().astype(np.int64),
+                            values[keep].numpy().astype(np.float32))
+
+
+def default_label_lambda(label_vectors: torch.Tensor, sample: int = 2000, seed: int = 0) -> float:
+    """1 / the median squared distance between (a sample of) label vectors."""
+    v = label_vectors.float()
+    if len(v) > sample:
+        v = v[torch.randperm(len(v), generator=torch.Generator().manual_seed(seed))[:sample]]
+    d2 = torch.cdist(v, v).pow(2)
+    off = d2[~torch.eye(len(v), dtype=torch.bool)]
+    off = off[off > 0]
+    return 1.0 if off.numel() == 0 else float(1.0 / off.median())
+
+
+# ----------------------------------------------------------------------------- the stage-2 model
+
+
+@dataclass
+class Affinity:
+    """Everything prediction needs to form G for new rows (the stage-2 part of a model)."""
+
+    config: AffinityConfig  # resolved: lam (and label_lambda) set
+    index: object  # awe.neighbours.NeighbourIndex
+    train_labels: Csr  # the label store: labels of every indexed training row
+    train_sq_norms: np.ndarray  # |e_i|^2 of every indexed row
+    embed_u: torch.Tensor | None  # n_features x D (Wsabie space); None in input space
+    label_vectors: torch.Tensor | None  # V for the soft label kernel
+    n_labels: int
+
+    # -- query vectors
+    def query_vectors(self, examples: Examples, rows: np.ndarray) -> np.ndarray:
+        return query_vectors(examples, rows, self.embed_u)
+
+    def rows_affinity(self, examples: Examples, rows: np.ndarray,
+                      exclude_ids: np.ndarray | None = None) -> Csr:
+        """G of ``rows`` of ``examples`` (one batch); ``exclude_ids``: leave-one-out ids."""
+        q = self.query_vectors(examples, rows)
+        sq_dists, ids = self.index.search(q, self.config.neighbors, exclude_ids)
+        return self.from_neighbours(q, sq_dists, ids)
+
+    def from_neighbours(self, queries: np.ndarray, sq_dists: np.ndarray,
+                        ids: np.ndarray) -> Csr:
+        c = self.config
+        neighbour_norms = self.train_sq_norms[np.maximum(ids, 0)]
+        w = kernel_weights(c.kernel, sq_dists, (queries.astype(np.float64) ** 2).sum(1),
+                           neighbour_norms, c.lam)
+        if c.label_kernel == "embedding":
+            return soft_label_affinity(w, ids, self.train_labels, self.label_vectors,
+                                       c.label_lambda, c.aggregate, c.label_top)
+        return aggregate_labels(w, ids, self.train_labels, self.n_labels, c.aggregate)
+
+    def examples_affinity(self, examples: Examples, leave_one_out: bool = False) -> Csr:
+        """G of every row of ``examples`` (row i excluded from its own neighbours when asked)."""
+        parts = []
+        for start in range(0, len(examples), self.config.batch_rows):
+            rows = np.arange(start, min(start + self.config.batch_rows, len(examples)))
+            parts.append(self.rows_affinity(examples, rows, rows if leave_one_out else None))
+        return Csr.concat(parts) if parts else Csr.empty(0, with_values=True)
+
+    # -- persistence
+    def fingerprint(self) -> str:
+        text = json.dumps(self.config.to_dict(), sort_keys=True) + str(self.index.n_rows)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, model_dir: Path, g_train: Csr) -> dict:
+        """Write the index, the label store and G of the training rows; return the config
+        section (config.json itself is the caller's: it is written last)."""
+        self.index.save(model_dir / INDEX_FILE)
+        tensors = {"train_label_indptr": torch.from_numpy(self.train_labels.indptr),
+                   "train_label_ids": torch.from_numpy(self.train_labels.indices.astype(np.int32)),
+                   "train_sq_norms": torch.from_numpy(self.train_sq_norms.astype(np.float32)),
+                   "g_indptr": torch.from_numpy(g_train.indptr),
+                   "g_label_ids": torch.from_numpy(g_train.indices.astype(np.int32)),
+                   "g_weights": torch.from_numpy(g_train.values.astype(np.float32))}
+        if self.embed_u is not None:
+            tensors["embed_U"] = self.embed_u
+        if self.label_vectors is not None:
+            tensors["label_V"] = self.label_vectors
+        fingerprint = self.fingerprint()
+        artifacts.write_tensors(model_dir / AFFINITY_FILE, tensors,
+                                {"fingerprint": fingerprint})
+        return {"config": self.config.to_dict(), "index": {"kind": self.index.kind,
+                                                           **self.index.params},
+                "n_rows": self.index.n_rows, "n_labels": self.n_labels,
+                "train_digest": labels_digest(self.train_labels), "fingerprint": fingerprint}
+
+    @classmethod
+    def load(cls, model_dir: Path, section: dict, with_train_g: bool = False,
+             ) -> Affinity | tuple[Affinity, Csr]:
+        from .neighbours import NeighbourIndex
+
+        try:
+            config = AffinityConfig.from_dict(section["config"])
+            index_params = dict(section["index"])
+            n_labels = int(section["n_labels"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AweError(f"{model_dir / artifacts.CONFIG}: the stage2 section is damaged "
+                           f"({exc}); run `awe build-g` again") from exc
+        tensors = artifacts.read_tensors(model_dir / AFFINITY_FILE)
+        index = NeighbourIndex.load(model_dir / INDEX_FILE, index_params)
+        try:
+            labels = Csr(tensors["train_label_indptr"].numpy(),
+                         tensors["train_label_ids"].numpy().astype(np.int64))
+            norms = tensors["train_sq_norms"].numpy()
+        except KeyError as exc:
+            raise AweError(f"{model_dir / AFFINITY_FILE}: missing {exc}; run `awe build-g` "
+                           f"again") from exc
+        affinity = cls(config, index, labels, norms, tensors.get("embed_U"),
+                       tensors.get("label_V"), n_labels)
+        if (labels.n_rows != index.n_rows or len(norms) != index.n_rows
+                or affinity.fingerprint() != section.get("fingerprint")):
+            raise AweError(f"{model_dir}: the neighbour index and the stage-2 files do not match "
+                           f"(an interrupted or mixed build); run `awe build-g` again")
+        if not with_train_g:
+            return affinity
+        try:
+            g_train = Csr(tensors["g_indptr"].numpy(),
+                          tensors["g_label_ids"].numpy().astype(np.int64),
+                          tensors["g_weights"].numpy())
+        except KeyError as exc:
+            raise AweError(f"{model_dir / AFFINITY_FILE}: missing {exc}; run `awe build-g` "
+                           f"again") from exc
+        return affinity, g_train
+
+
+def labels_digest(labels: Csr) -> str:
+    """A short hash of a label store: tells whether stage 3 trains on the rows G was built on."""
+    h = hashlib.sha256(np.ascontiguousarray(labels.indptr, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(labels.indices, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | None,
+                  ) -> np.ndarray:
+    """The vectors searched for ``rows``: x U (Wsabie space) or x itself (input space)."""
+    from .model import batch_inputs
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if embed_u is None:
+        if examples.dense is not None:
+            return np.ascontiguousarray(examples.dense[rows], dtype=np.float32)
+        part = examples.sparse.take(rows)
+        out = np.zeros((len(rows), examples.schema.n_features), dtype=np.float32)
+        np.add.at(out, (part.row_of_entry(), part.indices), part.values)
+        return out
+    x = batch_inputs(examples, rows)
+    with torch.no_grad():
+        if x.dense is not None:
+            e = x.dense @ embed_u
+        else:
+            e = torch.nn.functional.embedding_bag(x.ids, embed_u, x.offsets, mode="sum",
+                                                  per_sample_weights=x.weights)
+    return np.ascontiguousarray(e.numpy(), dtype=np.float32)
+
+
+def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
+                   embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None = None,
+                   train_g: bool = True) -> tuple[Affinity, Csr | None, dict]:
+    """Index the training rows, find every row's neighbours (leave-one-out) and form G.
+
+    Returns the stage-2 model, G of the training rows, and measurements (times, lambda, recall).
+    With ``train_g=False`` (a baseline that only predicts) only a sample of rows is searched,
+    to set lambda, and no training G is formed.
+    """
+    from .neighbours import NeighbourIndex, set_threads
+
+    if config.space == "input":
+        embed_u = None
+        if train.dense is None and train.schema.n_features > MAX_DENSE_INPUT_WIDTH:
+            raise AweError(f"--space input: the sparse input has {train.schema.n_features} "
+                           f"features, more than {MAX_DENSE_INPUT_WIDTH} to search densely; use "
+                           f"--space wsabie")
+    elif embed_u is None:
+        raise AweError("--space wsabie needs a stage-1 model: run `awe train` first")
+    if config.label_kernel == "embedding" and label_vectors is None:
+        raise AweError("--label-kernel embedding needs the stage-1 label vectors")
+    if len(train) < 2:
+        raise AweError("G needs at least 2 training rows")
+    set_threads(config.threads)
+    t0 = time.perf_counter()
+    vectors = np.concatenate([
+        query_vectors(train, np.arange(s, min(s + config.batch_rows, len(train))), embed_u)
+        for s in range(0, len(train), config.batch_rows)])
+    index = NeighbourIndex.build(vectors, config.index_config())
+    t_index = time.perf_counter() - t0
+    searched = np.arange(len(train), dtype=np.int64)
+    if not train_g and len(train) > LAMBDA_SAMPLE:
+        rng = np.random.default_rng(config.seed)
+        searched = np.sort(rng.choice(len(train), LAMBDA_SAMPLE, replace=False))
+    sq_dists, ids = index.search(vectors[searched], config.neighbors, searched)
+    t_search = time.perf_counter() - t0 - t_index
+    resolved = config
+    if config.lam is None:
+        resolved = replace(resolved, lam=default_lambda(sq_dists))
+    if config.label_kernel == "embedding" and config.label_lambda is None:
+        resolved = replace(resolved, label_lambda=default_label_lambda(label_vectors))
+    sq_norms = (vectors.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    affinity = Affinity(resolved, index, train.labels, sq_norms, embed_u,
+                        label_vectors if config.label_kernel == "embedding" else None, n_labels)
+    g_train = None
+    if train_g:
+        g_train = Csr.concat([
+            affinity.from_neighbours(vectors[s:s + config.batch_rows],
+                                     sq_dists[s:s + config.batch_rows],
+                                     ids[s:s + config.batch_rows])
+            for s in range(0, len(train), config.batch_rows)])
+    t_g = time.perf_counter() - t0 - t_index - t_search
+    recall = index.measure_recall(vectors, config.neighbors, seed=config.seed)
+    stats = {"rows": len(train), "index": index.kind, "index_seconds": round(t_index, 3),
+             "search_seconds": round(t_search, 3), "g_seconds": round(t_g, 3),
+             "recall@n": round(float(recall), 4), "lambda": resolved.lam}
+    if g_train is not None:
+        stats["labels_per_row"] = round(g_train.nnz / max(len(train), 1), 2)
+    if resolved.label_lambda is not None:
+        stats["label_lambda"] = resolved.label_lambda
+    return affinity, g_train, stats
+
+
+# ----------------------------------------------------------------------------- stage-2 driver
+
+
+def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
+            embed_u: torch.Tensor | None = None, source: str = "wsabie",
+            ) -> tuple[dict, list[Path]]:
+    """``awe build-g``: G over the training rows of a stage-1 model directory.
+
+    ``embed_u`` (default: stage-1 U) embeds the rows; later rounds pass the newest U'. Writes the
+    index and affinity.safetensors, then config.json (stage2; a stage-3 model built on an older
+    G is dropped, since its scores assume that G) and metrics.json.
+    """
+    from .data import load_examples
+    from .model import load_wsabie
+
+    model_dir = Path(model_dir)
+    saved = load_wsabie(model_dir)
+    task = saved.config["stage1"]["train"].get("task")
+    train = load_examples(train_path, saved.schema, saved.vocab, task=task)
+    if embed_u is None:
+        embed_u = saved.model.u_matrix().detach().clone()
+    label_vectors = saved.model.v_matrix().detach().clone()
+    affinity, g_train, stats = build_affinity(train, len(saved.vocab), config, embed_u,
+                                              label_vectors)
+    written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
+    return stats, written
+
+
+def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
+                 train_path: str, source: str) -> list[Path]:
+    section = affinity.save(model_dir, g_train)
+    section.update({"train_path": train_path, "source": source})
+    config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    config["stage2"] = section
+    stale = config.pop("stage3", None) is not None
+    artifacts.write_json(model_dir / artifacts.CONFIG, config)
+    if stale:
+        (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
+    metrics_path = model_dir / artifacts.METRICS
+    metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
+    metrics["g"] = stats
+    metrics.pop("awe", None)
+    artifacts.write_json(metrics_path, metrics)
+    return [model_dir / INDEX_FILE, model_dir / AFFINITY_FILE, model_dir / artifacts.CONFIG,
+            metrics_path]

@@ -1,0 +1,118 @@
+"""Prediction: the scores of every label for new rows, for each row of the paper's table.
+
+One path serves ``awe eval`` and ``awe score``: stage-1 embedding -> neighbour search -> sparse
+G -> stage-3 scores. The baselines reuse the pieces: ``knn-input`` (neighbour vote in input
+space), ``knn-wsabie`` (labels ranked by G alone), ``wsabie`` (stage 1 alone), ``awe`` (stage 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .csr import Csr
+from .data import Examples
+from .errors import AweError
+from .model import awe_ranking_scores, batch_inputs, load_awe, load_wsabie
+
+ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
+
+
+class Predictor:
+    """A loaded model directory that scores batches of rows; baselines are built on demand."""
+
+    def __init__(self, model_dir, train_path=None, device: str = "cpu"):
+        from .affinity import Affinity
+
+        self.model_dir = Path(model_dir)
+        saved = load_wsabie(self.model_dir)
+        self.schema, self.vocab, self.config = saved.schema, saved.vocab, saved.config
+        self.wsabie = saved.model.to(device)
+        self.device = device
+        stage2 = self.config.get("stage2")
+        self.affinity = None if stage2 is None else Affinity.load(self.model_dir, stage2)
+        self.awe = None
+        if "stage3" in self.config:
+            self.awe = load_awe(self.model_dir, self.config).to(device)
+        self.train_path = train_path or (stage2 or {}).get("train_path")
+        self._input_affinity = None
+        self._g_cache: tuple | None = None
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.vocab)
+
+    def available(self) -> list[str]:
+        rows = ["wsabie"]
+        if self.affinity is not None:
+            rows = ["knn-input", "knn-wsabie", "wsabie"]
+        if self.awe is not None:
+            rows.append("awe")
+        return rows
+
+    def newest(self) -> str:
+        return "awe" if self.awe is not None else "wsabie"
+
+    def check_rows(self, rows) -> None:
+        unknown = [r for r in rows if r not in ROWS]
+        if unknown:
+            raise AweError(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+        missing = [r for r in rows if r not in self.available()]
+        if missing:
+            step = "`awe build-g`" if self.affinity is None else "`awe retrain`"
+            raise AweError(f"{self.model_dir}: row(s) {', '.join(missing)} need {step} first")
+
+    # -- scores
+    @torch.no_grad()
+    def scores(self, examples: Examples, rows: np.ndarray, kind: str) -> torch.Tensor:
+        """Scores of every label for ``rows`` of ``examples`` under ``kind``: [B, L]."""
+        if kind == "wsabie":
+            return self.wsabie.all_scores(self.wsabie.embed(batch_inputs(examples, rows,
+                                                                         self.device)))
+        if kind == "knn-input":
+            return self._dense(self.input_affinity().rows_affinity(examples, rows), len(rows))
+        g = self.affinity_rows(examples, rows)
+        if kind == "knn-wsabie":
+            return self._dense(g, len(rows))
+        if kind == "awe":
+            base = self.awe.all_scores_plain(self.awe.embed(batch_inputs(examples, rows,
+                                                                         self.device)))
+            return awe_ranking_scores(self._dense(g, len(rows)) + self.awe.bias, base)
+        raise AweError(f"unknown row {kind!r}: choose from {', '.join(ROWS)}")
+
+    def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
+        """G of a batch (the last batch is cached: knn-wsabie and awe share it)."""
+        key = (id(examples), len(rows), int(rows[0]) if len(rows) else -1)
+        if self._g_cache is None or self._g_cache[0] != key:
+            self._g_cache = (key, self.affinity.rows_affinity(examples, rows))
+        return self._g_cache[1]
+
+    def input_affinity(self):
+        """The knn-input baseline: the same kernel and aggregation over input-space neighbours."""
+        if self._input_affinity is None:
+            from .affinity import build_affinity
+            from .data import load_examples
+
+            if self.affinity.config.space == "input":
+                self._input_affinity = self.affinity
+                return self._input_affinity
+            if not self.train_path or not Path(str(self.train_path)).exists() and not any(
+                    c in str(self.train_path) for c in "*?["):
+                raise AweError(f"the knn-input row searches the training rows, and "
+                               f"{self.train_path!s} is not there; pass --train TRAIN")
+            task = self.config["stage1"]["train"].get("task")
+            train = load_examples(self.train_path, self.schema, self.vocab, task=task)
+            config = replace(self.affinity.config, space="input", label_kernel="exact",
+                             lam=None, index="auto", nprobe=None, ef_search=None)
+            self._input_affinity, _, _ = build_affinity(train, self.n_labels, config, None,
+                                                        train_g=False)
+        return self._input_affinity
+
+    def _dense(self, g: Csr, n_rows: int) -> torch.Tensor:
+        out = torch.zeros(n_rows, self.n_labels)
+        out[torch.from_numpy(g.row_of_entry()), torch.from_numpy(g.indices)] = torch.from_numpy(
+            g.values.astype(np.float32))
+        return out.to(self.device)
