@@ -32,6 +32,7 @@ KERNELS = ("gaussian", "embedded-gaussian", "cosine", "dot", "uniform")
 AGGREGATES = ("sum", "max")
 SPACES = ("wsabie", "input")
 LABEL_KERNELS = ("exact", "embedding")
+NORMALIZE = ("none", "max")
 
 INDEX_FILE = "index.faiss"
 AFFINITY_FILE = "affinity.safetensors"
@@ -53,6 +54,7 @@ class AffinityConfig:
     label_kernel: str = "exact"
     label_lambda: float | None = None  # None: 1 / median squared distance between label vectors
     label_top: int = 64  # labels kept per row with the soft label kernel (G is dense otherwise)
+    normalize: str = "none"  # "max": divide each row of G by its largest weight
     index: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
@@ -73,6 +75,7 @@ class AffinityConfig:
             (self.label_lambda is None or self.label_lambda > 0,
              "--label-lambda must be a positive number"),
             (self.label_top >= 1, "--label-top must be >= 1"),
+            (self.normalize in NORMALIZE, "--normalize must be none or max"),
             (self.batch_rows >= 1, "--batch-rows must be >= 1"),
         ]
         for ok, message in checks:
@@ -128,6 +131,18 @@ def kernel_weights(kernel: str, sq_dists: np.ndarray, query_sq_norms: np.ndarray
         else:
             raise AweError(f"unknown kernel {kernel!r}")
     return np.where(valid, w, 0.0).astype(np.float32)
+
+
+def normalize_rows(g: Csr) -> Csr:
+    """Each row of G divided by its largest weight (rows of zeros stay zero)."""
+    if g.nnz == 0:
+        return g
+    starts = g.indptr[:-1][g.lengths > 0]
+    row_max = np.zeros(g.n_rows, dtype=np.float32)
+    row_max[g.lengths > 0] = np.maximum.reduceat(g.values, starts)
+    scale = np.repeat(row_max, g.lengths)
+    values = np.divide(g.values, scale, out=np.zeros_like(g.values), where=scale > 0)
+    return Csr(g.indptr, g.indices, values.astype(np.float32))
 
 
 def default_lambda(sq_dists: np.ndarray) -> float:
@@ -257,9 +272,11 @@ class Affinity:
         w = kernel_weights(c.kernel, sq_dists, (queries.astype(np.float64) ** 2).sum(1),
                            neighbour_norms, c.lam)
         if c.label_kernel == "embedding":
-            return soft_label_affinity(w, ids, self.train_labels, self.label_vectors,
-                                       c.label_lambda, c.aggregate, c.label_top)
-        return aggregate_labels(w, ids, self.train_labels, self.n_labels, c.aggregate)
+            g = soft_label_affinity(w, ids, self.train_labels, self.label_vectors,
+                                    c.label_lambda, c.aggregate, c.label_top)
+        else:
+            g = aggregate_labels(w, ids, self.train_labels, self.n_labels, c.aggregate)
+        return normalize_rows(g) if c.normalize == "max" else g
 
     def examples_affinity(self, examples: Examples, leave_one_out: bool = False) -> Csr:
         """G of every row of ``examples`` (row i excluded from its own neighbours when asked)."""

@@ -116,3 +116,43 @@ class Predictor:
         out[torch.from_numpy(g.row_of_entry()), torch.from_numpy(g.indices)] = torch.from_numpy(
             g.values.astype(np.float32))
         return out.to(self.device)
+
+    # -- top k
+    @torch.no_grad()
+    def predict_table(self, examples: Examples, k: int = 10, kind: str | None = None,
+                      batch_rows: int = 2048):
+        """Top-k labels of every row as a pyarrow Table: ``id`` (if present), ``labels``,
+        ``scores`` (list<float32>, best first). The row's ``exclude`` labels are never ranked."""
+        import pyarrow as pa
+
+        from .evaluate import mask_excluded, top_k
+
+        kind = kind or self.newest()
+        self.check_rows([kind])
+        if k < 1:
+            raise AweError("--top-k must be >= 1")
+        names = np.asarray(self.vocab.labels, dtype=object)
+        label_parts, score_parts, lengths = [], [], []
+        for start in range(0, len(examples), batch_rows):
+            rows = np.arange(start, min(start + batch_rows, len(examples)))
+            scores = self.scores(examples, rows, kind).float()
+            if examples.exclude is not None:
+                mask_excluded(scores, examples.exclude.take(rows))
+            ids, values = (t.cpu().numpy() for t in top_k(scores, k))
+            found = ids >= 0
+            label_parts.append(names[ids[found]])
+            score_parts.append(values[found].astype(np.float32))
+            lengths.append(found.sum(1))
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+        flat_labels = np.concatenate(label_parts) if label_parts else np.zeros(0, dtype=object)
+        label_type = pa.int64() if self.vocab.kind == "int" else pa.string()
+        columns = {
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_labels.tolist(),
+                                                                 type=label_type)),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(
+                np.concatenate(score_parts) if score_parts else np.zeros(0, np.float32))),
+        }
+        if examples.ids is not None:
+            columns = {"id": examples.ids, **columns}
+        return pa.table(columns)

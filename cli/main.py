@@ -16,6 +16,7 @@ from rich.table import Table
 from awe import datasets as datasets_lib
 from awe.data import Columns
 from awe.errors import AweError
+from awe.train import LABEL_BIAS_DEFAULT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Affinity Weighted Embedding: Wsabie (WARP) training, nearest-neighbour "
@@ -137,13 +138,13 @@ def training_options(command):
     return wrapper
 
 
-def _train_config(options: dict, **more):
+def _train_config(options: dict, base=None, **more):
     from awe.train import TrainConfig, with_overrides
 
     settings = {k: v for k, v in options.items() if k not in ("valid", "quiet")}
     if options["valid"]:
         settings["valid_fraction"] = 0.0
-    return with_overrides(TrainConfig(), **settings, **more)
+    return with_overrides(base or TrainConfig(), **settings, **more)
 
 
 def _fit_summary(result) -> None:
@@ -205,6 +206,8 @@ def build_g(
                                                             "embedding.")] = None,
     label_top: Annotated[int, typer.Option(help="Labels kept per row with --label-kernel "
                                                 "embedding.")] = 64,
+    normalize: Annotated[str, typer.Option(help="none | max: divide each row of G by its "
+                                                "largest weight.")] = "none",
     index: Annotated[str, typer.Option(help="auto | flat | ivf | hnsw.")] = "auto",
     nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
@@ -218,7 +221,8 @@ def build_g(
     with user_errors():
         config = AffinityConfig(neighbors=neighbors, kernel=kernel, lam=lam, aggregate=aggregate,
                                 bias=bias, space=space, label_kernel=label_kernel,
-                                label_lambda=label_lambda, label_top=label_top, index=index,
+                                label_lambda=label_lambda, label_top=label_top,
+                                normalize=normalize, index=index,
                                 nprobe=nprobe, ef_search=ef_search, seed=seed, threads=threads)
         stats, paths = build_g_lib(train_path, model, config)
         out.print(f"G over {stats['rows']} rows: {stats['index']} index, recall@{neighbors} "
@@ -238,14 +242,21 @@ def retrain(
     init: Annotated[str, typer.Option(help="wsabie (start from stage 1) | random.")] = "wsabie",
     rounds: Annotated[int, typer.Option(help="Repeat build-g -> retrain from the newest "
                                              "model.")] = 1,
+    label_bias: Annotated[float | None, typer.Option(
+        help="Start of the learned per-label offset beta in f = (G + b)((x U').V'_y + beta_y)."
+    )] = LABEL_BIAS_DEFAULT,
+    no_label_bias: Annotated[bool, typer.Option(
+        "--no-label-bias", help="No beta: the paper's f = (G + b)(x U').V'_y.")] = False,
     train_options: dict | None = None,
 ) -> None:
-    """Stage 3: retrain f = (G + b) (x U').V'_y with WARP; writes awe.safetensors."""
-    from awe.train import retrain_awe
+    """Stage 3: retrain the G-weighted model with WARP (lr default 0.01); writes
+    awe.safetensors."""
+    from awe.train import STAGE3_DEFAULTS, retrain_awe
 
     with user_errors():
-        config = _train_config(train_options)
+        config = _train_config(train_options, STAGE3_DEFAULTS)
         result, paths = retrain_awe(train_path, model, config, init=init, rounds=rounds,
+                                    label_bias=None if no_label_bias else label_bias,
                                     valid_path=train_options["valid"],
                                     progress=not train_options["quiet"])
         _fit_summary(result)

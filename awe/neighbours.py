@@ -1,0 +1,416 @@
+"""The nearest-neighbour index behind the affinity weights G (stage 2).
+
+Every training example's stage-1 embedding e_i = x_i U is indexed (row i gets id i) and G looks up a
+query's n nearest training rows by squared L2 distance. The index kind follows the data size:
+
+* ``flat`` — exact search of every row (faiss ``IndexFlatL2``), while that is fast enough;
+* ``ivf`` — inverted lists over a k-means coarse quantizer (faiss ``IndexIVFFlat``): only the
+  ``nprobe`` lists nearest the query are scanned, with exact distances to the rows found (no PQ);
+* ``hnsw`` — a navigable small-world graph (faiss ``IndexHNSWFlat``), an option.
+
+``auto`` picks flat up to ``flat_max_rows`` rows and IVF beyond. For the approximate kinds, the
+search breadth (IVF ``nprobe``, HNSW ``efSearch``) is *calibrated* at build time unless given: the
+smallest value on a fixed ladder whose recall@``calibrate_n`` against exact search, on a seeded
+sample of ``recall_sample`` indexed rows queried leave-one-out, reaches ``target_recall`` with
+margin (the mean minus two standard errors of the per-query recall must reach it). So the recall
+bar holds on the data actually indexed, not only on the benchmark's; the value chosen and the
+recall reached are in :attr:`NeighbourIndex.params` (written to ``config.json``).
+
+Determinism: for a seed, flat and IVF builds are identical (the IVF k-means runs on a seeded
+subsample with a seeded initialisation) whatever the thread count. HNSW graph construction is
+identical only with one thread (faiss inserts rows concurrently).
+
+Leave-one-out: ``search(..., exclude_ids=ids)`` never returns a query's own id; duplicates of the
+query under other ids are kept. Rows with fewer than n neighbours found are padded with id -1 and
+distance +inf (too few rows indexed, or, for IVF, too few rows in the lists probed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_path
+from .errors import AweError
+
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+
+_REBUILD = "rebuild it with `awe build-g`"
+# IVF k-means: training rows per list (faiss warns below 39) and iterations.
+_TRAIN_ROWS_PER_LIST = 40
+_KMEANS_ITER = 10
+# Search-breadth ladders tried by calibration, smallest first.
+_NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
+                  1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+_EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# Defaults when calibration is switched off (calibrate_n=0) and nothing is given.
+_DEFAULT_NPROBE = 16
+_DEFAULT_EF = 128
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build the neighbour index; every field has a CLI option of the same name."""
+
+    kind: str = "auto"              # auto: flat while n_rows <= flat_max_rows, else ivf
+    flat_max_rows: int = 50_000     # exact all-vs-all at 50k rows, D=128: ~15-20 s on 2 cores
+    nlist: int | None = None        # IVF lists; None -> 4*sqrt(N), at most N/40
+    nprobe: int | None = None       # None -> calibrated to target_recall
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int | None = None    # None -> calibrated to target_recall
+    recall_sample: int = 1000       # queries used to measure (and calibrate) recall
+    target_recall: float = 0.95     # calibration: recall's 2-SE lower bound must reach it
+    calibrate_n: int = 20           # recall@n used for calibration (G's n); 0 = no calibration
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in INDEX_KINDS:
+            raise AweError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
+        _check_int("--flat-max-rows", self.flat_max_rows, 0)
+        _check_int("--nlist", self.nlist, 1, optional=True)
+        _check_int("--nprobe", self.nprobe, 1, optional=True)
+        if self.nlist is not None and self.nprobe is not None and self.nprobe > self.nlist:
+            raise AweError(f"--nprobe ({self.nprobe}) must be <= --nlist ({self.nlist})")
+        _check_int("--hnsw-m", self.hnsw_m, 2)
+        _check_int("--ef-construction", self.ef_construction, 1)
+        _check_int("--ef-search", self.ef_search, 1, optional=True)
+        _check_int("--recall-sample", self.recall_sample, 1)
+        _check_int("--calibrate-n", self.calibrate_n, 0)
+        _check_int("--seed", self.seed, 0)
+        if (isinstance(self.target_recall, bool) or not isinstance(self.target_recall, (int, float))
+                or not 0.0 < self.target_recall <= 1.0):
+            raise AweError(f"--target-recall must be in (0, 1], got {self.target_recall!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> IndexConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise AweError(f"unknown index option(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def _check_int(option: str, value, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise AweError(f"{option} must be an integer >= {minimum}, got {value!r}")
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` threads for faiss (all cores when None: faiss's default)."""
+    if n is None:
+        return
+    _check_int("--threads", n, 1)
+    import faiss
+
+    faiss.omp_set_num_threads(int(n))
+
+
+def default_nlist(n_rows: int) -> int:
+    """IVF lists for N rows: 4*sqrt(N), at most N/40 so k-means has 40 rows per list, at least 1."""
+    return int(max(1, min(round(4 * math.sqrt(n_rows)), n_rows // _TRAIN_ROWS_PER_LIST)))
+
+
+def _as_matrix(x: np.ndarray, what: str, dim: int | None = None) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise AweError(f"{what} must be a 2-d array [rows, dim], got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise AweError(f"{what} have dimension {x.shape[1]}, the index has {dim}; {_REBUILD}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _drop_excluded(dist: np.ndarray, ids: np.ndarray, exclude: np.ndarray | None, n: int,
+                   searched_extra: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's excluded id (or, when absent and one extra column was searched, the last
+    column), then cut or pad to ``n`` columns. Vectorised over rows."""
+    ids = ids.astype(np.int64, copy=False)
+    dist = dist.astype(np.float32, copy=False)
+    missing = ids < 0
+    if missing.any():
+        dist = dist.copy()
+        dist[missing] = np.inf
+    if exclude is not None:
+        ex = exclude[:, None]
+        drop = (ids == ex) & (ex >= 0)
+        drop &= np.cumsum(drop, axis=1) == 1          # first occurrence only
+        if searched_extra:
+            drop[~drop.any(axis=1), -1] = True
+        if drop.any():
+            order = np.argsort(drop, axis=1, kind="stable")   # kept columns first, in order
+            ids = np.take_along_axis(ids, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
+            kept = np.take_along_axis(~drop, order, axis=1)
+            ids = np.where(kept, ids, -1)
+            dist = np.where(kept, dist, np.float32(np.inf))
+    b, k = ids.shape
+    if k >= n:
+        return np.ascontiguousarray(dist[:, :n]), np.ascontiguousarray(ids[:, :n])
+    out_d = np.full((b, n), np.inf, dtype=np.float32)
+    out_i = np.full((b, n), -1, dtype=np.int64)
+    out_d[:, :k] = dist
+    out_i[:, :k] = ids
+    return out_d, out_i
+
+
+def _recalls(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Per query |approx ∩ exact| / |exact| (ids; -1 padding ignored; queries with no exact
+    neighbour left out)."""
+    hits = (approx[:, :, None] == exact[:, None, :]) & (exact[:, None, :] >= 0)
+    found = hits.any(axis=1).sum(axis=1)
+    size = (exact >= 0).sum(axis=1)
+    ok = size > 0
+    return found[ok] / size[ok]
+
+
+def _recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx ∩ exact| / |exact|."""
+    per = _recalls(approx, exact)
+    return float(per.mean()) if per.size else 1.0
+
+
+def _faiss_reason(exc: Exception) -> str:
+    """A short reason from a faiss read error (its text names C++ functions and source lines)."""
+    text = " ".join(str(exc).split())
+    if "read error" in text:
+        return "truncated or unreadable"
+    if "Error: " in text:
+        reason = text.rsplit("Error: ", 1)[-1]
+    elif ".cpp:" in text:       # "Error in <function> at <file>.cpp:<line>: <reason>"
+        reason = text.split(".cpp:", 1)[1].split(": ", 1)[-1]
+    else:
+        reason = text or type(exc).__name__
+    return reason if len(reason) <= 120 else reason[:117] + "..."
+
+
+class NeighbourIndex:
+    """A faiss index over N rows (ids 0..N-1), squared-L2 metric."""
+
+    def __init__(self, index, kind: str, params: dict):
+        self.index = index
+        self.kind = kind
+        self.n_rows = int(index.ntotal)
+        self.dim = int(index.d)
+        self.params = params
+        self.timings: dict[str, float] = {}   # seconds of this process's build steps (not saved)
+
+    # ----------------------------------------------------------------------------------- build
+    @classmethod
+    def build(cls, vectors: np.ndarray, config: IndexConfig | None = None) -> NeighbourIndex:
+        import faiss
+
+        config = config or IndexConfig()
+        x = _as_matrix(vectors, "embeddings")
+        n_rows, dim = x.shape
+        if n_rows == 0 or dim == 0:
+            raise AweError(f"cannot build a neighbour index over {n_rows} rows of dimension {dim}")
+        if not all(np.isfinite(x[i:i + 65536]).all() for i in range(0, n_rows, 65536)):
+            raise AweError("embeddings contain NaN or infinite values; the stage-1 model diverged, "
+                           "retrain it")
+        kind = config.kind
+        if kind == "auto":
+            kind = "flat" if n_rows <= config.flat_max_rows else "ivf"
+        params: dict = {"kind": kind, "n_rows": int(n_rows), "dim": int(dim), "metric": "l2",
+                        "seed": config.seed, "recall_sample": config.recall_sample}
+        t0 = time.perf_counter()
+        if kind == "flat":
+            index = faiss.IndexFlatL2(dim)
+            index.add(x)
+        elif kind == "ivf":
+            nlist = min(config.nlist or default_nlist(n_rows), n_rows)
+            train_rows = min(n_rows, _TRAIN_ROWS_PER_LIST * nlist)
+            rng = np.random.default_rng(config.seed)
+            sample = (x if train_rows == n_rows
+                      else x[np.sort(rng.choice(n_rows, size=train_rows, replace=False))])
+            quantizer = faiss.IndexFlatL2(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
+            index.own_fields = True
+            quantizer.this.disown()
+            index.cp.seed = int(config.seed)
+            index.cp.niter = _KMEANS_ITER
+            index.cp.min_points_per_centroid = 1      # small data: no faiss warning
+            index.cp.max_points_per_centroid = 1 << 30  # we subsampled already
+            index.train(sample)
+            del sample
+            index.add(x)
+            params.update(nlist=int(nlist), train_rows=int(train_rows))
+            if config.nprobe is not None:
+                index.nprobe = min(config.nprobe, nlist)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_L2)
+            index.hnsw.efConstruction = config.ef_construction
+            index.add(x)
+            params.update(hnsw_m=config.hnsw_m, ef_construction=config.ef_construction)
+            if config.ef_search is not None:
+                index.hnsw.efSearch = config.ef_search
+        else:  # pragma: no cover - IndexConfig validates kind
+            raise AssertionError(kind)
+        self = cls(index, kind, params)
+        self.timings["build_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._calibrate(x, config)
+        self.timings["calibrate_s"] = time.perf_counter() - t0
+        return self
+
+    def _calibrate(self, x: np.ndarray, config: IndexConfig) -> None:
+        """Choose nprobe / efSearch: given, else the smallest ladder value reaching the target."""
+        if self.kind == "flat":
+            return
+        name = "nprobe" if self.kind == "ivf" else "ef_search"
+        given = config.nprobe if self.kind == "ivf" else config.ef_search
+        if given is not None or config.calibrate_n == 0:
+            value = given if given is not None else (
+                _DEFAULT_NPROBE if self.kind == "ivf" else _DEFAULT_EF)
+            self._set_breadth(value)
+            self.params[name] = self._breadth()
+            self.params[f"{name}_calibrated"] = False
+            return
+        n = config.calibrate_n
+        if self.kind == "ivf":
+            ladder = [v for v in _NPROBE_LADDER if v < self.params["nlist"]]
+            ladder.append(self.params["nlist"])      # all lists: exact
+        else:
+            ladder = [v for v in _EF_LADDER if v >= n + 1] or [n + 1]
+        # Another sample than measure_recall's default (seed): the reported recall stays unbiased.
+        queries, qids, exact = self._exact_sample(x, n, config.recall_sample, config.seed + 1)
+        recall = bound = 0.0
+        for value in ladder:
+            self._set_breadth(value)
+            _, approx = self.search(queries, n, exclude_ids=qids)
+            per = _recalls(approx, exact)
+            if per.size == 0:
+                recall = bound = 1.0
+                break
+            recall = float(per.mean())
+            # Lower confidence bound (2 standard errors) of the recall on the sample: the target
+            # must hold on other queries too, and per-query recall varies a lot on clustered data.
+            bound = recall - 2.0 * float(per.std()) / math.sqrt(per.size)
+            if bound >= config.target_recall:
+                break
+        self.params[name] = self._breadth()
+        self.params[f"{name}_calibrated"] = True
+        self.params["calibration"] = {"n": n, "target_recall": config.target_recall,
+                                      "queries": int(len(qids)), "recall": round(recall, 4),
+                                      "recall_lower_bound": round(bound, 4)}
+
+    def _set_breadth(self, value: int) -> None:
+        if self.kind == "ivf":
+            self.index.nprobe = int(min(value, self.index.nlist))
+        elif self.kind == "hnsw":
+            self.index.hnsw.efSearch = int(value)
+
+    def _breadth(self) -> int:
+        return int(self.index.nprobe if self.kind == "ivf" else self.index.hnsw.efSearch)
+
+    # ---------------------------------------------------------------------------------- search
+    def search(self, queries: np.ndarray, n: int, exclude_ids: np.ndarray | None = None,
+               batch_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` nearest indexed rows of each query: (squared distances float32 [B, n],
+        ids int64 [B, n]), nearest first. ``exclude_ids[b]`` (>= 0) is never returned for
+        query b; -1 excludes nothing."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        q = _as_matrix(queries, "queries", self.dim)
+        b = q.shape[0]
+        if exclude_ids is not None:
+            exclude_ids = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
+            if exclude_ids.shape[0] != b:
+                raise ValueError(f"exclude_ids has {exclude_ids.shape[0]} entries for {b} queries")
+        extra = exclude_ids is not None
+        k = min(n + int(extra), self.n_rows)
+        searched_extra = extra and k == n + 1
+        out_d = np.empty((b, n), dtype=np.float32)
+        out_i = np.empty((b, n), dtype=np.int64)
+        for start in range(0, b, batch_rows):
+            stop = min(start + batch_rows, b)
+            dist, ids = self.index.search(q[start:stop], k)
+            ex = exclude_ids[start:stop] if extra else None
+            out_d[start:stop], out_i[start:stop] = _drop_excluded(dist, ids, ex, n, searched_extra)
+        return out_d, out_i
+
+    def _exact_sample(self, vectors: np.ndarray, n: int, sample: int, seed: int):
+        """A seeded sample of indexed rows, and their exact leave-one-out top-n ids."""
+        import faiss
+
+        x = _as_matrix(vectors, "embeddings", self.dim)
+        if x.shape[0] != self.n_rows:
+            raise ValueError(f"recall needs the {self.n_rows} indexed rows, got {x.shape[0]}")
+        size = min(sample, self.n_rows)
+        qids = np.sort(np.random.default_rng(seed).choice(self.n_rows, size=size, replace=False))
+        qids = qids.astype(np.int64)
+        queries = np.ascontiguousarray(x[qids])
+        k = min(n + 1, self.n_rows)
+        dist, ids = faiss.knn(queries, x, k, metric=faiss.METRIC_L2)
+        _, exact = _drop_excluded(dist, ids, qids, n, k == n + 1)
+        return queries, qids, exact
+
+    def measure_recall(self, vectors: np.ndarray, n: int, sample: int | None = None,
+                       seed: int = 0, leave_one_out: bool = True) -> float:
+        """recall@n against exact search, with ``sample`` random indexed rows as queries."""
+        if self.kind == "flat":
+            return 1.0
+        sample = sample or self.params.get("recall_sample", 1000)
+        queries, qids, exact = self._exact_sample(vectors, n, sample, seed)
+        if not leave_one_out:
+            import faiss
+
+            k = min(n, self.n_rows)
+            dist, ids = faiss.knn(queries, _as_matrix(vectors, "embeddings"), k,
+                                  metric=faiss.METRIC_L2)
+            _, exact = _drop_excluded(dist, ids, None, n, False)
+        _, approx = self.search(queries, n, exclude_ids=qids if leave_one_out else None)
+        return _recall(approx, exact)
+
+    # ------------------------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index with faiss (atomic: a temporary name, then renamed)."""
+        import faiss
+
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, params: dict) -> NeighbourIndex:
+        """Read an index written by :meth:`save` (faiss format, never pickle) with its params."""
+        import faiss
+
+        path = Path(path)
+        if not path.is_file():
+            raise AweError(f"{path}: missing neighbour index; {_REBUILD}")
+        try:
+            index = faiss.read_index(str(path))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise AweError(f"{path}: damaged neighbour index ({_faiss_reason(exc)}); "
+                           f"{_REBUILD}") from exc
+        types = {"flat": faiss.IndexFlatL2, "ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}
+        kind = params.get("kind")
+        found = next((k for k, t in types.items() if isinstance(index, t)), None)
+        if found is None or (kind is not None and found != kind):
+            raise AweError(f"{path}: holds a {type(index).__name__}, config.json says "
+                           f"{kind!r}; {_REBUILD}")
+        for key, actual in (("n_rows", index.ntotal), ("dim", index.d)):
+            if key in params and int(params[key]) != int(actual):
+                raise AweError(f"{path}: index has {key}={actual}, config.json says "
+                               f"{params[key]}; {_REBUILD}")
+        if found == "ivf":
+            index.nprobe = int(params.get("nprobe", _DEFAULT_NPROBE))
+        elif found == "hnsw":
+            index.hnsw.efSearch = int(params.get("ef_search", _DEFAULT_EF))
+        return cls(index, found, dict(params, kind=found))
+
+    def __repr__(self) -> str:
+        extra = {k: self.params[k] for k in ("nlist", "nprobe", "ef_search") if k in self.params}
+        return f"NeighbourIndex(kind={self.kind!r}, n_rows={self.n_rows}, dim={self.dim}, {extra})"

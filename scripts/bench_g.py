@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""G at scale: the neighbour index for the affinity weights on N random-but-clustered embeddings.
+
+  python scripts/bench_g.py --sizes 100000,1000000 --kinds ivf,hnsw --threads 2 [--out runs/g.json]
+
+Data: N float32 rows of dimension D (128), seeded, generated in chunks: Gaussian clusters (about
+--rows-per-cluster rows each, sizes varied) whose centres are N(0, I); each cluster lies near its
+own random --intrinsic-dim subspace with a decaying spectrum, a per-cluster spread drawn
+log-normally, plus isotropic noise. --intrinsic-dim 0 gives isotropic Gaussian clusters (harder).
+
+Each row of the table is one index kind at one N: build time (including the recall calibration of
+nprobe / efSearch that `NeighbourIndex.build` does), the time to search all N rows for their top-n
+(n=20) leave-one-out, and recall@n against exact search on a 1000-query sample (a different sample
+from the calibration's). Flat runs in full up to --flat-full-max rows; beyond it its all-vs-all
+time is extrapolated from --flat-probe queries (marked "~"). "= auto" marks the kind that
+IndexConfig's default `kind="auto"` picks at that N (same defaults, so the same numbers).
+HNSW at a size is skipped when its build projected from the previous size exceeds --hnsw-budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from awe.artifacts import write_json  # noqa: E402
+from awe.neighbours import IndexConfig, NeighbourIndex, set_threads  # noqa: E402
+
+
+def clustered(n_rows: int, dim: int, seed: int, rows_per_cluster: int = 300,
+              intrinsic_dim: int = 16, noise: float = 0.1, spread_sigma: float = 0.75,
+              chunk: int = 4096) -> np.ndarray:
+    """Seeded clustered float32 embeddings [n_rows, dim], built ``chunk`` rows at a time."""
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, n_rows // rows_per_cluster)
+    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    weights = rng.lognormal(0.0, 0.5, n_clusters)
+    weights /= weights.sum()
+    spread = rng.lognormal(math.log(2.0), spread_sigma, n_clusters).astype(np.float32)
+    r = intrinsic_dim
+    if r:
+        spectrum = (np.arange(1, r + 1, dtype=np.float32) ** -0.5)
+        bases = (rng.standard_normal((n_clusters, r, dim)) / math.sqrt(dim)).astype(np.float32)
+        bases *= spectrum[None, :, None]
+    out = np.empty((n_rows, dim), dtype=np.float32)
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        c_rng = np.random.default_rng([seed, start])
+        a = c_rng.choice(n_clusters, size=stop - start, p=weights)
+        s = spread[a, None]
+        iso = noise if r else 1.0
+        x = centres[a] + s * iso * c_rng.standard_normal((stop - start, dim), dtype=np.float32)
+        if r:
+            z = c_rng.standard_normal((stop - start, r), dtype=np.float32)
+            x += s * np.einsum("nr,nrd->nd", z, bases[a])
+        out[start:stop] = x
+    return out
+
+
+def run_kind(kind: str, x: np.ndarray, n: int, args) -> dict:
+    config = IndexConfig(kind=kind, seed=args.seed)
+    t0 = time.perf_counter()
+    index = NeighbourIndex.build(x, config)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, ids = index.search(x, n, exclude_ids=np.arange(len(x), dtype=np.int64))
+    search_s = time.perf_counter() - t0
+    assert not (ids == np.arange(len(x))[:, None]).any(), "a row returned as its own neighbour"
+    t0 = time.perf_counter()
+    recall = index.measure_recall(x, n, sample=args.recall_sample, seed=0)
+    recall_s = time.perf_counter() - t0
+    params = {k: v for k, v in index.params.items() if k not in ("n_rows", "dim", "metric")}
+    return {"kind": kind, "resolved": index.kind, "build_s": build_s, "search_s": search_s,
+            "total_s": build_s + search_s, "recall": recall, "recall_s": recall_s,
+            "params": params, "timings": index.timings, "estimated": False}
+
+
+def run_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
+    """Flat all-vs-all time extrapolated from ``probe`` queries (exact, so recall 1)."""
+    t0 = time.perf_counter()
+    index = NeighbourIndex.build(x, IndexConfig(kind="flat"))
+    build_s = time.perf_counter() - t0
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=probe, replace=False))
+    t0 = time.perf_counter()
+    index.search(x[rows], n, exclude_ids=rows)
+    probe_s = time.perf_counter() - t0
+    search_s = probe_s * len(x) / probe
+    return {"kind": "flat", "resolved": "flat", "build_s": build_s, "search_s": search_s,
+            "total_s": build_s + search_s, "recall": 1.0, "recall_s": 0.0,
+            "params": {"probe_queries": probe, "probe_s": probe_s}, "estimated": True}
+
+
+def breadth(row: dict) -> str:
+    p = row["params"]
+    if row["resolved"] == "ivf":
+        return f"nlist={p['nlist']} nprobe={p['nprobe']}"
+    if row["resolved"] == "hnsw":
+        return f"M={p['hnsw_m']} efC={p['ef_construction']} ef={p['ef_search']}"
+    return "exact"
+
+
+def auto_kind(n_rows: int) -> str:
+    return "flat" if n_rows <= IndexConfig().flat_max_rows else "ivf"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| N | kind | params | build s | search all N s | build+search s | recall@20 |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['n_rows']:,} | {r['kind']} | {r['skipped']} | | | | |")
+            continue
+        est = "~" if r["estimated"] else ""
+        kind = r["kind"] if r["kind"] == r["resolved"] else f"{r['kind']} ({r['resolved']})"
+        if r["kind"] == auto_kind(r["n_rows"]):
+            kind += " = auto"
+        lines.append(f"| {r['n_rows']:,} | {kind} | {breadth(r)} | {r['build_s']:.1f} | "
+                     f"{est}{r['search_s']:.1f} | {est}{r['total_s']:.1f} | {r['recall']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100000,1000000", help="comma-separated row counts")
+    ap.add_argument("--kinds", default="ivf,hnsw",
+                    help="comma-separated: auto, flat, ivf, hnsw (flat is always measured too)")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--n", type=int, default=20, help="neighbours per row")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows-per-cluster", type=int, default=300)
+    ap.add_argument("--intrinsic-dim", type=int, default=16)
+    ap.add_argument("--recall-sample", type=int, default=1000)
+    ap.add_argument("--flat-full-max", type=int, default=200_000,
+                    help="run flat in full up to this N, else extrapolate from --flat-probe")
+    ap.add_argument("--flat-probe", type=int, default=5_000)
+    ap.add_argument("--no-flat", action="store_true", help="skip the flat rows")
+    ap.add_argument("--hnsw-budget", type=float, default=600.0,
+                    help="skip HNSW where its projected build time exceeds this (s)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    set_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    kinds = [k for k in args.kinds.split(",") if k]
+    rows: list[dict] = []
+    hnsw_rate = None  # seconds per row * log(N), from the last HNSW build
+    for n_rows in sizes:
+        t0 = time.perf_counter()
+        x = clustered(n_rows, args.dim, args.seed, args.rows_per_cluster, args.intrinsic_dim)
+        gen_s = time.perf_counter() - t0
+        print(f"N={n_rows:,}: generated {x.shape} in {gen_s:.1f} s", flush=True)
+        todo = list(kinds)
+        if not args.no_flat and "flat" not in todo:
+            todo.insert(0, "flat")
+        for kind in todo:
+            base = {"n_rows": n_rows, "dim": args.dim, "generate_s": gen_s}
+            if kind == "hnsw" and hnsw_rate is not None:
+                projected = hnsw_rate * n_rows * math.log(n_rows)
+                if projected > args.hnsw_budget:
+                    rows.append(dict(base, kind=kind, skipped=f"skipped: build projected "
+                                     f"~{projected:.0f} s > --hnsw-budget {args.hnsw_budget:.0f}"))
+                    print(f"  {kind}: {rows[-1]['skipped']}", flush=True)
+                    continue
+            if kind == "flat" and n_rows > args.flat_full_max:
+                row = run_flat_probe(x, args.n, min(args.flat_probe, n_rows), args.seed)
+            else:
+                row = run_kind(kind, x, args.n, args)
+            if row["resolved"] == "hnsw":
+                hnsw_rate = row["build_s"] / (n_rows * math.log(n_rows))
+            rows.append(dict(base, **row))
+            print(f"  {kind}: build {row['build_s']:.1f} s, search {row['search_s']:.1f} s"
+                  f"{' (extrapolated)' if row['estimated'] else ''}, recall {row['recall']:.4f}"
+                  f" [{breadth(row)}]", flush=True)
+        del x
+    md = table(rows)
+    print()
+    print(md)
+    if args.out:
+        import faiss
+
+        write_json(args.out, {"command": " ".join(sys.argv), "rows": rows, "markdown": md,
+                              "machine": {"cpus": os.cpu_count(), "threads": args.threads,
+                                          "platform": platform.platform(),
+                                          "faiss": faiss.__version__,
+                                          "numpy": np.__version__}})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

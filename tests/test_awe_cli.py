@@ -1,0 +1,104 @@
+"""Contract tests of the AWE stages through the CLI and the Python API."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from awe import AWE
+from cli.main import app
+from tests.test_affinity import write_clusters
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return (write_clusters(root / "train.parquet", 600, 0),
+            write_clusters(root / "test.parquet", 200, 1))
+
+
+def test_train_build_g_retrain_eval(tmp_path, data):
+    train, test = data
+    model = tmp_path / "m"
+    assert invoke("train", train, "--model", model, "--epochs", 3, "--dim", 8,
+                  "--quiet").exit_code == 0
+    result = invoke("eval", test, "--model", model, "--k", "1")
+    assert result.exit_code == 0 and "wsabie" in result.output and "awe" not in result.output
+    result = invoke("eval", test, "--model", model, "--rows", "awe")
+    assert result.exit_code == 2 and "build-g" in result.output
+    result = invoke("build-g", train, "--model", model, "--neighbors", 7, "--kernel", "cosine",
+                    "--aggregate", "max", "--index", "flat")
+    assert result.exit_code == 0, result.output
+    assert "recall@7 1.0000" in result.output
+    config = json.loads((model / "config.json").read_text())["stage2"]["config"]
+    assert (config["neighbors"], config["kernel"], config["aggregate"]) == (7, "cosine", "max")
+    result = invoke("retrain", train, "--model", model, "--epochs", 2, "--quiet",
+                    "--label-bias", 2.0, "--lr", 0.02)
+    assert result.exit_code == 0, result.output
+    stage3 = json.loads((model / "config.json").read_text())["stage3"]
+    assert stage3["train"]["lr"] == 0.02 and stage3["label_bias_init"] == 2.0
+    out = tmp_path / "metrics.json"
+    result = invoke("eval", test, "--model", model, "--k", "1,3", "--json", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert list(metrics) == ["knn-input", "knn-wsabie", "wsabie", "awe"]
+    assert all(0 <= m["P@1"] <= 1 for m in metrics.values())
+    # on two clusters per label, neighbours beat the linear model
+    assert metrics["knn-wsabie"]["P@1"] > metrics["wsabie"]["P@1"]
+    result = invoke("eval", test, "--model", model, "--rows", "awe,wsabie", "--k", "1")
+    assert result.exit_code == 0
+
+
+def test_user_errors_exit_2(tmp_path, data):
+    train, _ = data
+    model = tmp_path / "m"
+    invoke("train", train, "--model", model, "--epochs", 1, "--dim", 4, "--quiet")
+    for args in [("build-g", train, "--model", model, "--kernel", "rbf"),
+                 ("build-g", train, "--model", tmp_path / "none"),
+                 ("retrain", train, "--model", model, "--quiet"),  # no G yet
+                 ("eval", train, "--model", model, "--rows", "nope")]:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_python_api_fit_evaluate_predict_save_load(tmp_path, data):
+    train, test = data
+    model = AWE(dim=8, epochs=3, neighbors=10, retrain={"epochs": 2}, seed=0)
+    model.fit(train, model_dir=tmp_path / "m")
+    metrics = model.evaluate(test, ks=[1])
+    assert set(metrics) == {"knn-input", "knn-wsabie", "wsabie", "awe"}
+    frame = pd.read_parquet(test).head(5)
+    top = model.predict(frame.drop(columns=["labels"]), k=3)
+    assert list(top.columns) == ["labels", "scores"] and len(top) == 5
+    assert all(len(x) == 3 and np.all(np.diff(s) <= 0) for x, s in zip(top.labels, top.scores,
+                                                                        strict=True))
+    # the awe predictions agree with the eval path: P@1 from predict == the awe row's P@1
+    full = model.predict(test, k=1)
+    truth = pd.read_parquet(test)["labels"]
+    p1 = np.mean([top1[0] in set(t) for top1, t in zip(full.labels, truth, strict=True)])
+    assert p1 == pytest.approx(metrics["awe"]["P@1"])
+    model.save(tmp_path / "copy")
+    again = AWE.load(tmp_path / "copy").predict(frame.drop(columns=["labels"]), k=3)
+    pd.testing.assert_frame_equal(top, again)
+    # in-memory training data works too
+    AWE(dim=4, epochs=1, neighbors=5, retrain={"epochs": 1}).fit(pd.read_parquet(train))
+
+
+def test_same_seed_same_awe_model(tmp_path, data):
+    train, test = data
+    runs = []
+    for i in range(2):
+        m = AWE(dim=8, epochs=2, neighbors=5, retrain={"epochs": 2}, seed=3, threads=1)
+        m.fit(train, model_dir=tmp_path / f"m{i}")
+        runs.append(m.evaluate(test, ks=[1, 3]))
+        runs.append((tmp_path / f"m{i}" / "awe.safetensors").read_bytes())
+    assert runs[0] == runs[2] and runs[1] == runs[3]

@@ -1,0 +1,276 @@
+"""The neighbour index for G: known answers against numpy brute force, leave-one-out, padding,
+recall of the approximate kinds, save/load, damaged files, bad options, determinism."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from awe.errors import AweError
+from awe.neighbours import INDEX_KINDS, IndexConfig, NeighbourIndex, default_nlist, set_threads
+
+KINDS = ("flat", "ivf", "hnsw")
+
+
+def clustered(n: int, dim: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    """Gaussian clusters with varied spreads; continuous values, so no distance ties."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 3.0, (clusters, dim))
+    spread = rng.uniform(0.3, 1.5, clusters)
+    a = rng.integers(0, clusters, n)
+    return (centres[a] + spread[a, None] * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def brute_force(queries: np.ndarray, data: np.ndarray, n: int, exclude: np.ndarray | None = None):
+    """Exact squared distances (float64) and ids of the n nearest, the excluded id removed."""
+    d = ((queries[:, None, :].astype(np.float64) - data[None, :, :]) ** 2).sum(-1)
+    if exclude is not None:
+        d[np.arange(len(queries)), exclude] = np.inf
+    ids = np.argsort(d, axis=1, kind="stable")[:, :n]
+    return np.take_along_axis(d, ids, axis=1), ids
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return clustered(3000)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = faiss.omp_get_max_threads()
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------- flat, exact
+def test_flat_matches_brute_force(data):
+    queries = clustered(50, seed=1)
+    index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    dist, ids = index.search(queries, 20)
+    ref_d, ref_i = brute_force(queries, data, 20)
+    assert dist.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (50, 20)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_flat_leave_one_out_matches_brute_force(data):
+    rows = np.arange(0, 3000, 37, dtype=np.int64)
+    index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    dist, ids = index.search(data[rows], 10, exclude_ids=rows)
+    ref_d, ref_i = brute_force(data[rows], data, 10, exclude=rows)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+    assert not (ids == rows[:, None]).any()
+
+
+def test_no_exclusion_marker_is_plain_search(data):
+    index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    q = data[:40]
+    plain = index.search(q, 7)
+    marked = index.search(q, 7, exclude_ids=np.full(40, -1))
+    np.testing.assert_array_equal(plain[1], marked[1])
+    np.testing.assert_array_equal(plain[0], marked[0])
+    assert (plain[1][:, 0] == np.arange(40)).all()        # without exclusion a row finds itself
+
+
+def test_batches_give_the_same_answer(data):
+    index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    rows = np.arange(100, dtype=np.int64)
+    a = index.search(data[rows], 5, exclude_ids=rows, batch_rows=7)
+    b = index.search(data[rows], 5, exclude_ids=rows)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_leave_one_out_keeps_duplicates(kind):
+    x = clustered(2000, seed=3)
+    x[17] = x[5]
+    x[900] = x[5]
+    index = NeighbourIndex.build(x, IndexConfig(kind=kind))
+    rows = np.array([5, 17, 900, 6], dtype=np.int64)
+    dist, ids = index.search(x[rows], 4, exclude_ids=rows)
+    assert not (ids == rows[:, None]).any()
+    assert set(ids[0, :2]) == {17, 900} and set(ids[1, :2]) == {5, 900}
+    assert set(ids[2, :2]) == {5, 17}
+    np.testing.assert_allclose(dist[:3, :2], 0.0, atol=1e-3)
+    assert (ids >= 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_when_too_few_rows(kind):
+    x = clustered(6, seed=4)
+    index = NeighbourIndex.build(x, IndexConfig(kind=kind))
+    dist, ids = index.search(x[:2], 10)
+    assert ids.shape == (2, 10)
+    assert (ids[:, 6:] == -1).all() and np.isinf(dist[:, 6:]).all()
+    assert sorted(ids[0, :6]) == list(range(6))
+    rows = np.array([0, 1])
+    dist, ids = index.search(x[rows], 6, exclude_ids=rows)
+    assert (ids[:, 5] == -1).all() and np.isinf(dist[:, 5]).all()
+    assert np.isfinite(dist[:, :5]).all()
+    assert sorted(ids[0, :5]) == [1, 2, 3, 4, 5] and sorted(ids[1, :5]) == [0, 2, 3, 4, 5]
+    dist, ids = index.search(x[rows], 5, exclude_ids=rows)    # N - 1 == n: exactly enough
+    assert (ids >= 0).all() and not (ids == rows[:, None]).any()
+
+
+# ---------------------------------------------------------------------- approximate kinds
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_recall_with_defaults(kind):
+    x = clustered(8000, dim=32, clusters=60, seed=5)
+    index = NeighbourIndex.build(x, IndexConfig(kind=kind))
+    assert index.kind == kind and index.n_rows == 8000 and index.dim == 32
+    name = "nprobe" if kind == "ivf" else "ef_search"
+    assert index.params[f"{name}_calibrated"] and index.params[name] >= 1
+    assert index.params["calibration"]["recall_lower_bound"] >= 0.95
+    recall = index.measure_recall(x, 20, sample=500, seed=11)
+    assert recall >= 0.9
+    rows = np.arange(0, 8000, 13, dtype=np.int64)
+    _, ids = index.search(x[rows], 20, exclude_ids=rows)
+    assert not (ids == rows[:, None]).any()
+
+
+def test_measure_recall_counts_against_brute_force(data):
+    index = NeighbourIndex.build(data, IndexConfig(kind="ivf", nlist=30, nprobe=1))
+    rows = np.sort(np.random.default_rng(2).choice(3000, 200, replace=False))
+    _, approx = index.search(data[rows], 10, exclude_ids=rows)
+    _, exact = brute_force(data[rows], data, 10, exclude=rows)
+    expected = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert index.measure_recall(data, 10, sample=200, seed=2) == pytest.approx(expected)
+    assert expected < 1.0                      # one list of 30: approximate indeed
+    full = NeighbourIndex.build(data, IndexConfig(kind="ivf", nlist=30, nprobe=30))
+    assert full.measure_recall(data, 10, sample=200) == pytest.approx(1.0)
+
+
+def test_flat_recall_is_one(data):
+    assert NeighbourIndex.build(data, IndexConfig(kind="flat")).measure_recall(data, 20) == 1.0
+
+
+def test_auto_kind_follows_size(data):
+    assert NeighbourIndex.build(data, IndexConfig()).kind == "flat"
+    index = NeighbourIndex.build(data, IndexConfig(flat_max_rows=1000))
+    assert index.kind == "ivf" and index.params["nlist"] == default_nlist(3000)
+    assert default_nlist(1) == 1 and default_nlist(1_000_000) == 4000
+
+
+def test_given_search_breadth_is_used(data):
+    ivf = NeighbourIndex.build(data, IndexConfig(kind="ivf", nlist=40, nprobe=5))
+    assert ivf.params["nprobe"] == 5 and ivf.params["nprobe_calibrated"] is False
+    hnsw = NeighbourIndex.build(data, IndexConfig(kind="hnsw", ef_search=77))
+    assert hnsw.params["ef_search"] == 77 and hnsw.index.hnsw.efSearch == 77
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_ivf_build_is_deterministic(data):
+    config = IndexConfig(kind="ivf", seed=7)
+    a = NeighbourIndex.build(data, config)
+    b = NeighbourIndex.build(data, config)
+    assert a.params["nprobe"] == b.params["nprobe"]
+    ra, rb = a.search(data[:300], 20), b.search(data[:300], 20)
+    np.testing.assert_array_equal(ra[1], rb[1])
+    np.testing.assert_array_equal(ra[0], rb[0])
+    centroids = [i.index.quantizer.reconstruct_n(0, i.index.nlist) for i in (a, b)]
+    np.testing.assert_array_equal(*centroids)
+
+
+def test_hnsw_build_is_deterministic_single_threaded(data):
+    set_threads(1)
+    a = NeighbourIndex.build(data, IndexConfig(kind="hnsw"))
+    b = NeighbourIndex.build(data, IndexConfig(kind="hnsw"))
+    np.testing.assert_array_equal(a.search(data[:300], 20)[1], b.search(data[:300], 20)[1])
+
+
+# ------------------------------------------------------------------------------- save/load
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(kind, data, tmp_path):
+    index = NeighbourIndex.build(data, IndexConfig(kind=kind))
+    path = tmp_path / "g" / "neighbours.faiss"
+    index.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["neighbours.faiss"]   # no temp left
+    loaded = NeighbourIndex.load(path, index.params)
+    assert (loaded.kind, loaded.n_rows, loaded.dim) == (kind, 3000, 16)
+    assert loaded.params == index.params
+    rows = np.arange(0, 3000, 7, dtype=np.int64)
+    before = index.search(data[rows], 20, exclude_ids=rows)
+    after = loaded.search(data[rows], 20, exclude_ids=rows)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "truncated", "garbage"])
+def test_load_damaged_file(damage, data, tmp_path):
+    index = NeighbourIndex.build(data, IndexConfig(kind="ivf"))
+    path = tmp_path / "neighbours.faiss"
+    index.save(path)
+    raw = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(AweError) as err:
+        NeighbourIndex.load(path, index.params)
+    text = str(err.value)
+    assert str(path) in text and "awe build-g" in text and "\n" not in text
+    assert "index_read.cpp" not in text
+
+
+def test_load_rejects_index_that_does_not_match_params(data, tmp_path):
+    index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    path = tmp_path / "neighbours.faiss"
+    index.save(path)
+    with pytest.raises(AweError, match="awe build-g"):
+        NeighbourIndex.load(path, dict(index.params, kind="ivf"))
+    with pytest.raises(AweError, match="n_rows"):
+        NeighbourIndex.load(path, dict(index.params, n_rows=10))
+
+
+# ------------------------------------------------------------------------- bad input/options
+@pytest.mark.parametrize("kwargs, option", [
+    ({"kind": "kdtree"}, "--index"),
+    ({"nlist": 0}, "--nlist"),
+    ({"nprobe": 0}, "--nprobe"),
+    ({"nlist": 8, "nprobe": 9}, "--nprobe"),
+    ({"nprobe": 2.5}, "--nprobe"),
+    ({"ef_search": 0}, "--ef-search"),
+    ({"ef_construction": 0}, "--ef-construction"),
+    ({"hnsw_m": 1}, "--hnsw-m"),
+    ({"flat_max_rows": -1}, "--flat-max-rows"),
+    ({"recall_sample": 0}, "--recall-sample"),
+    ({"target_recall": 1.5}, "--target-recall"),
+    ({"seed": -1}, "--seed"),
+])
+def test_bad_config(kwargs, option):
+    with pytest.raises(AweError, match=option):
+        IndexConfig(**kwargs)
+
+
+def test_config_dict_round_trip():
+    config = IndexConfig(kind="hnsw", ef_search=50, seed=3)
+    assert IndexConfig.from_dict(config.to_dict()) == config
+    assert set(INDEX_KINDS) == {"auto", "flat", "ivf", "hnsw"}
+    with pytest.raises(AweError, match="bogus"):
+        IndexConfig.from_dict({"bogus": 1})
+
+
+def test_bad_vectors_and_queries(data):
+    bad = data.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(AweError, match="NaN"):
+        NeighbourIndex.build(bad)
+    with pytest.raises(AweError, match="2-d"):
+        NeighbourIndex.build(data[0])
+    with pytest.raises(AweError):
+        NeighbourIndex.build(np.zeros((0, 4), dtype=np.float32))
+    index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    with pytest.raises(AweError, match="dimension"):
+        index.search(np.zeros((2, 5), dtype=np.float32), 3)
+    with pytest.raises(ValueError):
+        index.search(data[:2], 0)
+    with pytest.raises(AweError, match="--threads"):
+        set_threads(0)
