@@ -52,13 +52,20 @@ def first_violator(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     the row's own labels). Returns (found [P] bool, column of the violator [P], N [P]: the number of
     accepted draws up to and including it).
     """
-    violates = accepted & (negative_scores > positive_scores.unsqueeze(1) - margin)
+    found, column, n_draws, _ = _first_violator(positive_scores - margin, negative_scores, accepted)
+    return found, column, n_draws
+
+
+def _first_violator(threshold: torch.Tensor, negative_scores: torch.Tensor, accepted: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """first_violator with the threshold f(x, y+) - margin; also returns the accepted count."""
+    violates = (negative_scores > threshold.unsqueeze(1)).logical_and_(accepted)
     found = violates.any(dim=1)
     # argmax over a 0/1 tensor returns the first maximum: the first violator in draw order
-    column = violates.to(torch.uint8).argmax(dim=1)
-    accepted_so_far = torch.cumsum(accepted.to(torch.int64), dim=1)
-    n_draws = accepted_so_far.gather(1, column.unsqueeze(1)).squeeze(1)
-    return found, column, n_draws
+    column = violates.view(torch.uint8).argmax(dim=1, keepdim=True)
+    accepted_so_far = torch.cumsum(accepted, dim=1)
+    n_draws = accepted_so_far.gather(1, column).squeeze(1)
+    return found, column.squeeze(1), n_draws, accepted_so_far[:, -1]
 
 
 def warp_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
@@ -70,6 +77,33 @@ def warp_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     """
     hinge = torch.clamp(margin - positive_scores + negative_scores, min=0.0)
     return (rank_weights * hinge).sum()
+
+
+def warp_gradients(e: torch.Tensor, v: torch.Tensor, rank_weights: torch.Tensor, margin: float,
+                   multipliers: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The WARP loss of :func:`warp_loss` and its gradients, in closed form.
+
+    For pair i with e_i = x_i U, v_0 = V_{y+}, v_1 = V_{y-} and f(x, y) = w(x, y) * (e . V_y)
+    (w = 1 without ``multipliers``), the loss is c_i * (margin - f(x_i, y+) + f(x_i, y-)) with
+    c_i = Phi(r_i) where the hinge is positive, else 0. Its gradients are
+    dL/de_i = c_i (w_1 v_1 - w_0 v_0), dL/dV_{y+} = -c_i w_0 e_i and dL/dV_{y-} = c_i w_1 e_i.
+
+    e [P, D]; v [2, P, D] (positive's row, violator's row); rank_weights [P]; multipliers [2, P]
+    or None. Returns (loss, dL/de [P, D], dL/dv [2, P, D]); rows of V repeated across pairs get
+    one gradient per occurrence (the optimizer sums them).
+    """
+    scores = (v * e).sum(-1)
+    if multipliers is not None:
+        scores = scores * multipliers
+    hinge = scores[1] - scores[0] + margin
+    coef = rank_weights * (hinge > 0)
+    loss = (coef * hinge).sum()
+    a = torch.stack((-coef, coef))
+    if multipliers is not None:
+        a = a * multipliers
+    a = a.unsqueeze(2)
+    return loss, (a * v).sum(0), a * e
 
 
 class PositiveSet:
@@ -96,11 +130,14 @@ class PositiveSet:
 
     def contains(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """rows [P], labels [P, K] -> bool [P, K]."""
+        return self.contains_keys(rows.unsqueeze(1) * self.n_labels + labels)
+
+    def contains_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Membership of keys row * n_labels + label (any shape) -> bool of the same shape."""
         if self.bitmap is not None:
-            return torch.take(self.bitmap, rows.unsqueeze(1) * self.n_labels + labels)
+            return torch.take(self.bitmap, keys)
         if self.keys.numel() == 0:
-            return torch.zeros_like(labels, dtype=torch.bool)
-        keys = rows.unsqueeze(1) * self.n_labels + labels
+            return torch.zeros_like(keys, dtype=torch.bool)
         pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
         return self.keys[pos] == keys
 
@@ -133,24 +170,33 @@ def sample_violators(positive_scores: torch.Tensor, draw: DrawFn, score: ScoreFn
     """
     n_pairs = positive_scores.numel()
     device = positive_scores.device
-    found = torch.zeros(n_pairs, dtype=torch.bool, device=device)
-    negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
-    n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
+    threshold = positive_scores - margin  # of the active pairs
     active = torch.arange(n_pairs, device=device)
+    seen = torch.zeros(n_pairs, dtype=torch.int64, device=device)  # accepted draws, active pairs
+    done, done_labels, done_n = [], [], []
     drawn, block = 0, max(1, first_block)
     while drawn < budget and active.numel():
         count = min(block, budget - drawn)
         labels = draw(active, count)
-        accepted = ~is_positive(active, labels)
-        hit, column, n_here = first_violator(positive_scores[active], score(active, labels),
-                                             accepted, margin)
-        done = active[hit]
-        found[done] = True
-        negatives[done] = labels[hit, column[hit]]
-        n_draws[done] = n_draws[done] + n_here[hit]
-        still = ~hit
-        active = active[still]
-        n_draws[active] += accepted[still].sum(dim=1)
+        accepted = is_positive(active, labels).logical_not_()
+        hit, column, n_here, n_accepted = _first_violator(threshold, score(active, labels),
+                                                          accepted)
+        hit_at = hit.nonzero().squeeze(1)
+        done.append(active[hit_at])
+        done_labels.append(labels.gather(1, column.unsqueeze(1)).squeeze(1)[hit_at])
+        seen += n_here.where(hit, n_accepted)
+        done_n.append(seen[hit_at])
+        still = hit.logical_not_().nonzero().squeeze(1)
+        active, seen, threshold = active[still], seen[still], threshold[still]
         drawn += count
         block *= 2
+    found = torch.zeros(n_pairs, dtype=torch.bool, device=device)
+    negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
+    n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
+    if done:
+        pairs = torch.cat(done)
+        found[pairs] = True
+        negatives[pairs] = torch.cat(done_labels)
+        n_draws[pairs] = torch.cat(done_n)
+    n_draws[active] = seen
     return found, negatives, n_draws
