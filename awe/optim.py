@@ -33,6 +33,12 @@ class RowOptimizer:
         self.weight, self.kind, self.lr, self.dense = weight, kind, lr, dense
         self.sum = torch.zeros_like(weight) if kind == "adagrad" else None
         self.grad = torch.zeros_like(weight) if dense else None
+        self.touched = (torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+                        if dense else None)
+        # torch.optim.Adagrad(fused=True)'s one-pass kernel (CPU); the step count only matters
+        # with lr_decay, which we do not use
+        self._fused = getattr(torch, "_fused_adagrad_", None) if weight.is_cpu else None
+        self._step = torch.zeros((), device=weight.device)
 
     @torch.no_grad()
     def step_rows(self, rows: torch.Tensor, grads: torch.Tensor,
@@ -44,8 +50,10 @@ class RowOptimizer:
         if self.dense:
             g = self.grad.zero_().index_add_(0, rows, grads)
             self._update(w, g, self.sum)
-            if max_norm is not None:
-                renorm_rows(w, rows, max_norm)
+            if max_norm is not None:  # the touched rows only, in one pass over the table
+                touched = self.touched.zero_().index_fill_(0, rows, True)
+                scale = max_norm / w.norm(dim=1).clamp_(min=max_norm)
+                w.mul_(scale.masked_fill_(~touched, 1.0).unsqueeze(1))
             return
         uniq, inverse = torch.unique(rows, return_inverse=True)
         g = grads.new_zeros(uniq.numel(), w.shape[1]).index_add_(0, inverse, grads)
@@ -68,9 +76,12 @@ class RowOptimizer:
     def _update(self, w: torch.Tensor, g: torch.Tensor, acc: torch.Tensor | None) -> None:
         if acc is None:
             w.add_(g, alpha=-self.lr)
-            return
-        acc.addcmul_(g, g)
-        w.addcdiv_(g, acc.sqrt().add_(EPS), value=-self.lr)
+        elif self._fused is not None and w.is_contiguous() and g.is_contiguous():
+            self._fused([w], [g], [acc], [self._step], lr=self.lr, lr_decay=0.0,
+                        weight_decay=0.0, eps=EPS, maximize=False)
+        else:
+            acc.addcmul_(g, g)
+            w.addcdiv_(g, acc.sqrt().add_(EPS), value=-self.lr)
 
 
 def renorm_rows(weight: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:

@@ -103,7 +103,8 @@ def warp_gradients(e: torch.Tensor, v: torch.Tensor, rank_weights: torch.Tensor,
     if multipliers is not None:
         a = a * multipliers
     a = a.unsqueeze(2)
-    return loss, (a * v).sum(0), a * e
+    grad_e = torch.mul(v[0], a[0]).addcmul_(v[1], a[1])
+    return loss, grad_e, a * e
 
 
 class PositiveSet:

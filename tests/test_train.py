@@ -11,7 +11,7 @@ import torch
 from awe import train as train_module
 from awe.csr import Csr
 from awe.data import Examples, InputSchema
-from awe.model import ModelShape, Wsabie
+from awe.model import ModelShape, Wsabie, gathered_dots
 from awe.optim import RowOptimizer
 from awe.train import TrainConfig, fit
 from awe.warp import estimate_rank, rank_weight_table, warp_gradients, warp_loss
@@ -161,3 +161,14 @@ def test_row_optimizer_paths_agree(kind):
     torch.testing.assert_close(dense, rows_only)
     assert torch.equal(dense[~touched], start[~touched])  # rows without a gradient stay put
     assert not torch.equal(dense[touched], start[touched])
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (7, 9), (300, 11), (300, 16)])
+def test_gathered_dots_equal_gather(n, k):
+    g = torch.Generator().manual_seed(n * k)
+    table = torch.randn(11, 6, generator=g)
+    e = torch.randn(n, 6, generator=g)
+    labels = torch.randint(0, 11, (n, k), generator=g)  # repeats, any order
+    labels[0, 0] = labels[0, -1] = 10
+    expected = (table[labels] * e.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(gathered_dots(e, table, labels), expected)
