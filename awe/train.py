@@ -209,6 +209,10 @@ def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
         return model.all_scores(e, torch.from_numpy(np.asarray(rows)).to(device))
 
 
+# WARP's draws per positive come in blocks of 8, then x growth (see docs/decisions.md)
+WARP_FIRST_BLOCK, WARP_GROWTH = 8, 2
+
+
 class _WarpStep:
     """One WARP step on a batch of positive pairs: sample violators, closed-form gradients,
     Adagrad/SGD on the touched rows, projection onto the max-norm ball."""
@@ -244,7 +248,7 @@ class _WarpStep:
 
         found, negatives, n_draws = sample_violators(
             model.pair_scores(e, positives, rows), self.draw, score, is_positive,
-            config.negatives, config.margin)
+            config.negatives, config.margin, WARP_FIRST_BLOCK, WARP_GROWTH)
         sel = found.nonzero().squeeze(1)
         n_sel = sel.numel()
         if n_sel == 0:

@@ -158,16 +158,17 @@ def uniform_draws(n_labels: int, generator: torch.Generator, device: torch.devic
 
 def sample_violators(positive_scores: torch.Tensor, draw: DrawFn, score: ScoreFn,
                      is_positive: PositiveFn, budget: int, margin: float, first_block: int = 8,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     growth: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample negatives for every positive pair until the first margin violator (WARP).
 
-    Draws come in blocks that double in size (``first_block``, 2x, ... up to ``budget`` draws in
-    all); only pairs still without a violator draw again, so the work follows the number of draws
-    WARP really needs, as in the sequential algorithm, and the result equals the sequential one on
-    the same draw stream. ``draw(active, c)`` -> [A, c] labels; ``score(active, labels)`` ->
-    [A, c] scores; ``is_positive(active, labels)`` -> [A, c] bool.
+    Draws come in blocks that grow geometrically (``first_block``, x ``growth``, ... up to
+    ``budget`` draws in all); only pairs still without a violator draw again, so the work follows
+    the number of draws WARP really needs, as in the sequential algorithm, and the result equals
+    the sequential one on the same draw stream. ``draw(active, c)`` -> [A, c] labels;
+    ``score(active, labels)`` -> [A, c] scores; ``is_positive(active, labels)`` -> [A, c] bool.
 
-    Returns (found [P] bool, negative label [P] (-1 where none), N [P]: accepted draws to it).
+    Returns (found [P] bool, negative label [P] (-1 where none), N [P]: accepted draws to the
+    violator, 0 where none).
     """
     n_pairs = positive_scores.numel()
     device = positive_scores.device
@@ -184,20 +185,18 @@ def sample_violators(positive_scores: torch.Tensor, draw: DrawFn, score: ScoreFn
                                                           accepted)
         hit_at = hit.nonzero().squeeze(1)
         done.append(active[hit_at])
-        done_labels.append(labels.gather(1, column.unsqueeze(1)).squeeze(1)[hit_at])
-        seen += n_here.where(hit, n_accepted)
-        done_n.append(seen[hit_at])
-        still = hit.logical_not_().nonzero().squeeze(1)
-        active, seen, threshold = active[still], seen[still], threshold[still]
+        done_labels.append(labels[hit_at, column[hit_at]])
+        done_n.append(seen[hit_at] + n_here[hit_at])
         drawn += count
-        block *= 2
-    found = torch.zeros(n_pairs, dtype=torch.bool, device=device)
+        block *= growth
+        if drawn >= budget or hit_at.numel() == active.numel():
+            break
+        still = hit.logical_not_().nonzero().squeeze(1)
+        active, threshold = active[still], threshold[still]
+        seen = seen[still] + n_accepted[still]
     negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
     n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
-    if done:
-        pairs = torch.cat(done)
-        found[pairs] = True
-        negatives[pairs] = torch.cat(done_labels)
-        n_draws[pairs] = torch.cat(done_n)
-    n_draws[active] = seen
-    return found, negatives, n_draws
+    pairs = torch.cat(done) if done else active[:0]
+    negatives[pairs] = torch.cat(done_labels) if done else negatives[:0]
+    n_draws[pairs] = torch.cat(done_n) if done else n_draws[:0]
+    return negatives >= 0, negatives, n_draws
