@@ -240,7 +240,8 @@ class _WarpStep:
         def score(active, labels):  # active is a sorted subset of 0..n-1: all of it when full
             if active.numel() == n:
                 return model.pair_scores(e, labels, rows)
-            return model.pair_scores(e.index_select(0, active), labels, rows[active])
+            return model.pair_scores(e.index_select(0, active), labels,
+                                     rows.index_select(0, active))
 
         def is_positive(active, labels):
             k = keys if active.numel() == n else keys.index_select(0, active)
@@ -253,18 +254,21 @@ class _WarpStep:
         n_sel = sel.numel()
         if n_sel == 0:
             return None
-        rows_sel = rows[sel]
-        labels = torch.cat((positives[sel], negatives[sel]))  # the positive's, the violator's
+        rows_sel = rows.index_select(0, sel)
+        # the positive's label, the violator's
+        labels = torch.cat((positives.index_select(0, sel), negatives.index_select(0, sel)))
         v_matrix = model.v_matrix()
         v = v_matrix.index_select(0, labels).view(2, n_sel, -1)
         multipliers = model.pair_weight(labels.view(2, n_sel).T, rows_sel)
         if multipliers is not None:
             multipliers = multipliers.T
-        ranks = estimate_rank(self.n_negatives_of_row[rows_sel], n_draws[sel])
-        phi = self.rank_weights[ranks.clamp(max=self.n_labels)]
-        loss, grad_e_sel, grad_v = warp_gradients(e[sel], v, phi, config.margin, multipliers)
+        ranks = estimate_rank(self.n_negatives_of_row.index_select(0, rows_sel),
+                              n_draws.index_select(0, sel))
+        phi = self.rank_weights.index_select(0, ranks.clamp_(max=self.n_labels))
+        loss, grad_e_sel, grad_v = warp_gradients(e.index_select(0, sel), v, phi, config.margin,
+                                                  multipliers)
         grad_v = grad_v.view(2 * n_sel, -1)
-        grad_e = e.new_zeros(e.shape).index_copy_(0, sel, grad_e_sel)
+        grad_e = e.new_zeros(e.shape).index_add_(0, sel, grad_e_sel)
         u_rows, grad_u = model.u_gradient(inputs, grad_e)
         if config.weight_decay:  # lazy L2 on the rows this step touches (LightFM's way)
             wd = config.weight_decay

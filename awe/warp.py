@@ -60,12 +60,12 @@ def _first_violator(threshold: torch.Tensor, negative_scores: torch.Tensor, acce
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """first_violator with the threshold f(x, y+) - margin; also returns the accepted count."""
     violates = (negative_scores > threshold.unsqueeze(1)).logical_and_(accepted)
-    found = violates.any(dim=1)
-    # argmax over a 0/1 tensor returns the first maximum: the first violator in draw order
-    column = violates.view(torch.uint8).argmax(dim=1, keepdim=True)
+    # max over a 0/1 row: found or not, and the index of the first maximum (documented), i.e.
+    # the first violator in draw order
+    found, column = violates.max(dim=1, keepdim=True)
     accepted_so_far = torch.cumsum(accepted, dim=1)
     n_draws = accepted_so_far.gather(1, column).squeeze(1)
-    return found, column.squeeze(1), n_draws, accepted_so_far[:, -1]
+    return found.squeeze(1), column.squeeze(1), n_draws, accepted_so_far[:, -1]
 
 
 def warp_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
@@ -135,8 +135,8 @@ class PositiveSet:
 
     def contains_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """Membership of keys row * n_labels + label (any shape) -> bool of the same shape."""
-        if self.bitmap is not None:
-            return torch.take(self.bitmap, keys)
+        if self.bitmap is not None:  # index_select on the flat bitmap: faster than take
+            return self.bitmap.view(-1).index_select(0, keys.reshape(-1)).view(keys.shape)
         if self.keys.numel() == 0:
             return torch.zeros_like(keys, dtype=torch.bool)
         pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
@@ -184,16 +184,16 @@ def sample_violators(positive_scores: torch.Tensor, draw: DrawFn, score: ScoreFn
         hit, column, n_here, n_accepted = _first_violator(threshold, score(active, labels),
                                                           accepted)
         hit_at = hit.nonzero().squeeze(1)
-        done.append(active[hit_at])
-        done_labels.append(labels[hit_at, column[hit_at]])
-        done_n.append(seen[hit_at] + n_here[hit_at])
+        done.append(active.index_select(0, hit_at))
+        done_labels.append(labels.gather(1, column.unsqueeze(1)).squeeze(1).index_select(0, hit_at))
+        done_n.append(seen.add(n_here).index_select(0, hit_at))
         drawn += count
         block *= growth
         if drawn >= budget or hit_at.numel() == active.numel():
             break
         still = hit.logical_not_().nonzero().squeeze(1)
-        active, threshold = active[still], threshold[still]
-        seen = seen[still] + n_accepted[still]
+        active, threshold = active.index_select(0, still), threshold.index_select(0, still)
+        seen = seen.add(n_accepted).index_select(0, still)
     negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
     n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
     pairs = torch.cat(done) if done else active[:0]
