@@ -9,7 +9,9 @@ applied to the touched rows by :class:`awe.optim.RowOptimizer`: no autograd in t
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -137,6 +139,7 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
     config = config.resolved(train.task, resolve_device(config.device))
     device = torch.device(config.device)
     model.to(device)
+    keep_freed_memory()
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     n_labels = model.shape.n_labels
     pair_rows = torch.from_numpy(train.labels.row_of_entry())
@@ -288,6 +291,30 @@ class _WarpStep:
             if config.max_norm is not None:
                 model.project_dense_u(config.max_norm)
         return loss, n_sel
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process instead of handing it back to the OS (glibc only).
+
+    A training step allocates and frees a few MiB of tensors; with glibc's defaults the top of
+    the heap is trimmed and large blocks are mmapped, so every step page-faults its temporaries
+    in again (ML100K: 40 ms of a 75 ms epoch). Raising the mmap and trim thresholds keeps them
+    mapped; the cost is that the process keeps up to 256 MiB of freed memory. Once per process.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
 
 
 def _batches(train: Examples, rows: torch.Tensor, labels: torch.Tensor, batch_size: int,
