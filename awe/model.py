@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from . import artifacts
 from .csr import Csr
 from .data import Examples, InputSchema, LabelVocab
 from .errors import AweError
+from .optim import renorm_rows
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,18 @@ class ModelShape:
 
 @dataclass
 class Inputs:
-    """A batch of x on a device: dense [B, F], or EmbeddingBag's (ids, offsets, weights)."""
+    """A batch of x on a device: dense [B, F], or EmbeddingBag's (ids, offsets, weights).
+
+    Sparse batches may also carry ``bags`` (the row of every id, for the gradient of U) and
+    ``single`` (every row is exactly one id of weight 1, so x U is a row lookup).
+    """
 
     dense: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    bags: torch.Tensor | None = None
+    single: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -53,11 +61,17 @@ def batch_inputs(examples: Examples, rows: np.ndarray, device: torch.device | st
     part = examples.sparse.take(rows)
     return Inputs(ids=torch.from_numpy(part.indices).to(device),
                   offsets=torch.from_numpy(part.indptr[:-1]).to(device),
-                  weights=torch.from_numpy(part.values).to(device))
+                  weights=torch.from_numpy(part.values).to(device),
+                  bags=torch.from_numpy(part.row_of_entry()).to(device))
 
 
 class Wsabie(nn.Module):
-    """f(x, y) = (x U) . V_y."""
+    """f(x, y) = (x U) . V_y.
+
+    Training (``awe.train.fit``) computes the WARP gradients in closed form from ``embed``,
+    ``v_matrix`` and ``pair_weight``; a subclass whose scores are w(row, y) * (x U) . V_y (AWE's
+    stage 3) overrides ``pair_weight`` (and ``all_scores`` for ranking) and trains unchanged.
+    """
 
     # Tables above this many weights get sparse gradients; below it a dense optimizer step is
     # cheaper, and Adagrad/SGD leave rows with a zero gradient unchanged either way.
@@ -96,26 +110,58 @@ class Wsabie(nn.Module):
     def embed(self, x: Inputs) -> torch.Tensor:
         """e = x U, [B, D]."""
         if self.shape.sparse_input:
+            if x.single and not torch.is_grad_enabled():
+                return self.U.weight.index_select(0, x.ids)
             return self.U(x.ids, x.offsets, per_sample_weights=x.weights)
         return self.U(x.dense)
 
     def bind(self, examples: Examples) -> None:
         """Make ``rows`` arguments refer to rows of ``examples`` (stage 3 looks up their G)."""
 
-    def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        """A fixed per-pair multiplier of the score (stage 3's G + b); None: 1."""
+    def u_gradient(self, x: Inputs, grad_e: torch.Tensor,
+                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """dL/dU from dL/de [B, D] (e = x U).
+
+        Sparse input: (ids, gradient of each id's row of U [nnz, D]), ids possibly repeated.
+        Dense input: (None, the gradient of the stored ``U.weight`` [D, F]).
+        """
+        if not self.shape.sparse_input:
+            return None, grad_e.T @ x.dense
+        if x.single:
+            return x.ids, grad_e
+        g = grad_e.index_select(0, x.bags)
+        if x.weights is not None:
+            g = g * x.weights.unsqueeze(1)
+        return x.ids, g
+
+    def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor | None,
+                    ) -> torch.Tensor | None:
+        """Per-pair multiplier w(row, y) of the score, shaped like ``labels``; None means 1.
+
+        ``labels`` is [B] or [B, K] and ``rows`` [B] (indices of the training rows). Stage 3
+        (AWE) returns its affinity weights here; plain Wsabie has none.
+        """
         return None
 
     def pair_scores(self, e: torch.Tensor, labels: torch.Tensor,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
-        """f of each row of ``e`` against ``labels`` ([B] or [B, K]); ``rows`` serves subclasses."""
+        """f of each row of ``e`` against ``labels`` ([B] or [B, K]), times ``pair_weight``."""
         if torch.is_grad_enabled():
             v = self.V(labels)
+            scores = (e * v).sum(-1) if labels.dim() == 1 else (v * e.unsqueeze(1)).sum(-1)
+        elif labels.dim() == 2:
+            scores = gathered_dots(e, self.V.weight, labels)
         else:  # index_select is several times faster than the embedding op on CPU
-            v = self.V.weight.index_select(0, labels.reshape(-1)).view(*labels.shape, -1)
-        if labels.dim() == 1:
-            return (e * v).sum(-1)
-        return (v * e.unsqueeze(1)).sum(-1)
+            scores = (e * self.V.weight.index_select(0, labels)).sum(-1)
+        offset = self.pair_offset(labels)
+        if offset is not None:
+            scores = scores + offset
+        weight = self.pair_weight(labels, rows)
+        return scores if weight is None else scores * weight
+
+    def pair_offset(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """A learned per-label offset beta_y added to e . V_y (stage 3's label bias); None: 0."""
+        return None
 
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """f against every label: [B, L]."""
@@ -125,20 +171,17 @@ class Wsabie(nn.Module):
     def project_rows(self, max_norm: float, u_rows: torch.Tensor | None,
                      v_rows: torch.Tensor) -> None:
         """Project the touched rows of U and V onto the ball of radius ``max_norm`` (the paper)."""
-        _renorm_rows(self.V.weight, v_rows, max_norm)
+        renorm_rows(self.V.weight, v_rows, max_norm)
         if self.shape.sparse_input:
-            _renorm_rows(self.U.weight, u_rows, max_norm)
-        else:  # dense U is touched everywhere; its rows are the columns of Linear.weight
-            w = self.U.weight
-            norms = w.norm(dim=0).clamp(min=max_norm)
-            w.mul_(max_norm / norms)
+            renorm_rows(self.U.weight, u_rows, max_norm)
+        else:
+            self.project_dense_u(max_norm)
 
-    def touched_sq_norm(self, x: Inputs, labels: torch.Tensor) -> torch.Tensor:
-        """Squared norm of the rows of U and V a step touches (lazy L2, as LightFM's)."""
-        total = self.V(labels).pow(2).sum()
-        if self.shape.sparse_input:
-            return total + self.U.weight[x.ids].pow(2).sum()
-        return total + self.U.weight.pow(2).sum()
+    @torch.no_grad()
+    def project_dense_u(self, max_norm: float) -> None:
+        """Dense U is touched everywhere; its rows are the columns of Linear.weight."""
+        w = self.U.weight
+        w.mul_(max_norm / w.norm(dim=0).clamp(min=max_norm))
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
@@ -186,17 +229,15 @@ class AffinityWsabie(Wsabie):
         self._table = AffinityTable(examples.affinity, self.shape.n_labels,
                                     self.V.weight.device)
 
-    def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         if labels.dim() == 2:
             rows = rows.unsqueeze(1).expand_as(labels)
         return self._table.lookup(rows, labels) + self.bias
 
-    def pair_scores(self, e: torch.Tensor, labels: torch.Tensor,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
-        base = super().pair_scores(e, labels)
-        if self.label_bias is not None:
-            base = base + self.label_bias[labels]
-        return base * self.pair_weight(labels, rows)
+    def pair_offset(self, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.label_bias is None:
+            return None
+        return self.label_bias.index_select(0, labels.reshape(-1)).view(labels.shape)
 
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return awe_ranking_scores(self._table.dense_rows(rows) + self.bias,
@@ -285,13 +326,26 @@ class AffinityTable:
         return out.to(rows.device)
 
 
-def _renorm_rows(weight: torch.Tensor, rows: torch.Tensor | None, max_norm: float) -> None:
-    if rows is None or rows.numel() == 0:
-        return
-    # duplicate rows get identical values, so index_copy_ stays deterministic without unique()
-    sub = weight.index_select(0, rows)
-    scale = max_norm / sub.norm(dim=1, keepdim=True).clamp(min=max_norm)
-    weight.index_copy_(0, rows, sub * scale)
+def gathered_dots(e: torch.Tensor, table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """out[b, k] = e[b] . table[labels[b, k]] for e [B, D], labels [B, K] (no autograd).
+
+    On CPU this is one sampled matrix product (SDDMM) over a CSR pattern with row b holding
+    labels[b, :] in draw order: torch's kernel computes one dot product per stored entry and
+    neither needs sorted nor unique columns (tests check it against the gather), so the [B, K, D]
+    gather is never materialised (3x faster). torch refuses more entries per row than columns
+    (K > labels), and CUDA's kernel wants a valid CSR: there, gather, multiply, sum.
+    """
+    n, k = labels.shape
+    if e.device.type != "cpu" or labels.numel() == 0 or k > table.shape[0]:
+        v = table.index_select(0, labels.reshape(-1)).view(n, k, -1)
+        return v.mul_(e.unsqueeze(1)).sum(-1)
+    crow = torch.arange(0, n * k + 1, k, device=e.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, labels.reshape(-1), e.new_zeros(n * k),
+                                          size=(n, table.shape[0]), check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, e, table.T, beta=0.0)
+    return dots.values().view(n, k)
 
 
 # ----------------------------------------------------------------------------- persistence

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -48,6 +49,8 @@ _KMEANS_ITER = 10
 _NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
                   1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 _EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# Rows added to the index per call, between progress reports.
+_ADD_CHUNK = 65536
 # Defaults when calibration is switched off (calibrate_n=0) and nothing is given.
 _DEFAULT_NPROBE = 16
 _DEFAULT_EF = 128
@@ -207,7 +210,10 @@ class NeighbourIndex:
 
     # ----------------------------------------------------------------------------------- build
     @classmethod
-    def build(cls, vectors: np.ndarray, config: IndexConfig | None = None) -> NeighbourIndex:
+    def build(cls, vectors: np.ndarray, config: IndexConfig | None = None,
+              progress: Callable[[int, int], None] | None = None) -> NeighbourIndex:
+        """Index ``vectors`` (float32 [N, D]; row i gets id i). ``progress(rows_added, N)`` is
+        called after each chunk of rows is added (an exception it raises aborts the build)."""
         import faiss
 
         config = config or IndexConfig()
@@ -224,9 +230,16 @@ class NeighbourIndex:
         params: dict = {"kind": kind, "n_rows": int(n_rows), "dim": int(dim), "metric": "l2",
                         "seed": config.seed, "recall_sample": config.recall_sample}
         t0 = time.perf_counter()
+        def add_all(index) -> None:
+            for start in range(0, n_rows, _ADD_CHUNK):
+                stop = min(start + _ADD_CHUNK, n_rows)
+                index.add(x[start:stop])
+                if progress is not None:
+                    progress(stop, n_rows)
+
         if kind == "flat":
             index = faiss.IndexFlatL2(dim)
-            index.add(x)
+            add_all(index)
         elif kind == "ivf":
             nlist = min(config.nlist or default_nlist(n_rows), n_rows)
             train_rows = min(n_rows, _TRAIN_ROWS_PER_LIST * nlist)
@@ -243,14 +256,14 @@ class NeighbourIndex:
             index.cp.max_points_per_centroid = 1 << 30  # we subsampled already
             index.train(sample)
             del sample
-            index.add(x)
+            add_all(index)
             params.update(nlist=int(nlist), train_rows=int(train_rows))
             if config.nprobe is not None:
                 index.nprobe = min(config.nprobe, nlist)
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_L2)
             index.hnsw.efConstruction = config.ef_construction
-            index.add(x)
+            add_all(index)
             params.update(hnsw_m=config.hnsw_m, ef_construction=config.ef_construction)
             if config.ef_search is not None:
                 index.hnsw.efSearch = config.ef_search

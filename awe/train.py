@@ -1,13 +1,17 @@
 """One training loop for both stages: WARP over positive pairs, batched, with validation.
 
 Stage 1 (Wsabie) and stage 3 (AWE) differ only in the model's scores (AWE multiplies by the affinity
-weights G), so :func:`fit` takes any model with ``embed``, ``pair_scores`` and ``all_scores``.
+weights G), so :func:`fit` takes any :class:`Wsabie`; a subclass supplies the per-pair multiplier
+through ``pair_weight``. The WARP gradients are computed in closed form (``warp_gradients``) and
+applied to the touched rows by :class:`awe.optim.RowOptimizer`: no autograd in the loop.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -20,7 +24,8 @@ from . import artifacts
 from .data import TASKS, Columns, Examples, load_examples, scan
 from .errors import AweError, TrainingDiverged
 from .evaluate import evaluate
-from .model import ModelShape, Wsabie, batch_inputs, save_wsabie
+from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
+from .optim import OPTIMIZERS, RowOptimizer
 from .warp import (
     RANK_WEIGHTS,
     PositiveSet,
@@ -28,10 +33,8 @@ from .warp import (
     rank_weight_table,
     sample_violators,
     uniform_draws,
-    warp_loss,
+    warp_gradients,
 )
-
-OPTIMIZERS = ("adagrad", "sgd")
 
 
 @dataclass(frozen=True)
@@ -138,24 +141,22 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
     device = torch.device(config.device)
     model.to(device)
     model.bind(train)
+    keep_freed_memory()
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     n_labels = model.shape.n_labels
-    optimizer = _optimizer(model, config)
-    weights_table = rank_weight_table(n_labels, config.rank_weight).to(device)
-
-    pair_rows = train.labels.row_of_entry()
-    pair_labels = train.labels.indices
-    weight = model.pair_weight(torch.from_numpy(pair_labels).to(device),
-                               torch.from_numpy(pair_rows).to(device))
+    pair_rows = torch.from_numpy(train.labels.row_of_entry())
+    pair_labels = torch.from_numpy(train.labels.indices)
+    weight = model.pair_weight(pair_labels.to(device), pair_rows.to(device))
     if weight is not None:  # stage 3: a positive of weight 0 scores 0 whatever the model
-        learnable = (weight != 0).cpu().numpy()
+        learnable = (weight != 0).cpu()
         pair_rows, pair_labels = pair_rows[learnable], pair_labels[learnable]
-    positive_set = PositiveSet(train.labels, n_labels, device)
-    draw = uniform_draws(n_labels, generator, device)
-    n_negatives_of_row = torch.from_numpy(n_labels - train.labels.lengths).to(device)
     n_pairs = len(pair_rows)
     if n_pairs == 0:
         raise AweError("the training data has no labels")
+    step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device),
+                     uniform_draws(n_labels, generator, device),
+                     rank_weight_table(n_labels, config.rank_weight).to(device),
+                     torch.from_numpy(n_labels - train.labels.lengths).to(device))
 
     history: list[dict] = []
     best_score, best_epoch, best_state, best_metrics = -1.0, 0, None, {}
@@ -165,48 +166,21 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
     with bar:
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
-            order = torch.randperm(n_pairs, generator=generator).numpy()
+            order = torch.randperm(n_pairs, generator=generator)
             loss_sum, violators = 0.0, 0
             model.train()
-            for batch_no, start in enumerate(range(0, n_pairs, config.batch_size)):
-                idx = order[start:start + config.batch_size]
-                rows = pair_rows[idx]
-                rows_t = torch.from_numpy(rows).to(device)
-                positives = torch.from_numpy(pair_labels[idx]).to(device)
-                inputs = batch_inputs(train, rows, device)
-                e = model.embed(inputs)
-                with torch.no_grad():
-                    e_fixed = e.detach()
-                    found, negatives, n_draws = sample_violators(
-                        model.pair_scores(e_fixed, positives, rows_t), draw,
-                        lambda a, y, e=e_fixed, r=rows_t: model.pair_scores(e[a], y, r[a]),
-                        lambda a, y, r=rows_t: positive_set.contains(r[a], y),
-                        config.negatives, config.margin)
-                if not bool(found.any()):
-                    bar.advance()
-                    continue
-                sel = found.nonzero().squeeze(1)
-                negatives = negatives[sel]
-                ranks = estimate_rank(n_negatives_of_row[rows_t[sel]], n_draws[sel])
-                phi = weights_table[ranks.clamp(max=n_labels)]
-                e_sel = e[sel]
-                loss = warp_loss(model.pair_scores(e_sel, positives[sel], rows_t[sel]),
-                                 model.pair_scores(e_sel, negatives, rows_t[sel]), phi,
-                                 config.margin)
-                if config.weight_decay:
-                    loss = loss + config.weight_decay * 0.5 * model.touched_sq_norm(
-                        inputs, torch.cat([positives[sel], negatives]))
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(_divergence_advice(epoch, batch_no, config))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if config.max_norm is not None:
-                    model.project_rows(config.max_norm, inputs.ids,
-                                       torch.cat([positives[sel], negatives]))
-                loss_sum += float(loss.detach())
-                violators += int(sel.numel())
+            batches = _batches(train, pair_rows[order], pair_labels[order], config.batch_size,
+                               device)
+            for batch_no, (rows, positives, inputs) in enumerate(batches):
+                done = step(rows, positives, inputs)
                 bar.advance()
+                if done is None:
+                    continue
+                loss, n_violators = done
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(_divergence_advice(epoch, batch_no, config))
+                loss_sum += loss
+                violators += n_violators
             if not model.weights_finite():
                 raise TrainingDiverged(_divergence_advice(epoch, None, config))
             row = {"epoch": epoch, "loss": loss_sum / n_pairs, "violating": violators / n_pairs,
@@ -246,13 +220,153 @@ def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
         return model.all_scores(e, torch.from_numpy(np.asarray(rows)).to(device))
 
 
-def _optimizer(model: Wsabie, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adagrad":
-        # the fused CPU kernel is faster; it takes dense gradients only
-        dense_cpu = config.device == "cpu" and not any(
-            getattr(m, "sparse", False) for m in (model.U, model.V))
-        return torch.optim.Adagrad(model.parameters(), lr=config.lr, fused=dense_cpu or None)
-    return torch.optim.SGD(model.parameters(), lr=config.lr)
+# WARP's draws per positive come in blocks of 8, then x growth (see docs/decisions.md)
+WARP_FIRST_BLOCK, WARP_GROWTH = 8, 2
+
+
+class _WarpStep:
+    """One WARP step on a batch of positive pairs: sample violators, closed-form gradients,
+    Adagrad/SGD on the touched rows, projection onto the max-norm ball."""
+
+    def __init__(self, model: Wsabie, config: TrainConfig, positive_set: PositiveSet, draw,
+                 rank_weights: torch.Tensor, n_negatives_of_row: torch.Tensor):
+        self.model, self.config = model, config
+        self.positive_set, self.draw = positive_set, draw
+        self.rank_weights, self.n_negatives_of_row = rank_weights, n_negatives_of_row
+        self.n_labels = model.shape.n_labels
+        dense = not getattr(model.V, "sparse", False)
+        self.v_opt = RowOptimizer(model.V.weight.data, config.optimizer, config.lr, dense)
+        dense = not getattr(model.U, "sparse", False)
+        self.u_opt = RowOptimizer(model.U.weight.data, config.optimizer, config.lr, dense)
+        offset = getattr(model, "label_bias", None)  # stage 3's beta_y: a table of width 1
+        self.offset_opt = None if offset is None else RowOptimizer(
+            offset.data.view(-1, 1), config.optimizer, config.lr, True)
+
+    @torch.no_grad()
+    def __call__(self, rows: torch.Tensor, positives: torch.Tensor, inputs: Inputs,
+                 ) -> tuple[float, int] | None:
+        """Returns (loss, number of pairs with a violator), or None when no pair has one."""
+        model, config = self.model, self.config
+        n = rows.numel()
+        e = model.embed(inputs)
+        keys = rows * self.n_labels
+
+        def score(active, labels):  # active is a sorted subset of 0..n-1: all of it when full
+            if active.numel() == n:
+                return model.pair_scores(e, labels, rows)
+            return model.pair_scores(e.index_select(0, active), labels,
+                                     rows.index_select(0, active))
+
+        def is_positive(active, labels):
+            k = keys if active.numel() == n else keys.index_select(0, active)
+            return self.positive_set.contains_keys(k.unsqueeze(1) + labels)
+
+        found, negatives, n_draws = sample_violators(
+            model.pair_scores(e, positives, rows), self.draw, score, is_positive,
+            config.negatives, config.margin, WARP_FIRST_BLOCK, WARP_GROWTH)
+        sel = found.nonzero().squeeze(1)
+        n_sel = sel.numel()
+        if n_sel == 0:
+            return None
+        rows_sel = rows.index_select(0, sel)
+        # the positive's label, the violator's
+        labels = torch.cat((positives.index_select(0, sel), negatives.index_select(0, sel)))
+        v_matrix = model.v_matrix()
+        v = v_matrix.index_select(0, labels).view(2, n_sel, -1)
+        multipliers = model.pair_weight(labels.view(2, n_sel).T, rows_sel)
+        if multipliers is not None:
+            multipliers = multipliers.T
+        ranks = estimate_rank(self.n_negatives_of_row.index_select(0, rows_sel),
+                              n_draws.index_select(0, sel))
+        phi = self.rank_weights.index_select(0, ranks.clamp_(max=self.n_labels))
+        offsets = model.pair_offset(labels)
+        loss, grad_e_sel, grad_v, grad_offsets = warp_gradients(
+            e.index_select(0, sel), v, phi, config.margin, multipliers,
+            None if offsets is None else offsets.view(2, n_sel))
+        grad_v = grad_v.view(2 * n_sel, -1)
+        grad_e = e.new_zeros(e.shape).index_add_(0, sel, grad_e_sel)
+        u_rows, grad_u = model.u_gradient(inputs, grad_e)
+        if config.weight_decay:  # lazy L2 on the rows this step touches (LightFM's way)
+            wd = config.weight_decay
+            v = v.view(2 * n_sel, -1)
+            u = model.U.weight if u_rows is None else model.U.weight.index_select(0, u_rows)
+            loss = loss + 0.5 * wd * (v.pow(2).sum() + u.pow(2).sum())
+            grad_v = grad_v.add(v, alpha=wd)
+            grad_u = grad_u.add(u, alpha=wd)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            return loss, n_sel
+        self.v_opt.step_rows(labels, grad_v, config.max_norm)
+        if self.offset_opt is not None:
+            self.offset_opt.step_rows(labels, grad_offsets.reshape(-1, 1))
+        if u_rows is not None:
+            self.u_opt.step_rows(u_rows, grad_u, config.max_norm)
+        else:
+            self.u_opt.step_dense(grad_u)
+            if config.max_norm is not None:
+                model.project_dense_u(config.max_norm)
+        return loss, n_sel
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process instead of handing it back to the OS (glibc only).
+
+    A training step allocates and frees a few MiB of tensors; with glibc's defaults the top of
+    the heap is trimmed and large blocks are mmapped, so every step page-faults its temporaries
+    in again (ML100K, 1 thread: 58-100 ms an epoch, 37 ms without the faults). Raising the mmap
+    and trim thresholds keeps them mapped; the cost is that the process keeps up to 256 MiB of
+    freed memory. Once per process.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
+def _batches(train: Examples, rows: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             device: torch.device, chunk_batches: int = 32):
+    """(rows, positive labels, inputs) of every batch of an epoch's pairs, on ``device``.
+
+    Inputs are gathered a chunk of batches at a time (few numpy <-> torch round trips per step,
+    memory bounded by the chunk).
+    """
+    n = rows.numel()
+    chunk = batch_size * chunk_batches
+    dense = None if train.dense is None else torch.from_numpy(train.dense)
+    for c0 in range(0, n, chunk):
+        c_rows = rows[c0:c0 + chunk]
+        d_rows, d_labels = c_rows.to(device), labels[c0:c0 + chunk].to(device)
+        m = c_rows.numel()
+        if dense is not None:
+            for s in range(0, m, batch_size):
+                x = Inputs(dense=dense.index_select(0, c_rows[s:s + batch_size]).to(device))
+                yield d_rows[s:s + batch_size], d_labels[s:s + batch_size], x
+            continue
+        part = train.sparse.take(c_rows.numpy())
+        lengths = part.lengths
+        unit = part.values is None or bool((part.values == 1).all())
+        single = unit and bool((lengths == 1).all())
+        ids = torch.from_numpy(part.indices).to(device)
+        values = None if unit else torch.from_numpy(part.values).to(device)
+        bags = None if single else torch.from_numpy(part.row_of_entry()).to(device)
+        indptr = torch.from_numpy(part.indptr).to(device)
+        for s in range(0, m, batch_size):
+            t = min(s + batch_size, m)
+            lo, hi = int(part.indptr[s]), int(part.indptr[t])
+            x = Inputs(ids=ids[lo:hi], offsets=indptr[s:t] - lo,
+                       weights=None if values is None else values[lo:hi],
+                       bags=None if bags is None else bags[lo:hi] - s, single=single)
+            yield d_rows[s:t], d_labels[s:t], x
 
 
 def _divergence_advice(epoch: int, batch: int | None, config: TrainConfig) -> str:

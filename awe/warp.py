@@ -52,13 +52,20 @@ def first_violator(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     the row's own labels). Returns (found [P] bool, column of the violator [P], N [P]: the number of
     accepted draws up to and including it).
     """
-    violates = accepted & (negative_scores > positive_scores.unsqueeze(1) - margin)
-    found = violates.any(dim=1)
-    # argmax over a 0/1 tensor returns the first maximum: the first violator in draw order
-    column = violates.to(torch.uint8).argmax(dim=1)
-    accepted_so_far = torch.cumsum(accepted.to(torch.int64), dim=1)
-    n_draws = accepted_so_far.gather(1, column.unsqueeze(1)).squeeze(1)
+    found, column, n_draws, _ = _first_violator(positive_scores - margin, negative_scores, accepted)
     return found, column, n_draws
+
+
+def _first_violator(threshold: torch.Tensor, negative_scores: torch.Tensor, accepted: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """first_violator with the threshold f(x, y+) - margin; also returns the accepted count."""
+    violates = (negative_scores > threshold.unsqueeze(1)).logical_and_(accepted)
+    # max over a 0/1 row: found or not, and the index of the first maximum (documented), i.e.
+    # the first violator in draw order
+    found, column = violates.max(dim=1, keepdim=True)
+    accepted_so_far = torch.cumsum(accepted, dim=1)
+    n_draws = accepted_so_far.gather(1, column).squeeze(1)
+    return found.squeeze(1), column.squeeze(1), n_draws, accepted_so_far[:, -1]
 
 
 def warp_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
@@ -70,6 +77,38 @@ def warp_loss(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     """
     hinge = torch.clamp(margin - positive_scores + negative_scores, min=0.0)
     return (rank_weights * hinge).sum()
+
+
+def warp_gradients(e: torch.Tensor, v: torch.Tensor, rank_weights: torch.Tensor, margin: float,
+                   multipliers: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The WARP loss of :func:`warp_loss` and its gradients, in closed form.
+
+    For pair i with e_i = x_i U, v_0 = V_{y+}, v_1 = V_{y-} and f(x, y) = w(x, y) * (e . V_y)
+    (w = 1 without ``multipliers``), the loss is c_i * (margin - f(x_i, y+) + f(x_i, y-)) with
+    c_i = Phi(r_i) where the hinge is positive, else 0. Its gradients are
+    dL/de_i = c_i (w_1 v_1 - w_0 v_0), dL/dV_{y+} = -c_i w_0 e_i and dL/dV_{y-} = c_i w_1 e_i.
+
+    e [P, D]; v [2, P, D] (positive's row, violator's row); rank_weights [P]; multipliers [2, P]
+    or None. With ``offsets`` [2, P] (stage 3's beta_y) the score is w * (e . V_y + beta_y).
+    Returns (loss, dL/de [P, D], dL/dv [2, P, D], dL/d offsets [2, P]); rows of V repeated
+    across pairs get one gradient per occurrence (the optimizer sums them).
+    """
+    scores = (v * e).sum(-1)
+    if offsets is not None:
+        scores = scores + offsets
+    if multipliers is not None:
+        scores = scores * multipliers
+    hinge = scores[1] - scores[0] + margin
+    coef = rank_weights * (hinge > 0)
+    loss = (coef * hinge).sum()
+    a = torch.stack((-coef, coef))
+    if multipliers is not None:
+        a = a * multipliers
+    grad_offsets = a
+    a = a.unsqueeze(2)
+    grad_e = torch.mul(v[0], a[0]).addcmul_(v[1], a[1])
+    return loss, grad_e, a * e, grad_offsets
 
 
 class PositiveSet:
@@ -96,11 +135,14 @@ class PositiveSet:
 
     def contains(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """rows [P], labels [P, K] -> bool [P, K]."""
-        if self.bitmap is not None:
-            return torch.take(self.bitmap, rows.unsqueeze(1) * self.n_labels + labels)
+        return self.contains_keys(rows.unsqueeze(1) * self.n_labels + labels)
+
+    def contains_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Membership of keys row * n_labels + label (any shape) -> bool of the same shape."""
+        if self.bitmap is not None:  # index_select on the flat bitmap: faster than take
+            return self.bitmap.view(-1).index_select(0, keys.reshape(-1)).view(keys.shape)
         if self.keys.numel() == 0:
-            return torch.zeros_like(labels, dtype=torch.bool)
-        keys = rows.unsqueeze(1) * self.n_labels + labels
+            return torch.zeros_like(keys, dtype=torch.bool)
         pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
         return self.keys[pos] == keys
 
@@ -120,37 +162,45 @@ def uniform_draws(n_labels: int, generator: torch.Generator, device: torch.devic
 
 def sample_violators(positive_scores: torch.Tensor, draw: DrawFn, score: ScoreFn,
                      is_positive: PositiveFn, budget: int, margin: float, first_block: int = 8,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     growth: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample negatives for every positive pair until the first margin violator (WARP).
 
-    Draws come in blocks that double in size (``first_block``, 2x, ... up to ``budget`` draws in
-    all); only pairs still without a violator draw again, so the work follows the number of draws
-    WARP really needs, as in the sequential algorithm, and the result equals the sequential one on
-    the same draw stream. ``draw(active, c)`` -> [A, c] labels; ``score(active, labels)`` ->
-    [A, c] scores; ``is_positive(active, labels)`` -> [A, c] bool.
+    Draws come in blocks that grow geometrically (``first_block``, x ``growth``, ... up to
+    ``budget`` draws in all); only pairs still without a violator draw again, so the work follows
+    the number of draws WARP really needs, as in the sequential algorithm, and the result equals
+    the sequential one on the same draw stream. ``draw(active, c)`` -> [A, c] labels;
+    ``score(active, labels)`` -> [A, c] scores; ``is_positive(active, labels)`` -> [A, c] bool.
 
-    Returns (found [P] bool, negative label [P] (-1 where none), N [P]: accepted draws to it).
+    Returns (found [P] bool, negative label [P] (-1 where none), N [P]: accepted draws to the
+    violator, 0 where none).
     """
     n_pairs = positive_scores.numel()
     device = positive_scores.device
-    found = torch.zeros(n_pairs, dtype=torch.bool, device=device)
-    negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
-    n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
+    threshold = positive_scores - margin  # of the active pairs
     active = torch.arange(n_pairs, device=device)
+    seen = torch.zeros(n_pairs, dtype=torch.int64, device=device)  # accepted draws, active pairs
+    done, done_labels, done_n = [], [], []
     drawn, block = 0, max(1, first_block)
     while drawn < budget and active.numel():
         count = min(block, budget - drawn)
         labels = draw(active, count)
-        accepted = ~is_positive(active, labels)
-        hit, column, n_here = first_violator(positive_scores[active], score(active, labels),
-                                             accepted, margin)
-        done = active[hit]
-        found[done] = True
-        negatives[done] = labels[hit, column[hit]]
-        n_draws[done] = n_draws[done] + n_here[hit]
-        still = ~hit
-        active = active[still]
-        n_draws[active] += accepted[still].sum(dim=1)
+        accepted = is_positive(active, labels).logical_not_()
+        hit, column, n_here, n_accepted = _first_violator(threshold, score(active, labels),
+                                                          accepted)
+        hit_at = hit.nonzero().squeeze(1)
+        done.append(active.index_select(0, hit_at))
+        done_labels.append(labels.gather(1, column.unsqueeze(1)).squeeze(1).index_select(0, hit_at))
+        done_n.append(seen.add(n_here).index_select(0, hit_at))
         drawn += count
-        block *= 2
-    return found, negatives, n_draws
+        block *= growth
+        if drawn >= budget or hit_at.numel() == active.numel():
+            break
+        still = hit.logical_not_().nonzero().squeeze(1)
+        active, threshold = active.index_select(0, still), threshold.index_select(0, still)
+        seen = seen.add(n_accepted).index_select(0, still)
+    negatives = torch.full((n_pairs,), -1, dtype=torch.int64, device=device)
+    n_draws = torch.zeros(n_pairs, dtype=torch.int64, device=device)
+    pairs = torch.cat(done) if done else active[:0]
+    negatives[pairs] = torch.cat(done_labels) if done else negatives[:0]
+    n_draws[pairs] = torch.cat(done_n) if done else n_draws[:0]
+    return negatives >= 0, negatives, n_draws

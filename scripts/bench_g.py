@@ -14,7 +14,7 @@ nprobe / efSearch that `NeighbourIndex.build` does), the time to search all N ro
 from the calibration's). Flat runs in full up to --flat-full-max rows; beyond it its all-vs-all
 time is extrapolated from --flat-probe queries (marked "~"). "= auto" marks the kind that
 IndexConfig's default `kind="auto"` picks at that N (same defaults, so the same numbers).
-HNSW at a size is skipped when its build projected from the previous size exceeds --hnsw-budget.
+An HNSW build still adding rows after --hnsw-budget seconds is aborted and reported as such.
 """
 
 from __future__ import annotations
@@ -66,10 +66,26 @@ def clustered(n_rows: int, dim: int, seed: int, rows_per_cluster: int = 300,
     return out
 
 
+class OverBudget(Exception):
+    pass
+
+
 def run_kind(kind: str, x: np.ndarray, n: int, args) -> dict:
     config = IndexConfig(kind=kind, seed=args.seed)
     t0 = time.perf_counter()
-    index = NeighbourIndex.build(x, config)
+    budget = args.hnsw_budget if kind == "hnsw" else math.inf
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - t0
+        if elapsed - shown[0] >= 30:
+            shown[0] = elapsed
+            print(f"    {kind}: {done:,}/{total:,} rows added, {elapsed:.0f} s", flush=True)
+        if elapsed > budget and done < total:
+            raise OverBudget(f"aborted: {done:,} of {total:,} rows added in {elapsed:.0f} s "
+                             f"> --hnsw-budget {budget:.0f}")
+
+    index = NeighbourIndex.build(x, config, progress=progress)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, ids = index.search(x, n, exclude_ids=np.arange(len(x), dtype=np.int64))
@@ -145,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flat-probe", type=int, default=5_000)
     ap.add_argument("--no-flat", action="store_true", help="skip the flat rows")
     ap.add_argument("--hnsw-budget", type=float, default=600.0,
-                    help="skip HNSW where its projected build time exceeds this (s)")
+                    help="abort an HNSW build still adding rows after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -153,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     kinds = [k for k in args.kinds.split(",") if k]
     rows: list[dict] = []
-    hnsw_rate = None  # seconds per row * log(N), from the last HNSW build
     for n_rows in sizes:
         t0 = time.perf_counter()
         x = clustered(n_rows, args.dim, args.seed, args.rows_per_cluster, args.intrinsic_dim)
@@ -164,19 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             todo.insert(0, "flat")
         for kind in todo:
             base = {"n_rows": n_rows, "dim": args.dim, "generate_s": gen_s}
-            if kind == "hnsw" and hnsw_rate is not None:
-                projected = hnsw_rate * n_rows * math.log(n_rows)
-                if projected > args.hnsw_budget:
-                    rows.append(dict(base, kind=kind, skipped=f"skipped: build projected "
-                                     f"~{projected:.0f} s > --hnsw-budget {args.hnsw_budget:.0f}"))
-                    print(f"  {kind}: {rows[-1]['skipped']}", flush=True)
-                    continue
-            if kind == "flat" and n_rows > args.flat_full_max:
-                row = run_flat_probe(x, args.n, min(args.flat_probe, n_rows), args.seed)
-            else:
-                row = run_kind(kind, x, args.n, args)
-            if row["resolved"] == "hnsw":
-                hnsw_rate = row["build_s"] / (n_rows * math.log(n_rows))
+            try:
+                if kind == "flat" and n_rows > args.flat_full_max:
+                    row = run_flat_probe(x, args.n, min(args.flat_probe, n_rows), args.seed)
+                else:
+                    row = run_kind(kind, x, args.n, args)
+            except OverBudget as exc:
+                rows.append(dict(base, kind=kind, skipped=str(exc)))
+                print(f"  {kind}: {exc}", flush=True)
+                continue
             rows.append(dict(base, **row))
             print(f"  {kind}: build {row['build_s']:.1f} s, search {row['search_s']:.1f} s"
                   f"{' (extrapolated)' if row['estimated'] else ''}, recall {row['recall']:.4f}"

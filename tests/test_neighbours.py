@@ -274,3 +274,15 @@ def test_bad_vectors_and_queries(data):
         index.search(data[:2], 0)
     with pytest.raises(AweError, match="--threads"):
         set_threads(0)
+
+
+def test_build_reports_progress_and_can_be_aborted(data):
+    seen = []
+    NeighbourIndex.build(data, IndexConfig(kind="hnsw"), progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1] == (3000, 3000)
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        NeighbourIndex.build(data, IndexConfig(kind="ivf"), progress=stop)

@@ -82,8 +82,8 @@ def test_first_violator_equals_sequential_reference(seed):
             assert int(n[i]) == ref_n
 
 
-@pytest.mark.parametrize("first_block", [1, 3, 8, 64])
-def test_blockwise_sampler_equals_sequential_reference(first_block):
+@pytest.mark.parametrize("first_block,growth", [(1, 2), (3, 2), (8, 2), (64, 2), (1, 3), (8, 4)])
+def test_blockwise_sampler_equals_sequential_reference(first_block, growth):
     scores, own, positives, draws = _random_case(7)
     margin = 0.3
     n_pairs, n_labels = scores.shape
@@ -104,7 +104,7 @@ def test_blockwise_sampler_equals_sequential_reference(first_block):
     found, negatives, n_draws = sample_violators(
         scores_t[pairs, torch.from_numpy(positives)], draw,
         lambda a, y: scores_t[a.unsqueeze(1), y],
-        lambda a, y: positive_set.contains(pairs[a], y), budget, margin, first_block)
+        lambda a, y: positive_set.contains(pairs[a], y), budget, margin, first_block, growth)
     for i in range(n_pairs):
         ref_found, ref_label, ref_n = sequential_warp(scores[i, positives[i]], scores[i, draws[i]],
                                                       draws[i], own[i], margin)
@@ -114,6 +114,7 @@ def test_blockwise_sampler_equals_sequential_reference(first_block):
             assert int(n_draws[i]) == ref_n
         else:
             assert int(negatives[i]) == -1
+            assert int(n_draws[i]) == 0
 
 
 def test_positive_set_dense_and_sorted_agree(monkeypatch):

@@ -1,0 +1,194 @@
+"""The training step's closed-form WARP gradients and row updates against autograd + torch.optim."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from awe import train as train_module
+from awe.csr import Csr
+from awe.data import Examples, InputSchema
+from awe.model import ModelShape, Wsabie, gathered_dots
+from awe.optim import RowOptimizer
+from awe.train import TrainConfig, fit
+from awe.warp import estimate_rank, rank_weight_table, warp_gradients, warp_loss
+
+
+class Weighted(Wsabie):
+    """f(x, y) = w(row, y) * (x U) . V_y with a fixed table w: stage 3's shape of model."""
+
+    def __init__(self, shape: ModelShape, table: torch.Tensor, **kwargs):
+        super().__init__(shape, **kwargs)
+        self.table = table
+
+    def pair_weight(self, labels, rows):
+        if rows is None:
+            return None
+        r = rows if labels.dim() == 1 else rows.unsqueeze(1).expand_as(labels)
+        return self.table[r, labels]
+
+
+def test_warp_gradients_equal_autograd_with_multipliers():
+    g = torch.Generator().manual_seed(0)
+    n, d = 7, 5
+    e = torch.randn(n, d, generator=g, requires_grad=True)
+    v = torch.randn(2, n, d, generator=g, requires_grad=True)
+    phi = torch.rand(n, generator=g) * 3
+    w = torch.rand(2, n, generator=g) + 0.5
+    margin = 0.7
+    scores = (v * e).sum(-1) * w
+    reference = warp_loss(scores[0], scores[1], phi, margin)
+    reference.backward()
+    assert (margin - scores[0] + scores[1]).min() < 0 < (margin - scores[0] + scores[1]).max()
+    loss, grad_e, grad_v, _ = warp_gradients(e.detach(), v.detach(), phi, margin, w)
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(grad_e, e.grad)
+    torch.testing.assert_close(grad_v, v.grad)
+    # without multipliers: the plain Wsabie score
+    e.grad = v.grad = None
+    warp_loss((v[0] * e).sum(-1), (v[1] * e).sum(-1), phi, margin).backward()
+    _, grad_e, grad_v, _ = warp_gradients(e.detach(), v.detach(), phi, margin)
+    torch.testing.assert_close(grad_e, e.grad)
+    torch.testing.assert_close(grad_v, v.grad)
+
+
+def test_warp_gradients_equal_autograd_with_label_offsets():
+    """Stage 3 with beta: f = w * (e . V_y + beta_y); d/d beta is the coefficient of each pair."""
+    g = torch.Generator().manual_seed(1)
+    n, d = 9, 4
+    e = torch.randn(n, d, generator=g, requires_grad=True)
+    v = torch.randn(2, n, d, generator=g, requires_grad=True)
+    beta = torch.randn(2, n, generator=g, requires_grad=True)
+    phi = torch.rand(n, generator=g) * 3
+    w = torch.rand(2, n, generator=g) + 0.5
+    scores = ((v * e).sum(-1) + beta) * w
+    reference = warp_loss(scores[0], scores[1], phi, 0.5)
+    reference.backward()
+    loss, grad_e, grad_v, grad_beta = warp_gradients(e.detach(), v.detach(), phi, 0.5, w,
+                                                     beta.detach())
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(grad_e, e.grad)
+    torch.testing.assert_close(grad_v, v.grad)
+    torch.testing.assert_close(grad_beta, beta.grad)
+
+
+def _examples(sparse: bool, seed: int = 0, n_rows: int = 12, n_features: int = 9,
+              n_labels: int = 15) -> Examples:
+    rng = np.random.default_rng(seed)
+    label_lengths = rng.integers(1, 4, n_rows)
+    labels = Csr.from_lengths(label_lengths, np.concatenate(
+        [np.sort(rng.choice(n_labels, k, replace=False)) for k in label_lengths]))
+    if sparse:  # several ids per row, non-unit values, repeated ids across rows
+        lengths = rng.integers(1, 4, n_rows)
+        ids = np.concatenate([np.sort(rng.choice(n_features, k, replace=False))
+                              for k in lengths])
+        values = rng.uniform(0.5, 1.5, len(ids)).astype(np.float32)
+        features = Csr.from_lengths(lengths, ids, values)
+        return Examples(InputSchema("sparse", n_features), None, features, labels,
+                        np.zeros(n_rows, dtype=np.int64), task="annotation")
+    dense = rng.normal(size=(n_rows, n_features)).astype(np.float32)
+    return Examples(InputSchema("dense", n_features), dense, None, labels,
+                    np.zeros(n_rows, dtype=np.int64), task="annotation")
+
+
+def _reference_step(model, config, rows, positives, inputs, sampled, n_negatives_of_row):
+    """The step as autograd + torch.optim would take it (the loop before closed-form gradients)."""
+    found, negatives, n_draws = sampled
+    params = list(model.parameters())
+    opt = (torch.optim.Adagrad(params, lr=config.lr) if config.optimizer == "adagrad"
+           else torch.optim.SGD(params, lr=config.lr))
+    e = model.embed(inputs)
+    sel = found.nonzero().squeeze(1)
+    n_labels = model.shape.n_labels
+    ranks = estimate_rank(n_negatives_of_row[rows[sel]], n_draws[sel])
+    phi = rank_weight_table(n_labels, config.rank_weight)[ranks.clamp(max=n_labels)]
+    loss = warp_loss(model.pair_scores(e[sel], positives[sel], rows[sel]),
+                     model.pair_scores(e[sel], negatives[sel], rows[sel]), phi, config.margin)
+    touched = torch.cat([positives[sel], negatives[sel]])
+    if config.weight_decay:
+        u = model.U.weight[inputs.ids] if model.shape.sparse_input else model.U.weight
+        loss = loss + config.weight_decay * 0.5 * (model.V(touched).pow(2).sum()
+                                                   + u.pow(2).sum())
+    loss.backward()
+    opt.step()
+    if config.max_norm is not None:
+        model.project_rows(config.max_norm, inputs.ids, touched)
+
+
+@pytest.mark.parametrize("sparse,optimizer,weight_decay,max_norm,sparse_grads", [
+    (True, "adagrad", 0.0, None, False),
+    (True, "adagrad", 0.01, 0.8, False),
+    (True, "sgd", 0.01, 0.8, False),
+    (False, "adagrad", 0.01, 0.8, False),
+    (False, "sgd", 0.0, None, False),
+    (True, "adagrad", 0.0, 0.8, True),
+    (True, "sgd", 0.0, None, True),
+])
+def test_step_equals_autograd_with_pair_weights(monkeypatch, sparse, optimizer, weight_decay,
+                                                max_norm, sparse_grads):
+    if sparse_grads:  # every table takes the touched-rows path (torch: sparse gradients)
+        monkeypatch.setattr(Wsabie, "SPARSE_GRAD_MIN_WEIGHTS", 1)
+    examples = _examples(sparse)
+    shape = ModelShape(examples.schema.n_features, 15, 4, sparse)
+    table = torch.rand(len(examples), 15, generator=torch.Generator().manual_seed(1)) + 0.5
+    model = Weighted(shape, table, init_scale=3.0, generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(epochs=1, batch_size=10_000, negatives=4, lr=0.1, optimizer=optimizer,
+                         weight_decay=weight_decay, max_norm=max_norm)
+    seen = {}
+    original_sampler = train_module.sample_violators
+    original_call = train_module._WarpStep.__call__
+
+    def sampler(*args, **kwargs):
+        seen["sampled"] = original_sampler(*args, **kwargs)
+        return seen["sampled"]
+
+    def call(self, rows, positives, inputs):
+        seen.update(before=copy.deepcopy(self.model), rows=rows, positives=positives,
+                    inputs=inputs)
+        return original_call(self, rows, positives, inputs)
+
+    monkeypatch.setattr(train_module, "sample_violators", sampler)
+    monkeypatch.setattr(train_module._WarpStep, "__call__", call)
+    fit(model, examples, config)
+
+    found = seen["sampled"][0]
+    assert 0 < int(found.sum()) < len(found)  # some pairs step, some find no violator
+    reference = seen["before"]
+    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
+    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
+                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
+    for name, got in model.state_tensors().items():
+        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "sgd"])
+def test_row_optimizer_paths_agree(kind):
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(20, 3, generator=g)
+    dense, rows_only = start.clone(), start.clone()
+    a = RowOptimizer(dense, kind, 0.3, dense=True)
+    b = RowOptimizer(rows_only, kind, 0.3, dense=False)
+    touched = torch.zeros(20, dtype=torch.bool)
+    for _ in range(3):
+        rows = torch.randint(0, 15, (12,), generator=g)  # repeats are summed
+        grads = torch.randn(12, 3, generator=g)
+        a.step_rows(rows, grads, max_norm=1.0)
+        b.step_rows(rows, grads, max_norm=1.0)
+        touched[rows] = True
+    torch.testing.assert_close(dense, rows_only)
+    assert torch.equal(dense[~touched], start[~touched])  # rows without a gradient stay put
+    assert not torch.equal(dense[touched], start[touched])
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 1), (7, 9), (300, 11), (300, 16)])
+def test_gathered_dots_equal_gather(n, k):
+    g = torch.Generator().manual_seed(n * k)
+    table = torch.randn(11, 6, generator=g)
+    e = torch.randn(n, 6, generator=g)
+    labels = torch.randint(0, 11, (n, k), generator=g)  # repeats, any order
+    labels[0, 0] = labels[0, -1] = 10
+    expected = (table[labels] * e.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(gathered_dots(e, table, labels), expected)
