@@ -192,3 +192,48 @@ def test_gathered_dots_equal_gather(n, k):
     labels[0, 0] = labels[0, -1] = 10
     expected = (table[labels] * e.unsqueeze(1)).sum(-1)
     torch.testing.assert_close(gathered_dots(e, table, labels), expected)
+
+
+@pytest.mark.parametrize("optimizer,max_norm", [("adagrad", None), ("sgd", 0.8)])
+def test_stage3_step_equals_autograd_with_label_bias(monkeypatch, optimizer, max_norm):
+    """The real stage-3 model (G from a Csr, b, beta): the closed-form step moves U, V and beta
+    exactly as autograd + torch.optim would."""
+    from awe.model import AffinityWsabie
+
+    examples = _examples(False)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, 8, len(examples))
+    g = Csr.from_lengths(lengths, np.concatenate(
+        [np.sort(rng.choice(15, k, replace=False)) for k in lengths]),
+        rng.uniform(0.2, 2.0, lengths.sum()).astype(np.float32))
+    examples = examples.with_affinity(g)
+    shape = ModelShape(examples.schema.n_features, 15, 4, False)
+    model = AffinityWsabie(shape, bias=0.2, init_scale=3.0,
+                           generator=torch.Generator().manual_seed(0), label_bias=0.5)
+    config = TrainConfig(epochs=1, batch_size=10_000, negatives=4, lr=0.1, optimizer=optimizer,
+                         max_norm=max_norm)
+    seen = {}
+    original_sampler = train_module.sample_violators
+    original_call = train_module._WarpStep.__call__
+
+    def sampler(*args, **kwargs):
+        seen["sampled"] = original_sampler(*args, **kwargs)
+        return seen["sampled"]
+
+    def call(self, rows, positives, inputs):
+        seen.update(before=copy.deepcopy(self.model), rows=rows, positives=positives,
+                    inputs=inputs)
+        return original_call(self, rows, positives, inputs)
+
+    monkeypatch.setattr(train_module, "sample_violators", sampler)
+    monkeypatch.setattr(train_module._WarpStep, "__call__", call)
+    fit(model, examples, config)
+    assert int(seen["sampled"][0].sum()) > 0
+    reference = seen["before"]
+    reference.bind(examples)
+    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
+    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
+                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
+    for name, got in model.state_tensors().items():
+        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.label_bias, torch.full((15,), 0.5))  # beta did move
