@@ -8,6 +8,7 @@ applied to the touched rows by :class:`awe.optim.RowOptimizer`: no autograd in t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import math
@@ -163,7 +164,7 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
     epochs_without_gain = 0
     started = time.perf_counter()
     bar = _Progress(progress, config.epochs, math.ceil(n_pairs / config.batch_size))
-    with bar:
+    with bar, _small_problem_threads(config.batch_size * model.shape.dim, device):
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             order = torch.randperm(n_pairs, generator=generator)
@@ -306,6 +307,31 @@ class _WarpStep:
             if config.max_norm is not None:
                 model.project_dense_u(config.max_norm)
         return loss, n_sel
+
+
+# Below this many elements in a step's [batch, dim] tensors, fit runs on one intra-op thread
+# (see docs/decisions.md)
+STEP_PARALLEL_MIN = 1 << 20
+
+
+@contextlib.contextmanager
+def _small_problem_threads(batch_elements: int, device: torch.device):
+    """One intra-op thread for all of fit when its steps are small, the caller's otherwise.
+
+    Every torch op on a multi-thread CPU is a fork/join of the thread pool; a small step runs a
+    few dozen ops of a few hundred KiB, which gain little from a second thread and stall whenever
+    a core is busy elsewhere (ML100K at 2 threads on a loaded 2-core machine: 0.4-10 s an epoch
+    instead of 40 ms). Switched once per fit: the first parallel op after a switch costs ~50 ms.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or batch_elements >= STEP_PARALLEL_MIN:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _MALLOC_TUNED = False
