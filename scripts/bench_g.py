@@ -14,7 +14,8 @@ nprobe / efSearch that `NeighbourIndex.build` does), the time to search all N ro
 from the calibration's). Flat runs in full up to --flat-full-max rows; beyond it its all-vs-all
 time is extrapolated from --flat-probe queries (marked "~"). "= auto" marks the kind that
 IndexConfig's default `kind="auto"` picks at that N (same defaults, so the same numbers).
-An HNSW build still adding rows after --hnsw-budget seconds is aborted and reported as such.
+A build still adding rows after --budget seconds is aborted and reported as such; a search still
+running then is stopped and its all-N time extrapolated ("~"). The JSON is rewritten after each row.
 """
 
 from __future__ import annotations
@@ -71,33 +72,44 @@ class OverBudget(Exception):
 
 
 def run_kind(kind: str, x: np.ndarray, n: int, args) -> dict:
+    """Build, search all rows leave-one-out (in chunks, extrapolated past --budget), recall."""
     config = IndexConfig(kind=kind, seed=args.seed)
     t0 = time.perf_counter()
-    budget = args.hnsw_budget if kind == "hnsw" else math.inf
-    shown = [0.0]
+    shown = [0.0, 0.0]  # last progress line: build, search
 
     def progress(done: int, total: int) -> None:
         elapsed = time.perf_counter() - t0
         if elapsed - shown[0] >= 30:
             shown[0] = elapsed
             print(f"    {kind}: {done:,}/{total:,} rows added, {elapsed:.0f} s", flush=True)
-        if elapsed > budget and done < total:
-            raise OverBudget(f"aborted: {done:,} of {total:,} rows added in {elapsed:.0f} s "
-                             f"> --hnsw-budget {budget:.0f}")
+        if elapsed > args.budget and done < total:
+            raise OverBudget(f"build aborted: {done:,} of {total:,} rows added in "
+                             f"{elapsed:.0f} s > --budget {args.budget:.0f}")
 
     index = NeighbourIndex.build(x, config, progress=progress)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _, ids = index.search(x, n, exclude_ids=np.arange(len(x), dtype=np.int64))
-    search_s = time.perf_counter() - t0
-    assert not (ids == np.arange(len(x))[:, None]).any(), "a row returned as its own neighbour"
+    searched = 0
+    for start in range(0, len(x), args.search_chunk):
+        rows = np.arange(start, min(start + args.search_chunk, len(x)), dtype=np.int64)
+        _, ids = index.search(x[rows], n, exclude_ids=rows)
+        assert not (ids == rows[:, None]).any(), "a row returned as its own neighbour"
+        searched = rows[-1] + 1
+        elapsed = time.perf_counter() - t0
+        if searched < len(x) and elapsed - shown[1] >= 30:
+            shown[1] = elapsed
+            print(f"    {kind}: {searched:,}/{len(x):,} rows searched, {elapsed:.0f} s", flush=True)
+        if build_s + elapsed > args.budget:
+            break
+    search_s = (time.perf_counter() - t0) * len(x) / searched
     t0 = time.perf_counter()
     recall = index.measure_recall(x, n, sample=args.recall_sample, seed=0)
     recall_s = time.perf_counter() - t0
     params = {k: v for k, v in index.params.items() if k not in ("n_rows", "dim", "metric")}
     return {"kind": kind, "resolved": index.kind, "build_s": build_s, "search_s": search_s,
             "total_s": build_s + search_s, "recall": recall, "recall_s": recall_s,
-            "params": params, "timings": index.timings, "estimated": False}
+            "params": params, "timings": index.timings, "searched_rows": int(searched),
+            "estimated": bool(searched < len(x))}
 
 
 def run_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
@@ -160,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run flat in full up to this N, else extrapolate from --flat-probe")
     ap.add_argument("--flat-probe", type=int, default=5_000)
     ap.add_argument("--no-flat", action="store_true", help="skip the flat rows")
-    ap.add_argument("--hnsw-budget", type=float, default=600.0,
-                    help="abort an HNSW build still adding rows after this many seconds")
+    ap.add_argument("--budget", type=float, default=600.0,
+                    help="seconds per index for build+search; past it a build is aborted and "
+                         "the search time extrapolated from the rows searched so far")
+    ap.add_argument("--search-chunk", type=int, default=65536)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -187,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             except OverBudget as exc:
                 rows.append(dict(base, kind=kind, skipped=str(exc)))
                 print(f"  {kind}: {exc}", flush=True)
+                save(args, rows)
                 continue
             rows.append(dict(base, **row))
+            save(args, rows)
             print(f"  {kind}: build {row['build_s']:.1f} s, search {row['search_s']:.1f} s"
                   f"{' (extrapolated)' if row['estimated'] else ''}, recall {row['recall']:.4f}"
                   f" [{breadth(row)}]", flush=True)
@@ -196,16 +212,22 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows)
     print()
     print(md)
+    save(args, rows)
     if args.out:
-        import faiss
-
-        write_json(args.out, {"command": " ".join(sys.argv), "rows": rows, "markdown": md,
-                              "machine": {"cpus": os.cpu_count(), "threads": args.threads,
-                                          "platform": platform.platform(),
-                                          "faiss": faiss.__version__,
-                                          "numpy": np.__version__}})
         print(f"wrote {args.out}")
     return 0
+
+
+def save(args, rows: list[dict]) -> None:
+    if not args.out:
+        return
+    import faiss
+
+    write_json(args.out, {"command": " ".join(sys.argv), "rows": rows, "markdown": table(rows),
+                          "machine": {"cpus": os.cpu_count(), "threads": args.threads,
+                                      "load_average": os.getloadavg(),
+                                      "platform": platform.platform(),
+                                      "faiss": faiss.__version__, "numpy": np.__version__}})
 
 
 if __name__ == "__main__":
