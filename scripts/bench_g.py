@@ -90,11 +90,13 @@ def run_kind(kind: str, x: np.ndarray, n: int, args) -> dict:
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     searched = 0
-    for start in range(0, len(x), args.search_chunk):
-        rows = np.arange(start, min(start + args.search_chunk, len(x)), dtype=np.int64)
+    chunk = 4096        # grows to --search-chunk: a slow index is caught early
+    while searched < len(x):
+        rows = np.arange(searched, min(searched + chunk, len(x)), dtype=np.int64)
+        chunk = min(2 * chunk, args.search_chunk)
         _, ids = index.search(x[rows], n, exclude_ids=rows)
         assert not (ids == rows[:, None]).any(), "a row returned as its own neighbour"
-        searched = rows[-1] + 1
+        searched = int(rows[-1]) + 1
         elapsed = time.perf_counter() - t0
         if searched < len(x) and elapsed - shown[1] >= 30:
             shown[1] = elapsed
