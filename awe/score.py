@@ -85,10 +85,12 @@ class Predictor:
 
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
         """G of a batch (the last batch is cached: knn-wsabie and awe share it)."""
-        key = (id(examples), len(rows), int(rows[0]) if len(rows) else -1)
-        if self._g_cache is None or self._g_cache[0] != key:
-            self._g_cache = (key, self.affinity.rows_affinity(examples, rows))
-        return self._g_cache[1]
+        cached = self._g_cache
+        if cached is None or cached[0] is not examples or not np.array_equal(cached[1], rows):
+            # holding ``examples`` keeps its identity unique while it is cached
+            self._g_cache = cached = (examples, np.array(rows),
+                                      self.affinity.rows_affinity(examples, rows))
+        return cached[2]
 
     def input_affinity(self):
         """The knn-input baseline: the same kernel and aggregation over input-space neighbours."""

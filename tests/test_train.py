@@ -118,6 +118,26 @@ def _reference_step(model, config, rows, positives, inputs, sampled, n_negatives
         model.project_rows(config.max_norm, inputs.ids, touched)
 
 
+def capture_step(monkeypatch) -> dict:
+    """Record the sampler's result and the model and batch before the (last) WARP step."""
+    seen = {}
+    original_sampler = train_module.sample_violators
+    original_call = train_module._WarpStep.__call__
+
+    def sampler(*args, **kwargs):
+        seen["sampled"] = original_sampler(*args, **kwargs)
+        return seen["sampled"]
+
+    def call(self, rows, positives, inputs):
+        seen.update(before=copy.deepcopy(self.model), rows=rows, positives=positives,
+                    inputs=inputs)
+        return original_call(self, rows, positives, inputs)
+
+    monkeypatch.setattr(train_module, "sample_violators", sampler)
+    monkeypatch.setattr(train_module._WarpStep, "__call__", call)
+    return seen
+
+
 @pytest.mark.parametrize("sparse,optimizer,weight_decay,max_norm,sparse_grads", [
     (True, "adagrad", 0.0, None, False),
     (True, "adagrad", 0.01, 0.8, False),
@@ -137,21 +157,7 @@ def test_step_equals_autograd_with_pair_weights(monkeypatch, sparse, optimizer, 
     model = Weighted(shape, table, init_scale=3.0, generator=torch.Generator().manual_seed(0))
     config = TrainConfig(epochs=1, batch_size=10_000, negatives=4, lr=0.1, optimizer=optimizer,
                          weight_decay=weight_decay, max_norm=max_norm)
-    seen = {}
-    original_sampler = train_module.sample_violators
-    original_call = train_module._WarpStep.__call__
-
-    def sampler(*args, **kwargs):
-        seen["sampled"] = original_sampler(*args, **kwargs)
-        return seen["sampled"]
-
-    def call(self, rows, positives, inputs):
-        seen.update(before=copy.deepcopy(self.model), rows=rows, positives=positives,
-                    inputs=inputs)
-        return original_call(self, rows, positives, inputs)
-
-    monkeypatch.setattr(train_module, "sample_violators", sampler)
-    monkeypatch.setattr(train_module._WarpStep, "__call__", call)
+    seen = capture_step(monkeypatch)
     fit(model, examples, config)
 
     found = seen["sampled"][0]
@@ -212,21 +218,7 @@ def test_stage3_step_equals_autograd_with_label_bias(monkeypatch, optimizer, max
                            generator=torch.Generator().manual_seed(0), label_bias=0.5)
     config = TrainConfig(epochs=1, batch_size=10_000, negatives=4, lr=0.1, optimizer=optimizer,
                          max_norm=max_norm)
-    seen = {}
-    original_sampler = train_module.sample_violators
-    original_call = train_module._WarpStep.__call__
-
-    def sampler(*args, **kwargs):
-        seen["sampled"] = original_sampler(*args, **kwargs)
-        return seen["sampled"]
-
-    def call(self, rows, positives, inputs):
-        seen.update(before=copy.deepcopy(self.model), rows=rows, positives=positives,
-                    inputs=inputs)
-        return original_call(self, rows, positives, inputs)
-
-    monkeypatch.setattr(train_module, "sample_violators", sampler)
-    monkeypatch.setattr(train_module._WarpStep, "__call__", call)
+    seen = capture_step(monkeypatch)
     fit(model, examples, config)
     assert int(seen["sampled"][0].sum()) > 0
     reference = seen["before"]
