@@ -125,6 +125,7 @@ def test_recall_with_defaults(kind):
     name = "nprobe" if kind == "ivf" else "ef_search"
     assert index.params[f"{name}_calibrated"] and index.params[name] >= 1
     assert index.params["calibration"]["recall_lower_bound"] >= 0.95
+    assert index.params["calibration"]["reached"] is True
     recall = index.measure_recall(x, 20, sample=500, seed=11)
     assert recall >= 0.9
     rows = np.arange(0, 8000, 13, dtype=np.int64)
