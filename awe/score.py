@@ -101,12 +101,14 @@ class Predictor:
             if self.affinity.config.space == "input":
                 self._input_affinity = self.affinity
                 return self._input_affinity
-            if not self.train_path or not Path(str(self.train_path)).exists() and not any(
-                    c in str(self.train_path) for c in "*?["):
-                raise AweError(f"the knn-input row searches the training rows, and "
-                               f"{self.train_path!s} is not there; pass --train TRAIN")
+            if not self.train_path:
+                raise AweError("the knn-input row searches the training rows: pass --train TRAIN")
             task = self.config["stage1"]["train"].get("task")
-            train = load_examples(self.train_path, self.schema, self.vocab, task=task)
+            try:
+                train = load_examples(self.train_path, self.schema, self.vocab, task=task)
+            except AweError as exc:
+                raise AweError(f"the knn-input row searches the training rows: {exc}; pass "
+                               f"--train TRAIN") from exc
             config = replace(self.affinity.config, space="input", label_kernel="exact",
                              lam=None, index="auto", nprobe=None, ef_search=None)
             self._input_affinity, _, _ = build_affinity(train, self.n_labels, config, None,
