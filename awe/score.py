@@ -2,7 +2,8 @@
 
 One path serves ``awe eval`` and ``awe score``: stage-1 embedding -> neighbour search -> sparse
 G -> stage-3 scores. The baselines reuse the pieces: ``knn-input`` (neighbour vote in input
-space), ``knn-wsabie`` (labels ranked by G alone), ``wsabie`` (stage 1 alone), ``awe`` (stage 3).
+space), ``knn-wsabie`` (labels ranked by a Wsabie-space G alone), ``wsabie`` (stage 1 alone),
+``awe`` (stage 3).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Predictor:
         if "stage3" in self.config:
             self.awe = load_awe(self.model_dir, self.config).to(device)
         self.train_path = train_path or (stage2 or {}).get("train_path")
-        self._input_affinity = None
+        self._baselines: dict = {}  # knn rows built on demand: space -> Affinity
         self._g_cache: tuple | None = None
 
     @property
@@ -74,9 +75,11 @@ class Predictor:
                                                                          self.device)))
         if kind == "knn-input":
             return self._dense(self.input_affinity().rows_affinity(examples, rows), len(rows))
-        g = self.affinity_rows(examples, rows)
+        if kind == "knn-wsabie" and self.wsabie_affinity() is not self.affinity:
+            return self._dense(self.wsabie_affinity().rows_affinity(examples, rows), len(rows))
         if kind == "knn-wsabie":
-            return self._dense(g, len(rows))
+            return self._dense(self.affinity_rows(examples, rows), len(rows))
+        g = self.affinity_rows(examples, rows)
         if kind == "awe":
             base = self.awe.all_scores_plain(self.awe.embed(batch_inputs(examples, rows,
                                                                          self.device)))
@@ -94,26 +97,37 @@ class Predictor:
 
     def input_affinity(self):
         """The knn-input baseline: the same kernel and aggregation over input-space neighbours."""
-        if self._input_affinity is None:
+        return self._baseline_affinity("input")
+
+    def wsabie_affinity(self):
+        """The knn-wsabie baseline: G over stage-1 (Wsabie) embedding neighbours. It is the
+        stage-2 G itself unless that was built in input space (``--space input``)."""
+        return self._baseline_affinity("wsabie")
+
+    def _baseline_affinity(self, space: str):
+        if self.affinity.config.space == space:
+            return self.affinity
+        if space not in self._baselines:
             from .affinity import build_affinity
             from .data import load_examples
 
-            if self.affinity.config.space == "input":
-                self._input_affinity = self.affinity
-                return self._input_affinity
+            row = f"knn-{space}"
             if not self.train_path:
-                raise AweError("the knn-input row searches the training rows: pass --train TRAIN")
+                raise AweError(f"the {row} row searches the training rows: pass --train TRAIN")
             task = self.config["stage1"]["train"].get("task")
             try:
                 train = load_examples(self.train_path, self.schema, self.vocab, task=task)
             except AweError as exc:
-                raise AweError(f"the knn-input row searches the training rows: {exc}; pass "
+                raise AweError(f"the {row} row searches the training rows: {exc}; pass "
                                f"--train TRAIN") from exc
-            config = replace(self.affinity.config, space="input", label_kernel="exact",
+            config = replace(self.affinity.config, space=space, label_kernel="exact",
                              lam=None, index="auto", nprobe=None, ef_search=None)
-            self._input_affinity, _, _ = build_affinity(train, self.n_labels, config, None,
-                                                        train_g=False)
-        return self._input_affinity
+            embed_u = None
+            if space == "wsabie":
+                embed_u = self.wsabie.u_matrix().detach().cpu().clone()
+            self._baselines[space], _, _ = build_affinity(train, self.n_labels, config, embed_u,
+                                                          train_g=False)
+        return self._baselines[space]
 
     def _dense(self, g: Csr, n_rows: int) -> torch.Tensor:
         out = torch.zeros(n_rows, self.n_labels)

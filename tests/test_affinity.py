@@ -364,3 +364,27 @@ def test_retrain_needs_g_and_the_same_training_rows(trained, tmp_path):
     build_g(train, model, AffinityConfig(neighbors=5))
     with pytest.raises(AweError, match="not the training data"):
         retrain_awe(test, model, TrainConfig(epochs=1))
+
+
+def test_knn_rows_keep_their_spaces_when_g_is_built_in_input_space(trained, tmp_path):
+    """knn-input is always an input-space vote and knn-wsabie a Wsabie-space one, whichever
+    space the stage-2 G (used by the awe row) was built in."""
+    import shutil
+
+    from awe.score import Predictor
+
+    root, train, test = trained
+    scores = {}
+    for space in ("wsabie", "input"):
+        model = tmp_path / space
+        shutil.copytree(root / "m", model)
+        build_g(train, model, AffinityConfig(neighbors=5, space=space, index="flat"))
+        predictor = Predictor(model)
+        examples = load_examples(test, predictor.schema, predictor.vocab)
+        rows = np.arange(len(examples))
+        scores[space] = {kind: predictor.scores(examples, rows, kind).numpy()
+                         for kind in ("knn-input", "knn-wsabie")}
+    for kind in ("knn-input", "knn-wsabie"):
+        np.testing.assert_allclose(scores["input"][kind], scores["wsabie"][kind], rtol=1e-5,
+                                   atol=1e-6)
+    assert not np.allclose(scores["input"]["knn-input"], scores["input"]["knn-wsabie"])
