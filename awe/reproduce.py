@@ -1,0 +1,339 @@
+"""``awe reproduce``: the paper's tables end to end (data -> train -> build-g -> retrain -> eval)
+with per-dataset defaults, and a report directory a person can read.
+
+The report (``OUT/``): ``table.md``, ``table.csv``, ``table.json`` (the four rows of the paper's
+Tables 1 and 2, every metric, the time of every stage), ``config.json`` (the resolved config of
+every stage), ``precision_at_k.png`` (P@k, k = 1..10, per row), ``training_curves.png`` (loss
+and validation P@k per epoch of stages 1 and 3); the data in ``OUT/data`` and the model in
+``OUT/model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import artifacts, datasets
+from .affinity import AffinityConfig, build_g
+from .errors import AweError
+from .evaluate import evaluate_model
+from .train import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie
+
+ALGORITHMS = {
+    "knn-input": "k-Nearest Neighbor",
+    "knn-wsabie": "k-Nearest Neighbor (Wsabie space)",
+    "wsabie": "Wsabie",
+    "awe": "Affinity Weighted Embedding",
+}
+PLOT_KS = tuple(range(1, 11))
+REPORT_FILES = ("table.md", "table.csv", "table.json", "config.json", "precision_at_k.png",
+                "training_curves.png")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How ``awe reproduce`` runs one dataset: where its data comes from and each stage's
+    defaults (tuned per dataset on its validation split; see docs/decisions.md)."""
+
+    name: str
+    title: str
+    table_ks: tuple[int, ...]
+    stage1: TrainConfig = TrainConfig(valid_fraction=0.1)
+    stage2: AffinityConfig = AffinityConfig()
+    stage3: TrainConfig = replace(STAGE3_DEFAULTS, valid_fraction=0.1)
+    label_bias: float | None = LABEL_BIAS_DEFAULT
+
+
+RECIPES = {
+    "magnatagatune": Recipe(
+        "magnatagatune", "Synthetic Magnatagatune (16,000 train / 5,000 test, 160 tags)", (1, 3),
+        # Stage-1 Wsabie underfits this set by construction (P@1 ~0.23), so its space gives
+        # poorer neighbours than the input: G is built in input space (the paper's G_orig).
+        stage2=AffinityConfig(aggregate="sum", space="input")),
+    "imagenet": Recipe(
+        "imagenet", "Synthetic ImageNet (474 features, one class per example)", (1, 3),
+        stage2=AffinityConfig(aggregate="max")),
+    "fashion-mnist": Recipe("fashion-mnist", "Fashion-MNIST (60,000 train / 10,000 test)", (1, 3)),
+    "movielens": Recipe("movielens", "MovieLens 100K implicit (ratings >= 4)", (10,)),
+    "path": Recipe("path", "", (1, 3)),
+}
+IMAGENET_DEFAULT_ROWS = 50_000
+
+
+@dataclass
+class Report:
+    dataset: str
+    title: str
+    table_ks: tuple[int, ...]
+    metrics: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+    files: list[Path]
+    out: Path
+
+    def table_rows(self) -> list[tuple[str, list[float]]]:
+        return [(ALGORITHMS[row], [self.metrics[row][f"P@{k}"] for k in self.table_ks])
+                for row in self.metrics]
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def _split_path(base: Path, name: str) -> Path | None:
+    for candidate in (base / f"{name}.parquet", base / name):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def resolve_data(dataset: str, out: Path, *, source=None, train=None, test=None, seed: int = 0,
+                 rows: int | None = None, test_rows: int | None = None,
+                 classes: int | None = None) -> tuple[Recipe, Path, Path]:
+    """The recipe and the (train, test) paths of ``dataset``; builds named datasets into
+    ``out/data`` (reused when already there)."""
+    if train is not None or test is not None:
+        if train is None or test is None:
+            raise AweError("pass both --train and --test (or --dataset DIR with train and test)")
+        for p in (train, test):
+            if not Path(p).exists() and not any(ch in str(p) for ch in "*?["):
+                raise AweError(f"{p}: no such file or directory")
+        return RECIPES["path"], Path(train), Path(test)
+    if dataset in RECIPES and dataset != "path":
+        recipe = RECIPES[dataset]
+        data_dir = out / "data"
+        if not (data_dir / "test.parquet").exists() or not (data_dir / "train.parquet").exists():
+            _make(dataset, data_dir, source, seed, rows, test_rows, classes)
+        return recipe, data_dir / "train.parquet", data_dir / "test.parquet"
+    base = Path(dataset)
+    if not base.is_dir():
+        raise AweError(f"--dataset {dataset}: not a known dataset ({', '.join(_NAMED)}) nor a "
+                       f"directory with train and test parquet")
+    found = {name: _split_path(base, name) for name in ("train", "test")}
+    missing = [name for name, p in found.items() if p is None]
+    if missing:
+        raise AweError(f"--dataset {dataset}: no {' or '.join(missing)} in it (expected "
+                       f"train.parquet / test.parquet files or train/ / test/ folders); or pass "
+                       f"--train and --test")
+    return RECIPES["path"], found["train"], found["test"]
+
+
+_NAMED = [name for name in RECIPES if name != "path"]
+
+
+def _make(dataset: str, data_dir: Path, source, seed: int, rows, test_rows, classes) -> None:
+    if dataset in ("magnatagatune", "imagenet"):
+        if dataset == "imagenet" and rows is None:
+            rows = IMAGENET_DEFAULT_ROWS
+        datasets.make_dataset("synthetic", data_dir, preset=dataset, seed=seed, rows=rows,
+                              test_rows=test_rows, classes=classes)
+    elif dataset == "fashion-mnist":
+        datasets.make_dataset("fashion-mnist", data_dir, source=source)
+    else:  # movielens: a local copy, else GroupLens' download
+        if source is None:
+            source = datasets.download_movielens(data_dir / "raw")
+        datasets.make_dataset("movielens", data_dir, source=source)
+
+
+# -------------------------------------------------------------------------------- pipeline
+
+
+class _Steps:
+    """One rich progress line per pipeline step (spinner and elapsed time); training draws its
+    own per-epoch bars beneath it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str, description: str):
+        progress = None
+        if self.enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                TimeElapsedColumn(), transient=True)
+            progress.start()
+            progress.add_task(description, total=None)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if progress is not None:
+                progress.stop()
+        self.seconds[name] = round(time.perf_counter() - t0, 2)
+        if progress is not None:
+            progress.console.print(f"[green]done[/] {description} ({self.seconds[name]:.1f} s)",
+                                   highlight=False)
+
+
+def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=None, train=None,
+              test=None, rows: int | None = None, test_rows: int | None = None,
+              classes: int | None = None, seed: int = 0,
+              threads: int | None = None, progress: bool = False,
+              recipe: Recipe | None = None) -> Report:
+    """Run the whole pipeline on ``dataset`` and write the report into ``out``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AweError(f"--out {out}: exists and is not a directory")
+    steps = _Steps(progress)
+    with steps.step("data", "data"):
+        chosen, train_path, test_path = resolve_data(dataset, out, source=source, train=train,
+                                                     test=test, seed=seed, rows=rows,
+                                                     test_rows=test_rows, classes=classes)
+    recipe = recipe or chosen
+    title = recipe.title or f"{train_path} / {test_path}"
+    overrides = {"seed": seed, **({"threads": threads} if threads else {})}
+    stage1 = replace(recipe.stage1, **overrides)
+    stage2 = replace(recipe.stage2, **overrides)
+    stage3 = replace(recipe.stage3, **overrides)
+    if threads:
+        torch.set_num_threads(threads)
+    model = out / "model"
+    with steps.step("train", "stage 1: Wsabie (WARP)"):
+        train_wsabie(train_path, model, stage1, progress=progress)
+    with steps.step("build-g", "stage 2: neighbours and G"):
+        g_stats, _ = build_g(train_path, model, stage2)
+    with steps.step("retrain", "stage 3: AWE retrain"):
+        retrain_awe(train_path, model, stage3, label_bias=recipe.label_bias, progress=progress)
+    metrics: dict[str, dict[str, float]] = {}
+    for row in ALGORITHMS:
+        with steps.step(f"eval {row}", f"evaluate {row}"):
+            metrics.update(evaluate_model(model, test_path, PLOT_KS, rows=[row],
+                                          train_path=train_path))
+    report = Report(recipe.name if recipe.name != "path" else str(dataset), title,
+                    recipe.table_ks, metrics, steps.seconds, [], out)
+    report.files = write_report(report, model, recipe, g_stats,
+                                {"train": str(train_path), "test": str(test_path)})
+    return report
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def _machine() -> str:
+    import os
+
+    threads = torch.get_num_threads()
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__} ({threads} threads)")
+
+
+def table_markdown(report: Report) -> str:
+    ks = report.table_ks
+    head = ["Algorithm", *(f"Prec@{k}" for k in ks)]
+    lines = [f"## {report.title}", "", "| " + " | ".join(head) + " |",
+             "| " + " | ".join(["---"] + ["---:"] * len(ks)) + " |"]
+    for name, values in report.table_rows():
+        lines.append(f"| {name} | " + " | ".join(f"{v * 100:.2f}%" for v in values) + " |")
+    lines += ["", "| Stage | Seconds |", "| --- | ---: |"]
+    lines += [f"| {name} | {sec:.1f} |" for name, sec in report.seconds.items()]
+    lines += [f"| total | {sum(report.seconds.values()):.1f} |", "",
+              f"Machine: {_machine()}."]
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(report: Report) -> str:
+    buffer = io.StringIO()
+    metric_names = list(next(iter(report.metrics.values())))
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["row", "algorithm", *metric_names])
+    for row, values in report.metrics.items():
+        writer.writerow([row, ALGORITHMS[row], *(f"{values[m]:.6f}" for m in metric_names)])
+    return buffer.getvalue()
+
+
+def write_report(report: Report, model: Path, recipe: Recipe, g_stats: dict,
+                 data: dict) -> list[Path]:
+    out = report.out
+    config = artifacts.read_json(model / artifacts.CONFIG)
+    resolved = {"dataset": report.dataset, "data": data,
+                "stage1": config.get("stage1"), "stage2": config.get("stage2"),
+                "stage3": config.get("stage3"), "label_bias": recipe.label_bias}
+    summary = {"dataset": report.dataset, "title": report.title, "machine": _machine(),
+               "table_ks": list(report.table_ks), "rows": report.metrics,
+               "seconds": report.seconds, "total_seconds": round(sum(report.seconds.values()), 2),
+               "g": g_stats}
+    written = []
+    for name, text in (("table.md", table_markdown(report)),
+                       ("table.csv", table_csv(report)),
+                       ("table.json", json.dumps(summary, indent=2) + "\n"),
+                       ("config.json", json.dumps(resolved, indent=2, default=str) + "\n")):
+        artifacts.write_text(out / name, text)
+        written.append(out / name)
+    written.append(plot_precision(report, out / "precision_at_k.png"))
+    written.append(plot_training(model, out / "training_curves.png"))
+    return written
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_precision(report: Report, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row, values in report.metrics.items():
+        ax.plot(PLOT_KS, [values[f"P@{k}"] for k in PLOT_KS], marker="o", label=ALGORITHMS[row])
+    ax.set_xlabel("k")
+    ax.set_ylabel("precision@k (test)")
+    ax.set_xticks(PLOT_KS)
+    ax.set_title(report.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [row for row in csv.DictReader(fh) if not row.get("phase")]
+
+
+def plot_training(model: Path, path: Path) -> Path:
+    """Loss and validation P@k per epoch of both stages (the selection runs, before any refit)."""
+    plt = _pyplot()
+    stages = [("stage 1 (Wsabie)", _read_history(model / artifacts.HISTORY)),
+              ("stage 3 (AWE)", _read_history(model / artifacts.AWE_HISTORY))]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex="col")
+    for col, (name, rows) in enumerate(stages):
+        epochs = list(range(1, len(rows) + 1))  # across rounds when --rounds > 1
+        axes[0, col].plot(epochs, [float(r["loss"]) for r in rows], color="C0")
+        axes[0, col].set_title(name, fontsize=10)
+        axes[0, col].set_ylabel("training loss")
+        for key in [k for k in (rows[0] if rows else {}) if k.startswith("valid_P@")]:
+            values = [float(r[key]) if r[key] != "" else float("nan") for r in rows]
+            axes[1, col].plot(epochs, values, label=key.removeprefix("valid_"))
+        axes[1, col].set_xlabel("epoch")
+        axes[1, col].set_ylabel("validation precision")
+        if rows and any(k.startswith("valid_P@") for k in rows[0]):
+            axes[1, col].legend(fontsize=8)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
