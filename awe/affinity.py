@@ -45,7 +45,9 @@ LAMBDA_SAMPLE = 2000  # rows searched to set lambda when no training G is needed
 class AffinityConfig:
     """Every option of stage 2; saved in config.json (with the resolved lambdas)."""
 
-    neighbors: int = 20
+    # "auto": 20 (the paper's) for annotation; 100 for recommendation, where x is a user id and
+    # 20 neighbours carry too few of a user's items (docs/decisions.md)
+    neighbors: int | str = "auto"
     kernel: str = "gaussian"
     lam: float | None = None  # gaussian scale; None: 1 / median squared neighbour distance
     aggregate: str = "sum"
@@ -54,7 +56,9 @@ class AffinityConfig:
     label_kernel: str = "exact"
     label_lambda: float | None = None  # None: 1 / median squared distance between label vectors
     label_top: int = 64  # labels kept per row with the soft label kernel (G is dense otherwise)
-    normalize: str = "none"  # "max": divide each row of G by its largest weight
+    # "max": divide each row of G by its largest weight; "auto": max for recommendation, none
+    # for annotation
+    normalize: str = "auto"
     index: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
@@ -64,7 +68,10 @@ class AffinityConfig:
 
     def __post_init__(self):
         checks = [
-            (self.neighbors >= 1, "--neighbors must be >= 1"),
+            (self.neighbors == "auto" or (not isinstance(self.neighbors, (bool, str))
+                                          and int(self.neighbors) == self.neighbors
+                                          and self.neighbors >= 1),
+             "--neighbors must be an integer >= 1 or auto"),
             (self.kernel in KERNELS, f"--kernel must be one of {', '.join(KERNELS)}"),
             (self.lam is None or (self.lam > 0 and math.isfinite(self.lam)),
              "--lambda must be a positive number"),
@@ -75,12 +82,23 @@ class AffinityConfig:
             (self.label_lambda is None or self.label_lambda > 0,
              "--label-lambda must be a positive number"),
             (self.label_top >= 1, "--label-top must be >= 1"),
-            (self.normalize in NORMALIZE, "--normalize must be none or max"),
+            (self.normalize in (*NORMALIZE, "auto"), "--normalize must be none, max or auto"),
             (self.batch_rows >= 1, "--batch-rows must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise AweError(message)
+
+    def resolved(self, task: str | None) -> AffinityConfig:
+        """Fill the task-dependent defaults (``auto``) of neighbours and normalisation."""
+        recommendation = task == "recommendation"
+        neighbors = self.neighbors
+        if neighbors == "auto":
+            neighbors = 100 if recommendation else 20
+        normalize = self.normalize
+        if normalize == "auto":
+            normalize = "max" if recommendation else "none"
+        return replace(self, neighbors=int(neighbors), normalize=normalize)
 
     def index_config(self):
         from .neighbours import IndexConfig
@@ -393,6 +411,7 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
     """
     from .neighbours import NeighbourIndex, set_threads
 
+    config = config.resolved(train.task)
     if config.space == "input":
         embed_u = None
         if train.dense is None and train.schema.n_features > MAX_DENSE_INPUT_WIDTH:
@@ -435,7 +454,8 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
             for s in range(0, len(train), config.batch_rows)])
     t_g = time.perf_counter() - t0 - t_index - t_search
     recall = index.measure_recall(vectors, config.neighbors, seed=config.seed)
-    stats = {"rows": len(train), "index": index.kind, "index_seconds": round(t_index, 3),
+    stats = {"rows": len(train), "neighbors": config.neighbors, "index": index.kind,
+             "index_seconds": round(t_index, 3),
              "search_seconds": round(t_search, 3), "g_seconds": round(t_g, 3),
              "recall@n": round(float(recall), 4), "lambda": resolved.lam}
     if g_train is not None:

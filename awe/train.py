@@ -535,6 +535,9 @@ INITS = ("wsabie", "random")
 STAGE3_DEFAULTS = TrainConfig(lr=0.01)
 # beta_y's starting value: f = G * (s + beta) starts near the kNN ranking refined by s
 LABEL_BIAS_DEFAULT = 3.0
+# --max-norm auto in stage 3 for recommendation: the G-weighted scores need longer rows than
+# stage 1's 1.5 (ML100K P@10 0.2278 at 3.0 vs 0.2255 at 1.5; docs/decisions.md)
+STAGE3_RECOMMENDATION_MAX_NORM = 3.0
 
 
 def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
@@ -558,6 +561,8 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     if "stage2" not in saved.config:
         raise AweError(f"{model_dir}: no affinity weights G; run `awe build-g` first")
     task = saved.config["stage1"]["train"].get("task")
+    if config.max_norm == "auto" and task == "recommendation":
+        config = replace(config, max_norm=STAGE3_RECOMMENDATION_MAX_NORM)
     config = config.resolved(task, resolve_device(config.device))
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -183,12 +183,22 @@ def train(
         _wrote(paths)
 
 
+def _auto_int(value: str, option: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise AweError(f"{option} must be an integer or auto, got {value!r}") from None
+
+
 @app.command("build-g")
 def build_g(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN", help="The training parquet of "
                                                                     "stage 1.")],
     model: Annotated[Path, typer.Option(help="Model directory (from `awe train`).")],
-    neighbors: Annotated[int, typer.Option(help="Neighbours per row (n).")] = 20,
+    neighbors: Annotated[str, typer.Option(
+        help="Neighbours per row (n); auto: 20 (annotation), 100 (recommendation).")] = "auto",
     kernel: Annotated[str, typer.Option(
         help="gaussian | embedded-gaussian | cosine | dot | uniform.")] = "gaussian",
     lam: Annotated[float | None, typer.Option(
@@ -206,8 +216,9 @@ def build_g(
                                                             "embedding.")] = None,
     label_top: Annotated[int, typer.Option(help="Labels kept per row with --label-kernel "
                                                 "embedding.")] = 64,
-    normalize: Annotated[str, typer.Option(help="none | max: divide each row of G by its "
-                                                "largest weight.")] = "none",
+    normalize: Annotated[str, typer.Option(
+        help="none | max: divide each row of G by its largest weight; auto: max for "
+             "recommendation, none for annotation.")] = "auto",
     index: Annotated[str, typer.Option(help="auto | flat | ivf | hnsw.")] = "auto",
     nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
@@ -219,13 +230,15 @@ def build_g(
     from awe.affinity import build_g as build_g_lib
 
     with user_errors():
-        config = AffinityConfig(neighbors=neighbors, kernel=kernel, lam=lam, aggregate=aggregate,
+        config = AffinityConfig(neighbors=_auto_int(neighbors, "--neighbors"), kernel=kernel,
+                                lam=lam, aggregate=aggregate,
                                 bias=bias, space=space, label_kernel=label_kernel,
                                 label_lambda=label_lambda, label_top=label_top,
                                 normalize=normalize, index=index,
                                 nprobe=nprobe, ef_search=ef_search, seed=seed, threads=threads)
         stats, paths = build_g_lib(train_path, model, config)
-        out.print(f"G over {stats['rows']} rows: {stats['index']} index, recall@{neighbors} "
+        out.print(f"G over {stats['rows']} rows: {stats['index']} index, "
+                  f"recall@{stats['neighbors']} "
                   f"{stats['recall@n']:.4f}, lambda {stats['lambda']:.4g}, "
                   f"{stats['labels_per_row']} labels per row "
                   f"({stats['index_seconds'] + stats['search_seconds'] + stats['g_seconds']:.1f}s)",

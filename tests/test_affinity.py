@@ -311,7 +311,8 @@ def test_build_g_and_retrain_write_every_option(trained, tmp_path):
                             index="flat", seed=3)
     stats, written = build_g(train, model, config)
     saved = json.loads((model / "config.json").read_text())
-    for name, value in config.to_dict().items():
+    assert config.normalize == "auto"  # resolved from the task when G is built
+    for name, value in config.resolved("annotation").to_dict().items():
         assert name in saved["stage2"]["config"]
         if value is not None:
             assert saved["stage2"]["config"][name] == value
@@ -388,3 +389,28 @@ def test_knn_rows_keep_their_spaces_when_g_is_built_in_input_space(trained, tmp_
         np.testing.assert_allclose(scores["input"][kind], scores["wsabie"][kind], rtol=1e-5,
                                    atol=1e-6)
     assert not np.allclose(scores["input"]["knn-input"], scores["input"]["knn-wsabie"])
+
+
+@pytest.mark.parametrize("task, neighbors, normalize, stage3_max_norm", [
+    ("annotation", 20, "none", None), ("recommendation", 100, "max", 3.0)])
+def test_auto_defaults_follow_the_task(tmp_path, task, neighbors, normalize, stage3_max_norm):
+    rng = np.random.default_rng(0)
+    n_rows = 150
+    table = pa.table({"feature_ids": [[i] for i in range(n_rows)],
+                      "labels": [sorted(rng.choice(30, size=6, replace=False).tolist())
+                                 for _ in range(n_rows)]})
+    train = tmp_path / "train.parquet"
+    pq.write_table(table, train)
+    model = tmp_path / "m"
+    train_wsabie(train, model, TrainConfig(epochs=1, dim=4, task=task))
+    stats, _ = build_g(train, model, AffinityConfig(index="flat"))
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["stage2"]["config"]["neighbors"] == neighbors == stats["neighbors"]
+    assert saved["stage2"]["config"]["normalize"] == normalize
+    retrain_awe(train, model, TrainConfig(epochs=1, lr=0.01))
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["stage3"]["train"]["max_norm"] == stage3_max_norm
+    # an explicit value is kept
+    build_g(train, model, AffinityConfig(neighbors=7, normalize="none", index="flat"))
+    saved = json.loads((model / "config.json").read_text())["stage2"]["config"]
+    assert (saved["neighbors"], saved["normalize"]) == (7, "none")
