@@ -42,10 +42,13 @@ class AWE:
     ...) to stage 1, any :class:`AffinityConfig` field (neighbors, kernel, aggregate, ...) to
     stage 2; ``retrain`` (a dict of TrainConfig fields) overrides stage 3, which otherwise takes
     the shared options (seed, threads, negatives, ...) and the stage-3 defaults.
+    ``label_bias`` starts stage 3's beta (None: the paper's model); ``wsabie_label_bias``
+    learns a per-label offset in stage 1 (False: the paper's Wsabie).
     """
 
     def __init__(self, *, retrain: dict | None = None, init: str = "wsabie", rounds: int = 1,
-                 label_bias: float | None = LABEL_BIAS_DEFAULT, **options):
+                 label_bias: float | None = LABEL_BIAS_DEFAULT, wsabie_label_bias: bool = True,
+                 **options):
         unknown = set(options) - _TRAIN_FIELDS - _AFFINITY_FIELDS
         if unknown:
             raise AweError(f"unknown option(s) {', '.join(sorted(unknown))}")
@@ -57,6 +60,7 @@ class AWE:
             STAGE3_DEFAULTS, **{k: v for k, v in options.items() if k in _SHARED},
             **(retrain or {}))
         self.init, self.rounds, self.label_bias = init, rounds, label_bias
+        self.wsabie_label_bias = wsabie_label_bias
         self.model_dir: Path | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._predictor = None
@@ -71,7 +75,7 @@ class AWE:
         valid_path = None if valid is None else self._as_path(valid,
                                                               self._scratch() / "valid.parquet")
         train_wsabie(train_path, self.model_dir, self.train_config, valid_path=valid_path,
-                     progress=progress)
+                     progress=progress, label_bias=self.wsabie_label_bias)
         build_g(train_path, self.model_dir, self.affinity_config)
         retrain_awe(train_path, self.model_dir, self.retrain_config, init=self.init,
                     rounds=self.rounds, label_bias=self.label_bias, valid_path=valid_path,

@@ -78,7 +78,7 @@ class Wsabie(nn.Module):
     SPARSE_GRAD_MIN_WEIGHTS = 1 << 20
 
     def __init__(self, shape: ModelShape, init_scale: float = 0.1,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, label_bias: float | None = None):
         super().__init__()
         self.shape = shape
         u = torch.randn(shape.n_features, shape.dim, generator=generator)
@@ -96,6 +96,11 @@ class Wsabie(nn.Module):
         self.V = nn.Embedding(shape.n_labels, shape.dim,
                               sparse=self._sparse_grad(shape.n_labels))
         self.V.weight.data.copy_(v)
+        # beta_y, a learned per-label offset (LightFM's item bias): dense inputs without a
+        # constant feature cannot express one through x U
+        self.label_bias = None
+        if label_bias is not None:
+            self.label_bias = nn.Parameter(torch.full((shape.n_labels,), float(label_bias)))
 
     def _sparse_grad(self, n_rows: int) -> bool:
         return n_rows * self.shape.dim >= self.SPARSE_GRAD_MIN_WEIGHTS
@@ -160,12 +165,15 @@ class Wsabie(nn.Module):
         return scores if weight is None else scores * weight
 
     def pair_offset(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """A learned per-label offset beta_y added to e . V_y (stage 3's label bias); None: 0."""
-        return None
+        """The learned per-label offset beta_y added to e . V_y; None: no offset."""
+        if self.label_bias is None:
+            return None
+        return self.label_bias.index_select(0, labels.reshape(-1)).view(labels.shape)
 
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """f against every label: [B, L]."""
-        return e @ self.V.weight.T
+        scores = e @ self.V.weight.T
+        return scores if self.label_bias is None else scores + self.label_bias
 
     @torch.no_grad()
     def project_rows(self, max_norm: float, u_rows: torch.Tensor | None,
@@ -187,8 +195,11 @@ class Wsabie(nn.Module):
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"U": self.u_matrix().detach().contiguous().cpu(),
-                "V": self.v_matrix().detach().contiguous().cpu()}
+        tensors = {"U": self.u_matrix().detach().contiguous().cpu(),
+                   "V": self.v_matrix().detach().contiguous().cpu()}
+        if self.label_bias is not None:
+            tensors["label_bias"] = self.label_bias.detach().contiguous().cpu()
+        return tensors
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -203,6 +214,11 @@ class Wsabie(nn.Module):
         else:
             self.U.weight.copy_(u.T)
         self.V.weight.copy_(v)
+        if self.label_bias is not None and "label_bias" in tensors:
+            if tuple(tensors["label_bias"].shape) != (self.shape.n_labels,):
+                raise ValueError(f"label_bias has shape {tuple(tensors['label_bias'].shape)}, "
+                                 f"expected ({self.shape.n_labels},)")
+            self.label_bias.copy_(tensors["label_bias"])
 
 
 class AffinityWsabie(Wsabie):
@@ -215,11 +231,8 @@ class AffinityWsabie(Wsabie):
 
     def __init__(self, shape: ModelShape, bias: float = 0.0, init_scale: float = 0.1,
                  generator: torch.Generator | None = None, label_bias: float | None = None):
-        super().__init__(shape, init_scale, generator)
+        super().__init__(shape, init_scale, generator, label_bias)
         self.bias = float(bias)
-        self.label_bias = None
-        if label_bias is not None:
-            self.label_bias = nn.Parameter(torch.full((shape.n_labels,), float(label_bias)))
         self._table: AffinityTable | None = None
 
     def bind(self, examples: Examples) -> None:
@@ -234,34 +247,13 @@ class AffinityWsabie(Wsabie):
             rows = rows.unsqueeze(1).expand_as(labels)
         return self._table.lookup(rows, labels) + self.bias
 
-    def pair_offset(self, labels: torch.Tensor) -> torch.Tensor | None:
-        if self.label_bias is None:
-            return None
-        return self.label_bias.index_select(0, labels.reshape(-1)).view(labels.shape)
-
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return awe_ranking_scores(self._table.dense_rows(rows) + self.bias,
                                   self.all_scores_plain(e))
 
     def all_scores_plain(self, e: torch.Tensor) -> torch.Tensor:
         """(x U') . V'_y + beta_y for every label, before the G weighting: [B, L]."""
-        base = super().all_scores(e)
-        return base if self.label_bias is None else base + self.label_bias
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = super().state_tensors()
-        if self.label_bias is not None:
-            tensors["label_bias"] = self.label_bias.detach().contiguous().cpu()
-        return tensors
-
-    @torch.no_grad()
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_tensors(tensors)
-        if self.label_bias is not None and "label_bias" in tensors:
-            if tuple(tensors["label_bias"].shape) != (self.shape.n_labels,):
-                raise ValueError(f"label_bias has shape {tuple(tensors['label_bias'].shape)}, "
-                                 f"expected ({self.shape.n_labels},)")
-            self.label_bias.copy_(tensors["label_bias"])
+        return super().all_scores(e)
 
 
 def awe_ranking_scores(weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -370,7 +362,8 @@ def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab
         "schema": schema.to_dict(),
         "n_labels": len(vocab),
         "label_kind": vocab.kind,
-        "stage1": {"model": asdict(model.shape), "train": train_config},
+        "stage1": {"model": asdict(model.shape), "label_bias": model.label_bias is not None,
+                   "train": train_config},
         "versions": artifacts.library_versions(),
         **(extra or {}),
     }
@@ -413,9 +406,12 @@ def load_wsabie(model_dir: str | Path) -> SavedModel:
             raise AweError(f"{model_dir / artifacts.LABELS}: {exc}; train the model again") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise AweError(f"{model_dir / artifacts.CONFIG}: incomplete or damaged ({exc})") from exc
-    model = Wsabie(shape)
+    model = Wsabie(shape, label_bias=0.0 if config["stage1"].get("label_bias") else None)
     try:
-        model.load_tensors(artifacts.read_tensors(model_dir / artifacts.WSABIE_WEIGHTS))
+        tensors = artifacts.read_tensors(model_dir / artifacts.WSABIE_WEIGHTS)
+        if model.label_bias is not None and "label_bias" not in tensors:
+            raise KeyError("label_bias")
+        model.load_tensors(tensors)
     except (KeyError, ValueError) as exc:
         raise AweError(f"{model_dir / artifacts.WSABIE_WEIGHTS}: {exc}") from exc
     model.eval()

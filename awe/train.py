@@ -506,8 +506,11 @@ def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None) -
 
 def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
                  valid_path=None, columns: Columns | None = None, progress: bool = False,
-                 ) -> tuple[FitResult, list]:
-    """Stage 1 end to end: read, split off validation, train, write the model directory."""
+                 label_bias: bool = True) -> tuple[FitResult, list]:
+    """Stage 1 end to end: read, split off validation, train, write the model directory.
+
+    ``label_bias``: f = (x U) . V_y + beta_y with a learned per-label offset (LightFM's item
+    bias; off gives the paper's Wsabie)."""
     found = scan(train_path, columns or Columns())
     config = config.resolved(found.task, resolve_device(config.device))
     if config.threads:
@@ -519,7 +522,8 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
     shape = ModelShape(found.schema.n_features, len(found.vocab), config.dim,
                        found.schema.kind == "sparse")
     model, result, train, valid = fit_selected(
-        lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed)),
+        lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed),
+                       0.0 if label_bias else None),
         train, config, valid, progress)
     written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
     history_path = Path(model_dir) / artifacts.HISTORY
@@ -590,11 +594,14 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
         valid_g = None if valid is None else valid.with_affinity(
             affinity.examples_affinity(valid))
 
-        def new_model(start=start):
+        def new_model(start=start, first_round=round_no == 1):
             model = AffinityWsabie(shape, bias, config.init_scale,
                                    torch.Generator().manual_seed(config.seed), label_bias)
             if init == "wsabie":
-                model.load_tensors(start.state_tensors())
+                tensors = start.state_tensors()
+                if first_round:  # stage 1's beta is an additive offset, not stage 3's
+                    tensors.pop("label_bias", None)
+                model.load_tensors(tensors)
             return model
 
         model, result, fitted, validated = fit_selected(new_model, train_g, config, valid_g,

@@ -102,3 +102,34 @@ def test_same_seed_same_awe_model(tmp_path, data):
         runs.append(m.evaluate(test, ks=[1, 3]))
         runs.append((tmp_path / f"m{i}" / "awe.safetensors").read_bytes())
     assert runs[0] == runs[2] and runs[1] == runs[3]
+
+
+def test_stage1_label_bias_is_saved_and_used(tmp_path, data):
+    from safetensors import safe_open
+
+    from awe.data import load_examples
+    from awe.model import load_wsabie
+    from awe.score import Predictor
+
+    train, test = data
+    for flag, expected in (("--label-bias", True), ("--no-label-bias", False)):
+        model = tmp_path / flag
+        result = invoke("train", train, "--model", model, "--epochs", 2, "--dim", 8, flag,
+                        "--quiet")
+        assert result.exit_code == 0, result.output
+        config = json.loads((model / "config.json").read_text())
+        assert config["stage1"]["label_bias"] is expected
+        with safe_open(str(model / "wsabie.safetensors"), "pt") as fh:
+            assert ("label_bias" in fh.keys()) is expected
+        saved = load_wsabie(model)
+        if expected:  # the wsabie row ranks by (x U).V_y + beta_y
+            predictor = Predictor(model)
+            examples = load_examples(test, predictor.schema, predictor.vocab)
+            rows = np.arange(5)
+            from awe.model import batch_inputs
+
+            e = saved.model.embed(batch_inputs(examples, rows))
+            want = e @ saved.model.v_matrix().T + saved.model.label_bias
+            got = predictor.scores(examples, rows, "wsabie")
+            np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-5)
+            assert saved.model.label_bias.abs().sum() > 0

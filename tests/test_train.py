@@ -229,3 +229,27 @@ def test_stage3_step_equals_autograd_with_label_bias(monkeypatch, optimizer, max
     for name, got in model.state_tensors().items():
         torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
     assert not torch.equal(model.label_bias, torch.full((15,), 0.5))  # beta did move
+
+
+@pytest.mark.parametrize("sparse,optimizer,weight_decay", [
+    (True, "adagrad", 0.01), (False, "sgd", 0.0), (False, "adagrad", 0.0)])
+def test_stage1_step_equals_autograd_with_label_bias(monkeypatch, sparse, optimizer,
+                                                     weight_decay):
+    """Stage 1 with beta_y (f = (x U).V_y + beta_y): U, V and beta move as autograd says."""
+    examples = _examples(sparse)
+    shape = ModelShape(examples.schema.n_features, 15, 4, sparse)
+    model = Wsabie(shape, init_scale=3.0, generator=torch.Generator().manual_seed(0),
+                   label_bias=0.0)
+    config = TrainConfig(epochs=1, batch_size=10_000, negatives=4, lr=0.1, optimizer=optimizer,
+                         weight_decay=weight_decay)
+    seen = capture_step(monkeypatch)
+    fit(model, examples, config)
+    assert int(seen["sampled"][0].sum()) > 0
+    reference = seen["before"]
+    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
+    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
+                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
+    for name, got in model.state_tensors().items():
+        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+    assert set(model.state_tensors()) == {"U", "V", "label_bias"}
+    assert not torch.equal(model.label_bias, torch.zeros(15))
