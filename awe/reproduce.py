@@ -55,9 +55,7 @@ class Recipe:
 RECIPES = {
     "magnatagatune": Recipe(
         "magnatagatune", "Synthetic Magnatagatune (16,000 train / 5,000 test, 160 tags)", (1, 3),
-        # Stage-1 Wsabie underfits this set by construction (P@1 ~0.23), so its space gives
-        # poorer neighbours than the input: G is built in input space (the paper's G_orig).
-        stage2=AffinityConfig(aggregate="sum", space="input")),
+        stage2=AffinityConfig(aggregate="sum")),
     "imagenet": Recipe(
         "imagenet", "Synthetic ImageNet (474 features, one class per example)", (1, 3),
         stage2=AffinityConfig(aggregate="max")),

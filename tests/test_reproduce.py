@@ -66,7 +66,7 @@ def test_reproduce_synthetic_writes_the_whole_report(tmp_path):
     assert (out / "model" / "awe.safetensors").is_file()
     # the recipe's stage-2 options are the ones the model was built with
     config = json.loads((out / "config.json").read_text())
-    assert config["stage2"]["config"]["space"] == "input"
+    assert config["stage2"]["config"]["aggregate"] == "sum"
     assert summary["dataset"] == "magnatagatune"
 
 
