@@ -143,23 +143,31 @@ def _make(dataset: str, data_dir: Path, source, seed: int, rows, test_rows, clas
 
 
 class _Steps:
-    """One rich progress line per pipeline step (spinner and elapsed time); training draws its
-    own per-epoch bars beneath it."""
+    """Times every pipeline step and, when enabled, shows it: a spinner with the elapsed time,
+    or (``spinner=False``) a header above the step's own progress bars, since rich draws one
+    live display at a time."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.seconds: dict[str, float] = {}
+        self.console = None
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
 
     @contextlib.contextmanager
-    def step(self, name: str, description: str):
+    def step(self, name: str, description: str, spinner: bool = True):
         progress = None
-        if self.enabled:
+        if self.enabled and spinner:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                TimeElapsedColumn(), transient=True)
+                                TimeElapsedColumn(), transient=True, console=self.console)
             progress.start()
             progress.add_task(description, total=None)
+        elif self.enabled:
+            self.console.print(f"[bold]{description}[/]", highlight=False)
         t0 = time.perf_counter()
         try:
             yield
@@ -167,9 +175,9 @@ class _Steps:
             if progress is not None:
                 progress.stop()
         self.seconds[name] = round(time.perf_counter() - t0, 2)
-        if progress is not None:
-            progress.console.print(f"[green]done[/] {description} ({self.seconds[name]:.1f} s)",
-                                   highlight=False)
+        if self.enabled:
+            self.console.print(f"[green]done[/] {description} ({self.seconds[name]:.1f} s)",
+                               highlight=False)
 
 
 def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=None, train=None,
@@ -195,11 +203,11 @@ def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=Non
     if threads:
         torch.set_num_threads(threads)
     model = out / "model"
-    with steps.step("train", "stage 1: Wsabie (WARP)"):
+    with steps.step("train", "stage 1: Wsabie (WARP)", spinner=False):
         train_wsabie(train_path, model, stage1, progress=progress)
     with steps.step("build-g", "stage 2: neighbours and G"):
         g_stats, _ = build_g(train_path, model, stage2)
-    with steps.step("retrain", "stage 3: AWE retrain"):
+    with steps.step("retrain", "stage 3: AWE retrain", spinner=False):
         retrain_awe(train_path, model, stage3, label_bias=recipe.label_bias, progress=progress)
     metrics: dict[str, dict[str, float]] = {}
     for row in ALGORITHMS:

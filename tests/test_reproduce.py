@@ -81,8 +81,9 @@ def split_dir(tmp_path_factory):
 
 def test_reproduce_a_directory_of_train_and_test(tmp_path, split_dir):
     out = tmp_path / "report"
-    result = invoke("reproduce", "--dataset", split_dir, "--out", out, "--quiet")
+    result = invoke("reproduce", "--dataset", split_dir, "--out", out)  # with progress display
     assert result.exit_code == 0, result.output
+    assert "done stage 1" in result.output and "done evaluate awe" in result.output
     summary = assert_report(out)
     assert summary["dataset"] == str(split_dir)
 
