@@ -43,12 +43,12 @@ class AWE:
     stage 2; ``retrain`` (a dict of TrainConfig fields) overrides stage 3, which otherwise takes
     the shared options (seed, threads, negatives, ...) and the stage-3 defaults.
     ``label_bias`` starts stage 3's beta (None: the paper's model); ``wsabie_label_bias``
-    learns a per-label offset in stage 1 (False: the paper's Wsabie).
+    learns a per-label offset in stage 1 (False: the paper's Wsabie; "auto": for annotation).
     """
 
     def __init__(self, *, retrain: dict | None = None, init: str = "wsabie", rounds: int = 1,
-                 label_bias: float | None = LABEL_BIAS_DEFAULT, wsabie_label_bias: bool = True,
-                 **options):
+                 label_bias: float | None = LABEL_BIAS_DEFAULT,
+                 wsabie_label_bias: bool | str = "auto", **options):
         unknown = set(options) - _TRAIN_FIELDS - _AFFINITY_FIELDS
         if unknown:
             raise AweError(f"unknown option(s) {', '.join(sorted(unknown))}")

@@ -506,13 +506,18 @@ def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None) -
 
 def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
                  valid_path=None, columns: Columns | None = None, progress: bool = False,
-                 label_bias: bool = True) -> tuple[FitResult, list]:
+                 label_bias: bool | str = "auto") -> tuple[FitResult, list]:
     """Stage 1 end to end: read, split off validation, train, write the model directory.
 
     ``label_bias``: f = (x U) . V_y + beta_y with a learned per-label offset (LightFM's item
-    bias; off gives the paper's Wsabie)."""
+    bias; False gives the paper's Wsabie); "auto": on for annotation, off for recommendation
+    (docs/decisions.md)."""
     found = scan(train_path, columns or Columns())
     config = config.resolved(found.task, resolve_device(config.device))
+    if label_bias not in (True, False, "auto"):
+        raise AweError(f"--label-bias must be auto, on or off, got {label_bias!r}")
+    if label_bias == "auto":
+        label_bias = config.task == "annotation"
     if config.threads:
         torch.set_num_threads(config.threads)
     train = load_examples(train_path, found.schema, found.vocab, task=config.task)

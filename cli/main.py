@@ -164,10 +164,10 @@ def train(
         help="annotation | recommendation (default: recorded by `awe data`, else annotation).")]
         = None,
     dim: Annotated[int | None, typer.Option(help="Embedding dimension D.")] = None,
-    label_bias: Annotated[bool, typer.Option(
-        "--label-bias/--no-label-bias",
-        help="Learn a per-label offset: f = (x U).V_y + beta_y (LightFM's item bias); "
-             "--no-label-bias is the paper's Wsabie.")] = True,
+    label_bias: Annotated[str, typer.Option(
+        help="auto | on | off: learn a per-label offset, f = (x U).V_y + beta_y (LightFM's item "
+             "bias); off is the paper's Wsabie; auto: on for annotation, off for "
+             "recommendation.")] = "auto",
     features_col: ColumnOpt = "features", feature_ids_col: ColumnOpt = "feature_ids",
     feature_values_col: ColumnOpt = "feature_values", labels_col: ColumnOpt = "labels",
     exclude_col: ColumnOpt = "exclude", id_col: ColumnOpt = "id",
@@ -180,7 +180,8 @@ def train(
         config = _train_config(train_options, dim=dim, task=task)
         result, paths = train_wsabie(
             train_path, model, config, valid_path=train_options["valid"],
-            progress=not train_options["quiet"], label_bias=label_bias,
+            progress=not train_options["quiet"],
+            label_bias={"on": True, "off": False}.get(label_bias, label_bias),
             columns=_columns(features_col, feature_ids_col, feature_values_col, labels_col,
                              exclude_col, id_col))
         _fit_summary(result)

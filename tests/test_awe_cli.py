@@ -112,10 +112,10 @@ def test_stage1_label_bias_is_saved_and_used(tmp_path, data):
     from awe.score import Predictor
 
     train, test = data
-    for flag, expected in (("--label-bias", True), ("--no-label-bias", False)):
+    for flag, expected in (("auto", True), ("on", True), ("off", False)):
         model = tmp_path / flag
-        result = invoke("train", train, "--model", model, "--epochs", 2, "--dim", 8, flag,
-                        "--quiet")
+        result = invoke("train", train, "--model", model, "--epochs", 2, "--dim", 8,
+                        "--label-bias", flag, "--quiet")
         assert result.exit_code == 0, result.output
         config = json.loads((model / "config.json").read_text())
         assert config["stage1"]["label_bias"] is expected
@@ -133,3 +133,21 @@ def test_stage1_label_bias_is_saved_and_used(tmp_path, data):
             got = predictor.scores(examples, rows, "wsabie")
             np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-5)
             assert saved.model.label_bias.abs().sum() > 0
+
+
+def test_stage1_label_bias_auto_is_off_for_recommendation(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    table = pa.table({"feature_ids": [[i] for i in range(80)],
+                      "labels": [sorted(rng.choice(20, 4, replace=False).tolist())
+                                 for _ in range(80)]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    result = invoke("train", tmp_path / "t.parquet", "--model", tmp_path / "m", "--task",
+                    "recommendation", "--epochs", 1, "--dim", 4, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["stage1"]["label_bias"] is False
+    result = invoke("train", tmp_path / "t.parquet", "--model", tmp_path / "m2",
+                    "--label-bias", "maybe", "--quiet")
+    assert result.exit_code == 2 and "--label-bias" in result.output
