@@ -117,8 +117,29 @@ _TRAIN_OPTIONS = {
     "device": Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if "
                                                       "available).")],
     "quiet": Annotated[bool, typer.Option(help="No progress display.")],
+    "resume": Annotated[bool, typer.Option(
+        help="Continue the interrupted run from MODEL/checkpoint/ (same options and data; --lr, "
+             "--epochs, --patience may change).")],
+    "checkpoint_every": Annotated[int, typer.Option(
+        help="Also checkpoint every N batches (0: at the end of every epoch only).")],
+    "checkpoint": Annotated[bool, typer.Option(
+        "--checkpoint/--no-checkpoint",
+        help="Write MODEL/checkpoint/ during training (removed when the model is written).")],
 }
-_TRAIN_DEFAULTS = {"valid_fraction": 0.1, "quiet": False}
+_TRAIN_DEFAULTS = {"valid_fraction": 0.1, "quiet": False, "resume": False, "checkpoint_every": 0,
+                   "checkpoint": True}
+# the shared options that steer the run rather than set a hyper-parameter of TrainConfig
+_RUN_OPTIONS = ("valid", "quiet", "resume", "checkpoint_every", "checkpoint")
+
+
+def _run_options(options: dict) -> dict:
+    """Keyword arguments of train_wsabie / retrain_awe from the shared run options."""
+    if options["resume"] and not options["checkpoint"]:
+        raise AweError("--resume needs checkpoints: drop --no-checkpoint")
+    return {"valid_path": options["valid"], "progress": not options["quiet"],
+            "checkpoints": options["checkpoint"], "checkpoint_every": options["checkpoint_every"],
+            "resume": options["resume"],
+            "report": lambda line: out.print(line, highlight=False, soft_wrap=True)}
 
 
 def training_options(command):
@@ -141,7 +162,7 @@ def training_options(command):
 def _train_config(options: dict, base=None, **more):
     from awe.train import TrainConfig, with_overrides
 
-    settings = {k: v for k, v in options.items() if k not in ("valid", "quiet")}
+    settings = {k: v for k, v in options.items() if k not in _RUN_OPTIONS}
     if options["valid"]:
         settings["valid_fraction"] = 0.0
     return with_overrides(base or TrainConfig(), **settings, **more)
@@ -175,10 +196,9 @@ def train(
     with user_errors():
         config = _train_config(train_options, dim=dim, task=task)
         result, paths = train_wsabie(
-            train_path, model, config, valid_path=train_options["valid"],
-            progress=not train_options["quiet"],
+            train_path, model, config,
             columns=_columns(features_col, feature_ids_col, feature_values_col, labels_col,
-                             exclude_col, id_col))
+                             exclude_col, id_col), **_run_options(train_options))
         _fit_summary(result)
         _wrote(paths)
 
@@ -257,8 +277,7 @@ def retrain(
         config = _train_config(train_options, STAGE3_DEFAULTS)
         result, paths = retrain_awe(train_path, model, config, init=init, rounds=rounds,
                                     label_bias=None if no_label_bias else label_bias,
-                                    valid_path=train_options["valid"],
-                                    progress=not train_options["quiet"])
+                                    **_run_options(train_options))
         _fit_summary(result)
         _wrote(paths)
 
