@@ -475,14 +475,27 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
 
 def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
                  train_path: str, source: str) -> list[Path]:
-    section = affinity.save(model_dir, g_train)
-    section.update({"train_path": train_path, "source": source})
+    """Write the stage-2 files and the stage2 section of config.json; drop a stage 3 built on an
+    older G.
+
+    A kill at any instant leaves the old G or the new one whole, or (for the instant the new
+    files are renamed in) a stage-1 model without G, never an index of one build with the label
+    store of another: the new files are written in a staging directory first (the old G stays
+    valid meanwhile), config.json then loses its stage2 (and stage3) section, the files are
+    renamed in, and config.json gets the new section last.
+    """
     config = artifacts.read_json(model_dir / artifacts.CONFIG)
-    config["stage2"] = section
     stale = config.pop("stage3", None) is not None
-    artifacts.write_json(model_dir / artifacts.CONFIG, config)
-    if stale:
-        (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
+    with artifacts.staged(model_dir) as stage:
+        section = affinity.save(stage, g_train)
+        section.update({"train_path": train_path, "source": source})
+        if stale or "stage2" in config:
+            artifacts.write_json(model_dir / artifacts.CONFIG,
+                                 {k: v for k, v in config.items() if k != "stage2"})
+        if stale:
+            (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
+        config["stage2"] = section
+        artifacts.write_json(stage / artifacts.CONFIG, config)  # renamed in last
     metrics_path = model_dir / artifacts.METRICS
     metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     metrics["g"] = stats
