@@ -29,6 +29,7 @@ from .errors import AweError, TrainingDiverged
 from .evaluate import evaluate
 from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
 from .optim import OPTIMIZERS, RowOptimizer
+from .stream import ShuffleStream
 from .warp import (
     RANK_WEIGHTS,
     PositiveSet,
@@ -67,6 +68,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    # stream the training files through a shuffle buffer of this many rows (None: load them)
+    shuffle_buffer: int | None = None
 
     def __post_init__(self):
         checks = [
@@ -86,6 +89,8 @@ class TrainConfig:
             (self.patience >= 1, "--patience must be >= 1"),
             (self.task in (None, *TASKS),
              "--task must be annotation or recommendation"),
+            (self.shuffle_buffer is None or int(self.shuffle_buffer) >= 1,
+             "--shuffle-buffer must be >= 1 row"),
         ]
         for ok, message in checks:
             if not ok:
@@ -137,35 +142,39 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
-def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | None = None,
-        progress: bool = False, checkpoint: Checkpoint | None = None) -> FitResult:
+def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
+        valid: Examples | None = None, progress: bool = False,
+        checkpoint: Checkpoint | None = None) -> FitResult:
     """Train ``model`` in place with batched WARP; keep the best epoch on ``valid`` (if given).
 
+    ``train``: rows in memory, or a :class:`~awe.stream.ShuffleStream` read an epoch at a time.
     With ``checkpoint``, the state is written every ``checkpoint.every`` batches and at the end of
     every epoch, and a checkpoint saved at the current position is continued from: the result is
     bit-identical to an uninterrupted run.
     """
+    streaming = isinstance(train, ShuffleStream)
     config = config.resolved(train.task, resolve_device(config.device))
     device = torch.device(config.device)
     model.to(device)
-    model.bind(train)
     keep_freed_memory()
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     n_labels = model.shape.n_labels
-    pair_rows = torch.from_numpy(train.labels.row_of_entry())
-    pair_labels = torch.from_numpy(train.labels.indices)
-    weight = model.pair_weight(pair_labels.to(device), pair_rows.to(device))
-    if weight is not None:  # stage 3: a positive of weight 0 scores 0 whatever the model
-        learnable = (weight != 0).cpu()
-        pair_rows, pair_labels = pair_rows[learnable], pair_labels[learnable]
-    n_pairs = len(pair_rows)
-    if n_pairs == 0:
-        raise AweError("the training data has no labels")
-    step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device),
-                     uniform_draws(n_labels, generator, device),
-                     rank_weight_table(n_labels, config.rank_weight).to(device),
-                     torch.from_numpy(n_labels - train.labels.lengths).to(device))
-    n_batches = math.ceil(n_pairs / config.batch_size)
+    rank_weights = rank_weight_table(n_labels, config.rank_weight).to(device)
+    draw = uniform_draws(n_labels, generator, device)
+    if streaming:  # the positives and their counts are set per block
+        step = _WarpStep(model, config, None, draw, rank_weights, None)
+        n_batches = max(1, math.ceil(len(train) / config.batch_size))  # for the progress bar
+    else:
+        model.bind(train)
+        pair_rows = torch.from_numpy(train.labels.row_of_entry())
+        pair_labels = torch.from_numpy(train.labels.indices)
+        pair_rows, pair_labels = _learnable(model, pair_rows, pair_labels, device)
+        n_pairs = len(pair_rows)
+        if n_pairs == 0:
+            raise AweError("the training data has no labels")
+        step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device), draw,
+                         rank_weights, torch.from_numpy(n_labels - train.labels.lengths).to(device))
+        n_batches = math.ceil(n_pairs / config.batch_size)
 
     run = _FitProgress(model, step, generator, checkpoint, config)
     started = time.perf_counter()
@@ -176,21 +185,27 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
                 break
             t0 = time.perf_counter()
             skip = run.batch
-            if skip:  # resumed inside this epoch: its order from the generator's state at its start
-                current = generator.get_state()
-                generator.set_state(run.epoch_rng)
-                order = torch.randperm(n_pairs, generator=generator)
-                generator.set_state(current)
+            if not skip:
+                run.loss_sum, run.violators, run.pairs = 0.0, 0, 0
+            if streaming:
+                batches = _stream_batches(train, epoch, model, step, config.batch_size, device,
+                                          skip)
             else:
-                run.epoch_rng = generator.get_state()
-                order = torch.randperm(n_pairs, generator=generator)
-                run.loss_sum, run.violators = 0.0, 0
+                if skip:  # resumed inside this epoch: its order from the generator at its start
+                    current = generator.get_state()
+                    generator.set_state(run.epoch_rng)
+                    order = torch.randperm(n_pairs, generator=generator)
+                    generator.set_state(current)
+                else:
+                    run.epoch_rng = generator.get_state()
+                    order = torch.randperm(n_pairs, generator=generator)
+                batches = _batches(train, pair_rows[order], pair_labels[order],
+                                   config.batch_size, device, skip=skip)
             model.train()
-            batches = _batches(train, pair_rows[order], pair_labels[order], config.batch_size,
-                               device, skip=skip)
             for batch_no, (rows, positives, inputs) in enumerate(batches, start=skip):
                 done = step(rows, positives, inputs)
                 bar.advance()
+                run.pairs += rows.numel()
                 if done is not None:
                     loss, n_violators = done
                     if not math.isfinite(loss):
@@ -198,19 +213,24 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
                                                                   checkpoint))
                     run.loss_sum += loss
                     run.violators += n_violators
-                if run.every and (batch_no + 1) % run.every == 0 and batch_no + 1 < n_batches:
+                # (in memory, an epoch's last batch is followed by the epoch's checkpoint)
+                if run.every and (batch_no + 1) % run.every == 0 and (
+                        streaming or batch_no + 1 < n_batches):
                     run.batch = batch_no + 1
                     run.save(epoch, batch_no + 1, started)
             run.batch = 0
+            if run.pairs == 0:
+                raise AweError("the training data has no labels")
             if not model.weights_finite():
                 raise TrainingDiverged(_divergence_advice(epoch, None, config, checkpoint))
-            row = {"epoch": epoch, "loss": run.loss_sum / n_pairs,
-                   "violating": run.violators / n_pairs, "seconds": time.perf_counter() - t0}
+            row = {"epoch": epoch, "loss": run.loss_sum / run.pairs,
+                   "violating": run.violators / run.pairs, "seconds": time.perf_counter() - t0}
             if valid is not None and len(valid):
                 model.bind(valid)
                 metrics = evaluate(lambda ex, r: scores_for_rows(model, ex, r, device), valid,
                                    sorted({*HISTORY_KS, config.selection_k}))
-                model.bind(train)
+                if not streaming:
+                    model.bind(train)
                 row.update({f"valid_{k}": v for k, v in metrics.items() if k.startswith("P@")})
                 score = metrics[f"P@{config.selection_k}"]
                 if score > run.best_score:
@@ -235,6 +255,42 @@ def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | N
                      run.seconds + time.perf_counter() - started)
 
 
+def _learnable(model: Wsabie, pair_rows: torch.Tensor, pair_labels: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positive pairs a step can learn from (bound rows): stage 3 drops those of weight 0,
+    whose score is 0 whatever the model."""
+    weight = model.pair_weight(pair_labels.to(device), pair_rows.to(device))
+    if weight is None:
+        return pair_rows, pair_labels
+    learnable = (weight != 0).cpu()
+    return pair_rows[learnable], pair_labels[learnable]
+
+
+def _stream_batches(stream: ShuffleStream, epoch: int, model: Wsabie, step: _WarpStep,
+                    batch_size: int, device: torch.device, skip: int = 0):
+    """The batches of a streamed epoch: per block of the shuffle buffer, bind its rows (stage 3's
+    G), point the step at its positives, and cut its pairs, in their seeded order, into batches.
+    ``skip``: batches already trained (a resumed epoch); the blocks before are read again but not
+    trained on (the stream is a function of the seed and the epoch)."""
+    n_labels = model.shape.n_labels
+    done = 0
+    for block_no, block in enumerate(stream.blocks(epoch)):
+        model.bind(block)
+        pair_rows, pair_labels = _learnable(model, torch.from_numpy(block.labels.row_of_entry()),
+                                            torch.from_numpy(block.labels.indices), device)
+        n = len(pair_rows)
+        n_batches = math.ceil(n / batch_size)
+        if done + n_batches <= skip:
+            done += n_batches
+            continue
+        step.positive_set = PositiveSet(block.labels, n_labels, device)
+        step.n_negatives_of_row = torch.from_numpy(n_labels - block.labels.lengths).to(device)
+        order = torch.from_numpy(stream.pair_order(epoch, block_no, n))
+        yield from _batches(block, pair_rows[order], pair_labels[order], batch_size, device,
+                            skip=max(0, skip - done))
+        done += n_batches
+
+
 class _FitProgress:
     """fit's position and bookkeeping: restored from a checkpoint, saved into one."""
 
@@ -243,7 +299,7 @@ class _FitProgress:
         self.model, self.step, self.generator = model, step, generator
         self.checkpoint, self.config = checkpoint, config
         self.every = checkpoint.every if checkpoint is not None else 0
-        self.epochs_done, self.batch, self.loss_sum, self.violators = 0, 0, 0.0, 0
+        self.epochs_done, self.batch, self.loss_sum, self.violators, self.pairs = 0, 0, 0.0, 0, 0
         self.history: list[dict] = []
         self.best_score, self.best_epoch, self.best_metrics = -1.0, 0, {}
         self.best_state: dict | None = None
@@ -265,7 +321,7 @@ class _FitProgress:
         self.epoch_rng = t["rng/epoch"]
         self.best_state = _section(t, "best/") or None
         self.epochs_done, self.batch = state.epochs_done, state.batch
-        self.loss_sum, self.violators = state.loss_sum, state.violators
+        self.loss_sum, self.violators, self.pairs = state.loss_sum, state.violators, state.pairs
         self.history, self.best_score = state.history, state.best_score
         self.best_epoch, self.best_metrics = state.best_epoch, state.best_metrics
         self.without_gain, self.stopped, self.seconds = (state.without_gain, state.stopped,
@@ -286,8 +342,8 @@ class _FitProgress:
             tensors.update({f"best/{k}": v for k, v in self.best_state.items()})
         self.checkpoint.save(FitState(
             epochs_done=epoch if batch == 0 else epoch - 1, batch=batch, loss_sum=self.loss_sum,
-            violators=self.violators, pairs=0, history=self.history, best_score=self.best_score,
-            best_epoch=self.best_epoch, best_metrics=self.best_metrics,
+            violators=self.violators, pairs=self.pairs, history=self.history,
+            best_score=self.best_score, best_epoch=self.best_epoch, best_metrics=self.best_metrics,
             without_gain=self.without_gain, stopped=self.stopped,
             seconds=self.seconds + time.perf_counter() - started, tensors=tensors))
 
@@ -591,7 +647,10 @@ def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: Train
     """
     all_rows = train
     if valid is None and config.valid_fraction > 0:
-        train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
+        if isinstance(train, ShuffleStream):
+            train, valid = train.split(config.valid_fraction, config.task, config.seed)
+        else:
+            train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
     torch.manual_seed(config.seed)
     refit = config.refit and all_rows is not train
     ck = checkpoint
@@ -628,11 +687,13 @@ def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None,
     return metrics
 
 
-def data_identity(examples: Examples | None) -> dict | None:
+def data_identity(examples: Examples | ShuffleStream | None) -> dict | None:
     """What tells one training set from another, cheaply: the row count, a digest of every label
     and of the features of up to 4096 evenly spaced rows (a checkpoint's data check)."""
     if examples is None:
         return None
+    if isinstance(examples, ShuffleStream):
+        return examples.identity()
     from .checkpoint import tensor_digest
 
     n = len(examples)
@@ -676,7 +737,7 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
     config = config.resolved(found.task, resolve_device(config.device))
     if config.threads:
         torch.set_num_threads(config.threads)
-    train = load_examples(train_path, found.schema, found.vocab, task=config.task)
+    train = _training_rows(train_path, found.schema, found.vocab, config)
     valid = None
     if valid_path is not None:
         valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
@@ -702,6 +763,14 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
     if ck is not None:
         ck.remove()
     return result, [*written, history_path, metrics_path]
+
+
+def _training_rows(train_path, schema, vocab, config: TrainConfig) -> Examples | ShuffleStream:
+    """The training rows: loaded, or streamed through a shuffle buffer (``--shuffle-buffer``)."""
+    if config.shuffle_buffer:
+        return ShuffleStream.open(train_path, schema, vocab, config.shuffle_buffer, config.seed,
+                                  config.task)
+    return load_examples(train_path, schema, vocab, task=config.task)
 
 
 INITS = ("wsabie", "random")
@@ -742,8 +811,13 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
         torch.set_num_threads(config.threads)
     affinity, g_train = Affinity.load(model_dir, saved.config["stage2"], with_train_g=True)
     g_fingerprint = saved.config["stage2"].get("fingerprint")
-    train = load_examples(train_path, saved.schema, saved.vocab, task=task)
-    _check_same_rows(train, affinity, train_path, model_dir)
+    train = _training_rows(train_path, saved.schema, saved.vocab, config)
+    streaming = isinstance(train, ShuffleStream)
+    if streaming and rounds > 1:
+        raise AweError("--rounds > 1 rebuilds G from every training row in memory; with "
+                       "--shuffle-buffer run `awe build-g` and `awe retrain` once per round")
+    _check_same_rows(len(train), train.labels() if streaming else train.labels, affinity,
+                     train_path, model_dir)
     valid = None
     if valid_path is not None:
         valid = load_examples(valid_path, saved.schema, saved.vocab, require_labels=False)
@@ -819,11 +893,11 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     return result, sorted(set(written + [history_path, metrics_path]))
 
 
-def _check_same_rows(train: Examples, affinity, train_path, model_dir) -> None:
+def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> None:
     from .affinity import labels_digest
 
-    if len(train) != affinity.index.n_rows or labels_digest(train.labels) != labels_digest(
+    if n_rows != affinity.index.n_rows or labels_digest(labels) != labels_digest(
             affinity.train_labels):
         raise AweError(f"{train_path}: not the training data G was built on in {model_dir} "
-                       f"({len(train)} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
+                       f"({n_rows} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
                        f"`awe build-g` and `awe retrain`")

@@ -84,13 +84,18 @@ def data(
     rows: Annotated[int | None, typer.Option(help="synthetic: training rows")] = None,
     test_rows: Annotated[int | None, typer.Option(help="synthetic: test rows")] = None,
     classes: Annotated[int | None, typer.Option(help="synthetic: number of labels")] = None,
+    shards: Annotated[int | None, typer.Option(
+        help="synthetic: write train/ and test/ directories of this many parquet shards, "
+             "generated a row group at a time (for data larger than memory).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Convert or generate a dataset into the data contract (train.parquet, test.parquet)."""
     with user_errors():
         paths = datasets_lib.make_dataset(name, out_dir, source=source, preset=preset, seed=seed,
-                                          rows=rows, test_rows=test_rows, classes=classes)
-        _wrote(paths)
+                                          rows=rows, test_rows=test_rows, classes=classes,
+                                          shards=shards)
+        _wrote(paths if len(paths) <= 8 else [*paths[:3], f"... {len(paths) - 6} more ...",
+                                              *paths[-3:]])
 
 
 # Options shared by the two training stages (train, retrain): name -> annotated type.
@@ -116,6 +121,9 @@ _TRAIN_OPTIONS = {
     "threads": Annotated[int | None, typer.Option(help="CPU threads for torch.")],
     "device": Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if "
                                                       "available).")],
+    "shuffle_buffer": Annotated[int | None, typer.Option(
+        help="Stream TRAIN instead of loading it: shards in a seeded random order, rows "
+             "shuffled in a buffer of this many rows (memory: buffer + model).")],
     "quiet": Annotated[bool, typer.Option(help="No progress display.")],
     "resume": Annotated[bool, typer.Option(
         help="Continue the interrupted run from MODEL/checkpoint/ (same options and data; --lr, "
