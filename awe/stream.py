@@ -89,16 +89,17 @@ class ShuffleStream:
 
     @classmethod
     def open(cls, path, schema: InputSchema, vocab: LabelVocab, buffer_rows: int, seed: int = 0,
-             task: str | None = None) -> ShuffleStream:
+             task: str | None = None, batch_size: int = 1024) -> ShuffleStream:
         if buffer_rows < 1:
             raise AweError("--shuffle-buffer must be >= 1 row")
         files = resolve_files(path)
         shards = list_shards(files)
         if not shards:
             raise AweError(f"{path}: no rows to train on")
-        # a block is at most an eighth of the buffer, so that each block is drawn from a pool
-        # mostly made of earlier shards
-        block = int(min(BLOCK_ROWS_MAX, max(256, buffer_rows // 8)))
+        # a block is an eighth of the buffer, so that each block leaving it is drawn from a pool
+        # mostly made of earlier reads; but at least 4 batches of rows, since a block's last batch
+        # is short (its pairs are not carried into the next block)
+        block = int(min(BLOCK_ROWS_MAX, max(4 * batch_size, buffer_rows // 8)))
         return cls(files, shards, schema, vocab, int(buffer_rows), seed,
                    task if task is not None else read_task(files), block_rows=block)
 

@@ -769,7 +769,7 @@ def _training_rows(train_path, schema, vocab, config: TrainConfig) -> Examples |
     """The training rows: loaded, or streamed through a shuffle buffer (``--shuffle-buffer``)."""
     if config.shuffle_buffer:
         return ShuffleStream.open(train_path, schema, vocab, config.shuffle_buffer, config.seed,
-                                  config.task)
+                                  config.task, config.batch_size)
     return load_examples(train_path, schema, vocab, task=config.task)
 
 
