@@ -794,7 +794,7 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     Checkpoints as in :func:`train_wsabie` (MODEL/checkpoint/awe.safetensors); a round's start is
     checkpointed too, so a run killed while a later round rebuilds G resumes there.
     """
-    from .affinity import Affinity, build_affinity, write_stage2
+    from .affinity import Affinity, build_affinity, build_affinity_streamed, write_stage2
     from .model import AffinityWsabie, load_wsabie, save_awe
 
     if init not in INITS:
@@ -813,9 +813,6 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     g_fingerprint = saved.config["stage2"].get("fingerprint")
     train = _training_rows(train_path, saved.schema, saved.vocab, config)
     streaming = isinstance(train, ShuffleStream)
-    if streaming and rounds > 1:
-        raise AweError("--rounds > 1 rebuilds G from every training row in memory; with "
-                       "--shuffle-buffer run `awe build-g` and `awe retrain` once per round")
     _check_same_rows(len(train), train.labels() if streaming else train.labels, affinity,
                      train_path, model_dir)
     valid = None
@@ -849,9 +846,14 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
                 if ck.saved_position == ck.position:  # resumed at this round's start
                     ck.discard_saved()
                 ck.save(None)  # a kill while G is rebuilt resumes here and rebuilds it
-            affinity, g_train, stats = build_affinity(
-                train, len(saved.vocab), affinity.config, start["U"].clone(),
-                start["V"].clone())
+            if streaming:  # the rows are read again, only their embeddings kept
+                affinity, g_train, stats = build_affinity_streamed(
+                    train_path, saved.schema, saved.vocab, affinity.config, start["U"].clone(),
+                    start["V"].clone(), model_dir)
+            else:
+                affinity, g_train, stats = build_affinity(
+                    train, len(saved.vocab), affinity.config, start["U"].clone(),
+                    start["V"].clone())
             written += write_stage2(model_dir, affinity, g_train, stats,
                                     saved.config["stage2"].get("train_path", str(train_path)),
                                     f"awe round {round_no - 1}")

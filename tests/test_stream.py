@@ -155,9 +155,43 @@ def test_streaming_stage3(shards, tmp_path):
                                                      shuffle_buffer=1500))
     rows = evaluate_model(model, shards / "test", [1], rows=["knn-wsabie", "wsabie", "awe"])
     assert rows["awe"]["P@1"] > rows["wsabie"]["P@1"], rows
-    with pytest.raises(AweError, match="--rounds > 1"):
-        retrain_awe(shards / "train", model, TrainConfig(epochs=1, threads=1,
-                                                         shuffle_buffer=1500), rounds=2)
+
+
+def test_streamed_g_equals_loaded_g(tmp_path, monkeypatch):
+    """build-g reads the rows a batch at a time (embeddings memory-mapped beyond the budget: here
+    always) and gets the bits G gets from the rows loaded; files of odd sizes, chunks of 64."""
+    import torch
+
+    from awe import affinity as affinity_lib
+    from awe.data import load_examples
+
+    path = numbered(tmp_path, n_files=3, rows=150, group=70)
+    found = scan(path, Columns())
+    u = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    config = AffinityConfig(neighbors=5, batch_rows=64, threads=1)
+    loaded = affinity_lib.build_affinity(load_examples(path, found.schema, found.vocab),
+                                         len(found.vocab), config, u)
+    monkeypatch.setattr(affinity_lib, "EMBED_MEMORY_BUDGET", 0)
+    streamed = affinity_lib.build_affinity_streamed(path, found.schema, found.vocab, config, u,
+                                                    None, tmp_path / "scratch")
+    for a, b in ((loaded[1], streamed[1]), (loaded[0].train_labels, streamed[0].train_labels)):
+        assert all(np.array_equal(x, y) for x, y in zip(
+            (a.indptr, a.indices, a.values), (b.indptr, b.indices, b.values), strict=True)
+            if x is not None)
+    assert np.array_equal(loaded[0].train_sq_norms, streamed[0].train_sq_norms)
+    assert loaded[2]["lambda"] == streamed[2]["lambda"]
+    assert not list((tmp_path / "scratch").iterdir())  # the memory-mapped file is gone
+
+
+def test_streaming_two_rounds(shards, tmp_path):
+    model = tmp_path / "m"
+    train_wsabie(shards / "train", model, TrainConfig(epochs=2, dim=8, threads=1,
+                                                      shuffle_buffer=1500))
+    build_g(shards / "train", model, AffinityConfig(neighbors=5, threads=1))
+    retrain_awe(shards / "train", model, TrainConfig(epochs=1, dim=8, lr=0.01, threads=1,
+                                                     shuffle_buffer=1500), rounds=2)
+    config = json.loads((model / "config.json").read_text())
+    assert config["stage3"]["round"] == 2 and config["stage2"]["source"] == "awe round 1"
 
 
 def test_streaming_resume_mid_epoch_is_bit_identical(tmp_path, monkeypatch):
