@@ -189,25 +189,52 @@ class ShuffleStream:
         holds more than ``buffer_rows`` rows the excess leaves it, drawn uniformly at random (one
         vectorised draw per block, no loop over rows). At the end the buffer is emptied in random
         order. A pure function of (seed, epoch).
+
+        Dense features live in one array of buffer + block rows, updated in place: the rows
+        drawn out are copied out, and the rows read last move into their slots, so memory is
+        the buffer and two blocks (labels, and sparse features, are rebuilt: they are small).
         """
         rng = np.random.default_rng([self.seed, epoch])
-        pool: Examples | None = None
+        dense = self.schema.kind == "dense"
+        cap = self.buffer_rows
+        store = (np.empty((cap + self.block_rows, self.schema.n_features), np.float32)
+                 if dense else None)
+        pool: Examples | None = None  # all but the dense features of the rows held
         pool_rows = np.zeros(0, dtype=np.int64)
         for shard_no in rng.permutation(len(self.shards)):
             for block, rows in self._read(self.shards[shard_no]):
+                held = 0 if pool is None else len(pool)
+                if dense:
+                    store[held:held + len(block)] = block.dense
+                    block = dataclasses.replace(block, dense=None)
                 pool = block if pool is None else concat_examples([pool, block])
                 pool_rows = np.concatenate([pool_rows, rows])
-                extra = len(pool) - self.buffer_rows
-                if extra > 0:
-                    order = rng.permutation(len(pool))
-                    out, keep = order[:extra], np.sort(order[extra:])
-                    yield self._attach(pool.take(out), pool_rows[out])
-                    pool, pool_rows = pool.take(keep), pool_rows[keep]
+                total = len(pool)
+                if total <= cap:
+                    continue
+                out = rng.permutation(total)[:total - cap]
+                yield self._emit(pool, store, pool_rows, out)
+                # the rows past the buffer that stay move into the slots of those that left
+                gone = np.zeros(total, dtype=bool)
+                gone[out] = True
+                holes = np.flatnonzero(gone[:cap])
+                movers = cap + np.flatnonzero(~gone[cap:])
+                index = np.arange(cap)
+                index[holes] = movers
+                if dense:
+                    store[holes] = store[movers]
+                pool, pool_rows = pool.take(index), pool_rows[index]
         if pool is not None and len(pool):
             order = rng.permutation(len(pool))
             for s in range(0, len(order), self.block_rows):
-                out = order[s:s + self.block_rows]
-                yield self._attach(pool.take(out), pool_rows[out])
+                yield self._emit(pool, store, pool_rows, order[s:s + self.block_rows])
+
+    def _emit(self, pool: Examples, store: np.ndarray | None, pool_rows: np.ndarray,
+              out: np.ndarray) -> Examples:
+        block = pool.take(out)
+        if store is not None:
+            block = dataclasses.replace(block, dense=store[out])  # a copy: the store moves on
+        return self._attach(block, pool_rows[out])
 
     def _attach(self, block: Examples, rows: np.ndarray) -> Examples:
         if self.affinity is not None:
