@@ -3,6 +3,7 @@
 
   python scripts/bench_scale.py --sizes 100000,300000,1000000 [--classes 21000] [--threads 2]
                                 [--shuffle-buffer 65536] [--epochs 10] [--out runs/scale.json]
+                                [--stages train,build-g,retrain,eval] [--valid-fraction 0.1]
 
 For every N: `awe data synthetic --preset imagenet --rows N --classes C --shards S` (474 dense
 features; S = N / 100k shards, at least 2; kept and reused under --root), then `awe train`
@@ -54,6 +55,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--shuffle-buffer", type=int, default=65_536,
                         help="rows in the shuffle buffer; 0: load the training data instead")
+    parser.add_argument("--valid-fraction", type=float, default=0.1)
+    parser.add_argument("--stages", default="train,build-g,retrain,eval",
+                        help="which stages to run (eval includes knn-input's)")
     parser.add_argument("--neighbors", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,7 +75,9 @@ def main() -> None:
                "options": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     threads = ["--threads", str(args.threads)]
     stream = ["--shuffle-buffer", str(args.shuffle_buffer)] if args.shuffle_buffer else []
-    fit = ["--epochs", str(args.epochs), "--quiet", *threads, *stream]
+    fit = ["--epochs", str(args.epochs), "--valid-fraction", str(args.valid_fraction),
+           "--quiet", *threads, *stream]
+    wanted = set(args.stages.split(","))
     for n in sizes:
         data = args.root / f"imagenet-{n}-{args.classes}-{args.seed}"
         model = args.root / f"model-{n}"
@@ -98,6 +104,10 @@ def main() -> None:
             ("eval-knn-input", ["eval", test, "--model", str(model), "--k", "1,5", "--rows",
                                 "knn-input", "--json", str(eval_json["knn-input"]), *threads]),
         ]
+        stages = [(name, a) for name, a in stages
+                  if name in ("data", *wanted) or (name == "eval-knn-input" and "eval" in wanted)]
+        for path in eval_json.values():  # never report an earlier run's metrics
+            path.unlink(missing_ok=True)
         for name, stage_args in stages:
             print(f"N={n}: {name} ...", flush=True)
             run["stages"][name] = measured = run_stage(stage_args, env, log)
@@ -108,7 +118,7 @@ def main() -> None:
                 break
         metrics = {}
         for path in eval_json.values():
-            if path.exists():
+            if "eval" in wanted and path.exists():
                 metrics.update(json.loads(path.read_text()))
         run["P@1"] = {row: round(m["P@1"], 4) for row, m in metrics.items()}
         g = json.loads((model / "metrics.json").read_text()).get("g", {}) if (
@@ -116,8 +126,8 @@ def main() -> None:
         run["g"] = {k: g.get(k) for k in ("index", "recall@n", "labels_per_row")}
         run["end_to_end_seconds"] = round(sum(s["seconds"] for k, s in run["stages"].items()
                                               if k != "data"), 1)
-        run["peak_rss_mib"] = max(s["peak_rss_mib"] for k, s in run["stages"].items()
-                                  if k != "data")
+        run["peak_rss_mib"] = max((s["peak_rss_mib"] for k, s in run["stages"].items()
+                                   if k != "data"), default=None)
         out.write_text(json.dumps(results, indent=2) + "\n")
     if len(sizes) >= 2:  # least squares t = a + b N per stage, projected to 10M rows
         projection = {}
