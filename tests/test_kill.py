@@ -124,8 +124,8 @@ def test_kill_train_then_resume(tmp_path, data):
     shutil.copytree(root / "previous", model)
     before = snapshot(model)
     checkpoint = model / "checkpoint" / "wsabie.safetensors"
-    # 4 select epochs of 4 steps, then the refit's 5 steps an epoch: >= 0.9 s of sleeps alone
-    proc = start(0.025, "step", "train", train, "--model", model, *TRAIN)
+    # 4 select epochs of 4 steps, then the refit's 5 steps an epoch: >= 0.84 s of sleeps alone
+    proc = start(0.04, "step", "train", train, "--model", model, *TRAIN)
     kill_when(proc, checkpoint.exists, after=0.3)
     assert snapshot(model) == before  # the previous model, untouched, plus a checkpoint
     assert checkpoint.exists()
@@ -152,7 +152,8 @@ def test_kill_retrain_then_resume(tmp_path, data):
     shutil.copytree(root / "stage2", model)
     before = snapshot(model)
     checkpoint = model / "checkpoint" / "awe.safetensors"
-    proc = start(0.025, "step", "retrain", train, "--model", model, *RETRAIN)
+    # 3 select epochs of up to 4 steps, then the refit's: >= 0.6 s of sleeps alone
+    proc = start(0.04, "step", "retrain", train, "--model", model, *RETRAIN)
     kill_when(proc, checkpoint.exists, after=0.3)
     assert snapshot(model) == before and checkpoint.exists()
     # stages 1 and 2 load and evaluate as before the kill
@@ -170,8 +171,8 @@ def test_kill_retrain_then_resume(tmp_path, data):
 
 @pytest.mark.parametrize("renamed", [0, 1])
 def test_kill_build_g_then_run_again(tmp_path, data, renamed):
-    """Killed while the new G's files are written (``renamed`` 0: the old G stays whole) or after
-    the first of them is renamed into the model directory (1: the directory is a stage-1 model
+    """Killed while the new G's files are written (``renamed`` 0: the old G stays whole) or once
+    the new index is renamed into the model directory (1: the directory is a stage-1 model
     without G, never a mix of two builds). Every rename out of the staging directory sleeps 0.4 s
     first: the kill lands in one of those sleeps."""
     train, test, root = data
@@ -191,7 +192,7 @@ def test_kill_build_g_then_run_again(tmp_path, data, renamed):
                   after=0.1)
         assert snapshot(model) == before
         rows = "wsabie,knn-wsabie"
-    else:  # the new index is in place, the new label store not yet
+    else:  # the new index is in place (the label store maybe too), config.json's G not yet
         kill_when(proc, lambda: index.exists() and index.stat().st_ino != old_index, after=0.1)
         config = json.loads((model / "config.json").read_text())
         assert "stage2" not in config and config["stage1"] == json.loads(
