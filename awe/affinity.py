@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -400,6 +401,20 @@ def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | 
     return np.ascontiguousarray(e.numpy(), dtype=np.float32)
 
 
+def _check_build(schema, n_rows: int, config: AffinityConfig, embed_u, label_vectors):
+    if config.space == "input":
+        if schema.kind == "sparse" and schema.n_features > MAX_DENSE_INPUT_WIDTH:
+            raise AweError(f"--space input: the sparse input has {schema.n_features} "
+                           f"features, more than {MAX_DENSE_INPUT_WIDTH} to search densely; use "
+                           f"--space wsabie")
+    elif embed_u is None:
+        raise AweError("--space wsabie needs a stage-1 model: run `awe train` first")
+    if config.label_kernel == "embedding" and label_vectors is None:
+        raise AweError("--label-kernel embedding needs the stage-1 label vectors")
+    if n_rows < 2:
+        raise AweError("G needs at least 2 training rows")
+
+
 def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
                    embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None = None,
                    train_g: bool = True) -> tuple[Affinity, Csr | None, dict]:
@@ -409,41 +424,49 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
     With ``train_g=False`` (a baseline that only predicts) only a sample of rows is searched,
     to set lambda, and no training G is formed.
     """
-    from .neighbours import NeighbourIndex, set_threads
-
     config = config.resolved(train.task)
     if config.space == "input":
         embed_u = None
-        if train.dense is None and train.schema.n_features > MAX_DENSE_INPUT_WIDTH:
-            raise AweError(f"--space input: the sparse input has {train.schema.n_features} "
-                           f"features, more than {MAX_DENSE_INPUT_WIDTH} to search densely; use "
-                           f"--space wsabie")
-    elif embed_u is None:
-        raise AweError("--space wsabie needs a stage-1 model: run `awe train` first")
-    if config.label_kernel == "embedding" and label_vectors is None:
-        raise AweError("--label-kernel embedding needs the stage-1 label vectors")
-    if len(train) < 2:
-        raise AweError("G needs at least 2 training rows")
-    set_threads(config.threads)
+    _check_build(train.schema, len(train), config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors = np.concatenate([
         query_vectors(train, np.arange(s, min(s + config.batch_rows, len(train))), embed_u)
         for s in range(0, len(train), config.batch_rows)])
+    return affinity_from_vectors(vectors, train.labels, n_labels, config, embed_u, label_vectors,
+                                 train_g, t0)
+
+
+def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
+                          config: AffinityConfig, embed_u: torch.Tensor | None,
+                          label_vectors: torch.Tensor | None = None, train_g: bool = True,
+                          t0: float | None = None) -> tuple[Affinity, Csr | None, dict]:
+    """:func:`build_affinity` from the training rows' vectors (x U, or x) and labels; callers
+    resolve ``auto`` options from the task first (annotation's values otherwise)."""
+    from .neighbours import NeighbourIndex, set_threads
+
+    config = config.resolved(None) if "auto" in (config.neighbors, config.normalize) else config
+    set_threads(config.threads)
+    t0 = time.perf_counter() if t0 is None else t0
+    n = len(vectors)
     index = NeighbourIndex.build(vectors, config.index_config())
     t_index = time.perf_counter() - t0
-    searched = np.arange(len(train), dtype=np.int64)
-    if not train_g and len(train) > LAMBDA_SAMPLE:
+    searched = np.arange(n, dtype=np.int64)
+    if not train_g and n > LAMBDA_SAMPLE:
         rng = np.random.default_rng(config.seed)
-        searched = np.sort(rng.choice(len(train), LAMBDA_SAMPLE, replace=False))
-    sq_dists, ids = index.search(vectors[searched], config.neighbors, searched)
+        searched = np.sort(rng.choice(n, LAMBDA_SAMPLE, replace=False))
+    # every row searched: the vectors themselves, not a copy (1M x 128 floats is 512 MB)
+    sq_dists, ids = index.search(vectors if len(searched) == n else vectors[searched],
+                                 config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
     resolved = config
     if config.lam is None:
         resolved = replace(resolved, lam=default_lambda(sq_dists))
     if config.label_kernel == "embedding" and config.label_lambda is None:
         resolved = replace(resolved, label_lambda=default_label_lambda(label_vectors))
-    sq_norms = (vectors.astype(np.float64) ** 2).sum(1).astype(np.float32)
-    affinity = Affinity(resolved, index, train.labels, sq_norms, embed_u,
+    sq_norms = np.concatenate([  # in chunks: a float64 copy of all vectors would double them
+        (vectors[s:s + config.batch_rows].astype(np.float64) ** 2).sum(1).astype(np.float32)
+        for s in range(0, n, config.batch_rows)])
+    affinity = Affinity(resolved, index, labels, sq_norms, embed_u,
                         label_vectors if config.label_kernel == "embedding" else None, n_labels)
     g_train = None
     if train_g:
@@ -451,18 +474,96 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
             affinity.from_neighbours(vectors[s:s + config.batch_rows],
                                      sq_dists[s:s + config.batch_rows],
                                      ids[s:s + config.batch_rows])
-            for s in range(0, len(train), config.batch_rows)])
+            for s in range(0, n, config.batch_rows)])
     t_g = time.perf_counter() - t0 - t_index - t_search
     recall = index.measure_recall(vectors, config.neighbors, seed=config.seed)
-    stats = {"rows": len(train), "neighbors": config.neighbors, "index": index.kind,
+    stats = {"rows": n, "neighbors": config.neighbors, "index": index.kind,
              "index_seconds": round(t_index, 3),
              "search_seconds": round(t_search, 3), "g_seconds": round(t_g, 3),
              "recall@n": round(float(recall), 4), "lambda": resolved.lam}
     if g_train is not None:
-        stats["labels_per_row"] = round(g_train.nnz / max(len(train), 1), 2)
+        stats["labels_per_row"] = round(g_train.nnz / max(n, 1), 2)
     if resolved.label_lambda is not None:
         stats["label_lambda"] = resolved.label_lambda
     return affinity, g_train, stats
+
+
+# embeddings of the training rows beyond this many bytes go to a memory-mapped file
+EMBED_MEMORY_BUDGET = 1 << 30
+
+
+def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows: int,
+                   scratch_dir: Path, budget: int | None = None,
+                   ) -> tuple[np.ndarray, Csr, Path | None]:
+    """The vector of every training row (x U, or x itself without ``embed_u``) and its labels,
+    reading the files a record batch at a time: memory holds the vectors, not the features.
+
+    Rows are embedded in chunks of ``batch_rows`` rows counted from the first row, as
+    :func:`build_affinity` does on loaded rows, so the vectors are the same bits. Vectors of more
+    than ``budget`` bytes are written to a memory-mapped float32 file in ``scratch_dir`` (returned,
+    for the caller to delete).
+    """
+    from .data import (
+        DataError,
+        _input_kind,
+        _wanted,
+        concat_examples,
+        iter_batches,
+        resolve_files,
+        training_block,
+    )
+    from .stream import list_shards
+
+    files = resolve_files(path)
+    kind_here = _input_kind(files[0], schema.columns)
+    if kind_here != schema.kind:
+        raise DataError(f"the model was trained on {schema.kind} features but this file has "
+                        f"{kind_here} ones", file=str(files[0]),
+                        hint="use a model trained on the same kind of features")
+    n_rows = sum(s.n_rows for s in list_shards(files))
+    width = schema.n_features if embed_u is None else embed_u.shape[1]
+    mapped = None
+    if n_rows * width * 4 > (EMBED_MEMORY_BUDGET if budget is None else budget):
+        import tempfile
+
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".embeddings-", suffix=".tmp", dir=scratch_dir)
+        os.close(fd)
+        mapped = Path(name)
+        vectors = np.lib.format.open_memmap(mapped, mode="w+", dtype=np.float32,
+                                            shape=(n_rows, width))
+    else:
+        vectors = np.empty((n_rows, width), dtype=np.float32)
+    labels, pending, done = [], [], 0
+
+    def flush(final: bool):
+        nonlocal pending, done
+        block = concat_examples(pending) if pending else None
+        pending = []
+        while block is not None and (len(block) >= batch_rows or (final and len(block))):
+            take = min(batch_rows, len(block))
+            vectors[done:done + take] = query_vectors(block, np.arange(take), embed_u)
+            labels.append(block.labels.take(np.arange(take)))
+            done += take
+            block = block.take(np.arange(take, len(block))) if take < len(block) else None
+        if block is not None:
+            pending = [block]
+
+    try:
+        for file, offset, batch in iter_batches(files, _wanted(schema.columns, schema.kind),
+                                                batch_rows):
+            pending.append(training_block(batch, schema, vocab, file, offset, None))
+            if sum(len(b) for b in pending) >= batch_rows:
+                flush(False)
+        flush(True)
+    except BaseException:
+        if mapped is not None:
+            del vectors
+            mapped.unlink(missing_ok=True)
+        raise
+    if done != n_rows:
+        raise AweError(f"{path}: read {done} rows, the files' metadata says {n_rows}")
+    return vectors, Csr.concat(labels), mapped
 
 
 # ----------------------------------------------------------------------------- stage-2 driver
@@ -473,36 +574,72 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
             ) -> tuple[dict, list[Path]]:
     """``awe build-g``: G over the training rows of a stage-1 model directory.
 
-    ``embed_u`` (default: stage-1 U) embeds the rows; later rounds pass the newest U'. Writes the
-    index and affinity.safetensors, then config.json (stage2; a stage-3 model built on an older
-    G is dropped, since its scores assume that G) and metrics.json.
+    ``embed_u`` (default: stage-1 U) embeds the rows; later rounds pass the newest U'. The rows
+    are read a record batch at a time and only their vectors are kept (a memory-mapped file beyond
+    :data:`EMBED_MEMORY_BUDGET`). Writes the index and affinity.safetensors, then config.json
+    (stage2; a stage-3 model built on an older G is dropped, since its scores assume that G) and
+    metrics.json.
     """
-    from .data import load_examples
     from .model import load_wsabie
 
     model_dir = Path(model_dir)
     saved = load_wsabie(model_dir)
-    task = saved.config["stage1"]["train"].get("task")
-    train = load_examples(train_path, saved.schema, saved.vocab, task=task)
     if embed_u is None:
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
-    affinity, g_train, stats = build_affinity(train, len(saved.vocab), config, embed_u,
-                                              label_vectors)
+    config = config.resolved(saved.config["stage1"]["train"].get("task"))
+    affinity, g_train, stats = build_affinity_streamed(
+        train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
     written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
     return stats, written
 
 
+def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
+                            embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
+                            scratch_dir: Path) -> tuple[Affinity, Csr, dict]:
+    """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result)."""
+    if config.space == "input":
+        embed_u = None
+    from .data import resolve_files
+    from .stream import list_shards
+
+    n_rows = sum(s.n_rows for s in list_shards(resolve_files(train_path)))
+    _check_build(schema, n_rows, config, embed_u, label_vectors)
+    t0 = time.perf_counter()
+    vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
+                                             config.batch_rows, scratch_dir)
+    try:
+        return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
+                                     True, t0)
+    finally:
+        del vectors
+        if mapped is not None:
+            mapped.unlink(missing_ok=True)
+
+
 def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
                  train_path: str, source: str) -> list[Path]:
-    section = affinity.save(model_dir, g_train)
-    section.update({"train_path": train_path, "source": source})
+    """Write the stage-2 files and the stage2 section of config.json; drop a stage 3 built on an
+    older G.
+
+    A kill at any instant leaves the old G or the new one whole, or (for the instant the new
+    files are renamed in) a stage-1 model without G, never an index of one build with the label
+    store of another: the new files are written in a staging directory first (the old G stays
+    valid meanwhile), config.json then loses its stage2 (and stage3) section, the files are
+    renamed in, and config.json gets the new section last.
+    """
     config = artifacts.read_json(model_dir / artifacts.CONFIG)
-    config["stage2"] = section
     stale = config.pop("stage3", None) is not None
-    artifacts.write_json(model_dir / artifacts.CONFIG, config)
-    if stale:
-        (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
+    with artifacts.staged(model_dir) as stage:
+        section = affinity.save(stage, g_train)
+        section.update({"train_path": train_path, "source": source})
+        if stale or "stage2" in config:
+            artifacts.write_json(model_dir / artifacts.CONFIG,
+                                 {k: v for k, v in config.items() if k != "stage2"})
+        if stale:
+            (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
+        config["stage2"] = section
+        artifacts.write_json(stage / artifacts.CONFIG, config)  # renamed in last
     metrics_path = model_dir / artifacts.METRICS
     metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     metrics["g"] = stats

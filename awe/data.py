@@ -235,34 +235,53 @@ def iter_batches(files: list[Path], columns: list[str], batch_rows: int = DEFAUL
     rows of its row group (read-ahead would otherwise blame a later or earlier batch).
     """
     for file in files:
-        fragment = _open_fragment(file)
-        present = set(fragment.physical_schema.names)
-        wanted = [c for c in columns if c in present]
-        try:
-            groups = [(g, g.row_groups[0].num_rows) for g in fragment.split_by_row_group()]
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"cannot read the file's metadata ({_short(exc)})", file=str(file),
-                            hint="the file is damaged or truncated; rewrite it") from exc
         offset = 0
-        for number, (group, n_rows) in enumerate(groups):
-            read = 0
-            try:
-                for batch in group.to_batches(columns=wanted, batch_size=batch_rows):
-                    if batch.num_rows == 0:
-                        continue
-                    yield file, offset + read, batch
-                    read += batch.num_rows
-            except (pa.ArrowException, OSError) as exc:
-                last = offset + max(n_rows, read + 1) - 1
-                raise DataError(f"cannot read rows {offset}..{last} (row group {number}): "
-                                f"{_short(exc)}", file=str(file), row=offset,
-                                hint="the file is damaged or truncated; rewrite it, or remove "
-                                     "it from the input") from exc
-            if read != n_rows:
-                raise DataError(f"row group {number} holds {read} rows, its metadata says "
-                                f"{n_rows}", file=str(file), row=offset,
-                                hint="the file is damaged; rewrite it")
+        for number, n_rows in enumerate(row_group_sizes(file)):
+            yield from iter_row_group(file, number, offset, columns, batch_rows)
             offset += n_rows
+
+
+def row_group_sizes(file: Path) -> list[int]:
+    """The number of rows of every row group of a parquet file (from its metadata)."""
+    fragment = _open_fragment(file)
+    try:
+        return [g.row_groups[0].num_rows for g in fragment.split_by_row_group()]
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read the file's metadata ({_short(exc)})", file=str(file),
+                        hint="the file is damaged or truncated; rewrite it") from exc
+
+
+def iter_row_group(file: Path, number: int, offset: int, columns: list[str],
+                   batch_rows: int = DEFAULT_BATCH_ROWS,
+                   ) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
+    """The record batches of row group ``number`` of ``file``, whose first row is row ``offset``
+    of the file: (file, first row of the batch within the file, batch)."""
+    fragment = _open_fragment(file)
+    present = set(fragment.physical_schema.names)
+    wanted = [c for c in columns if c in present]
+    try:
+        group = fragment.split_by_row_group()[number]
+        n_rows = group.row_groups[0].num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"cannot read the file's metadata ({_short(exc)})", file=str(file),
+                        hint="the file is damaged or truncated; rewrite it") from exc
+    read = 0
+    try:
+        for batch in group.to_batches(columns=wanted, batch_size=batch_rows):
+            if batch.num_rows == 0:
+                continue
+            yield file, offset + read, batch
+            read += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        last = offset + max(n_rows, read + 1) - 1
+        raise DataError(f"cannot read rows {offset}..{last} (row group {number}): "
+                        f"{_short(exc)}", file=str(file), row=offset,
+                        hint="the file is damaged or truncated; rewrite it, or remove "
+                             "it from the input") from exc
+    if read != n_rows:
+        raise DataError(f"row group {number} holds {read} rows, its metadata says "
+                        f"{n_rows}", file=str(file), row=offset,
+                        hint="the file is damaged; rewrite it")
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -527,6 +546,38 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
         ids,
         task if task is not None else read_task(files),
     )
+
+
+def training_block(batch: pa.RecordBatch, schema: InputSchema, vocab: LabelVocab, file: Path,
+                   offset: int, task: str | None) -> Examples:
+    """One record batch as validated training :class:`Examples` (inputs and labels; every row
+    needs a label), with the same checks and messages as :func:`load_examples`."""
+    if schema.kind == "dense":
+        dense, sparse = _dense_block(batch, schema, file, offset), None
+    else:
+        dense, sparse = None, _sparse_block(batch, schema, file, offset)
+    labels, unknown = _label_block(batch, schema.columns.labels, vocab, file, offset,
+                                   required=True)
+    empty = (labels.lengths + unknown) == 0
+    if empty.any():
+        raise DataError("row has no labels", file=str(file), row=offset + _first_true(empty),
+                        column=schema.columns.labels, hint="every training row needs >= 1 label")
+    return Examples(schema, dense, sparse, labels, unknown, task=task)
+
+
+def concat_examples(parts: list[Examples]) -> Examples:
+    """Rows of several :class:`Examples` of one schema, in order (inputs, labels, G)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    return Examples(
+        first.schema,
+        None if first.dense is None else np.concatenate([p.dense for p in parts]),
+        None if first.sparse is None else Csr.concat([p.sparse for p in parts]),
+        Csr.concat([p.labels for p in parts]),
+        np.concatenate([p.n_unknown for p in parts]),
+        task=first.task,
+        affinity=None if first.affinity is None else Csr.concat([p.affinity for p in parts]))
 
 
 def _dense_block(batch, schema: InputSchema, file, offset) -> np.ndarray:

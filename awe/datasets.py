@@ -50,6 +50,7 @@ __all__ = [
     "movielens",
     "read_task",
     "synthetic",
+    "synthetic_shards",
     "write_split",
 ]
 
@@ -152,32 +153,61 @@ def _positive(name: str, value: int | None, default: int, minimum: int = 1) -> i
     return int(value)
 
 
-def synthetic(preset: str = "magnatagatune", seed: int = 0, rows: int | None = None,
-              test_rows: int | None = None, classes: int | None = None,
-              features: int | None = None) -> tuple[pa.Table, pa.Table]:
-    """A synthetic annotation dataset on which a linear model underfits and neighbours help.
+@dataclass
+class _World:
+    """A synthetic dataset's structure: clusters, their centres and tags, the embedding map."""
 
-    Every label owns 3-6 clusters whose random centres scatter widely around the label's own mean
-    in a low-dimensional signal subspace; the subspace is embedded into feature space by a random
-    linear map, and isotropic noise is added. A label's examples are therefore spread over several
-    blobs, which no single hyperplane separates, while an example's nearest neighbours mostly come
-    from its own blob (see ``data/README.md`` for measured 1-NN / 20-NN / linear P@1).
-    With ``preset="magnatagatune"`` each cluster carries its own tag plus 0-3 co-occurring tags
-    drawn from a Zipf-like popularity, and each example keeps each of its cluster's tags with
-    probability ``1 - drop`` (at least one). With ``preset="imagenet"`` each example has exactly one
-    label. Features are standardised with the train split's mean and std. Deterministic in ``seed``.
-    """
+    p: _Preset
+    n_labels: int
+    n_features: int
+    d_signal: int
+    centres: np.ndarray  # [clusters, d_signal]
+    embed: np.ndarray  # [d_signal, features]
+    cluster_tags: np.ndarray  # [clusters, max tags], -1 = none
+    names: np.ndarray
+
+    def draw(self, rng: np.random.Generator, n: int, dtype=np.float64,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """n examples: features (not yet standardised), their tags flat, tags per example."""
+        p, n_clusters = self.p, len(self.centres)
+        cluster = rng.integers(0, n_clusters, size=n)
+        z = self.centres[cluster] + rng.standard_normal((n, self.d_signal), dtype=dtype)
+        x = z @ self.embed + rng.standard_normal((n, self.n_features), dtype=dtype) * p.noise
+        tags = self.cluster_tags[cluster]
+        keep = tags >= 0
+        if p.drop > 0:
+            keep &= rng.random(tags.shape) >= p.drop
+            keep[:, 0] |= ~keep.any(axis=1)  # never drop every tag: keep the cluster's own
+        return x, tags[keep], keep.sum(axis=1)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The population mean and std of every feature (clusters drawn uniformly): what a
+        sample's moments converge to, known without drawing the sample."""
+        # through the centres' d x d covariance: the clusters x features projection of all
+        # centres would be 350 MB at 21k classes
+        mean = self.centres.mean(axis=0) @ self.embed
+        cov = np.cov(self.centres, rowvar=False, bias=True).reshape(self.d_signal, self.d_signal)
+        spread = np.einsum("ij,ik,kj->j", self.embed, cov, self.embed)
+        var = spread + (self.embed ** 2).sum(axis=0) + self.p.noise ** 2
+        return mean, np.sqrt(var)
+
+    def table(self, x: np.ndarray, tags: np.ndarray, lengths: np.ndarray, first_id: int,
+              mean: np.ndarray, std: np.ndarray) -> pa.Table:
+        return pa.table({
+            "id": pa.array(np.arange(first_id, first_id + len(x), dtype=np.int64)),
+            "features": _dense_column((x - mean) / std),
+            "labels": _string_labels(self.names, tags, lengths),
+        })
+
+
+def _world(preset: str, rng: np.random.Generator, classes: int | None, features: int | None,
+           ) -> _World:
     if preset not in _PRESETS:
         raise AweError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(_PRESETS)}")
     p = _PRESETS[preset]
-    n_train = _positive("rows", rows, p.rows)
-    n_test = _positive("test_rows", test_rows, p.test_rows, minimum=0)
     n_labels = _positive("classes", classes, p.classes, minimum=2)
     n_features = _positive("features", features, p.features)
     d_signal = min(p.signal_dim, n_features)
-    rng = np.random.default_rng(seed)
-
-    # Structure: clusters, their centres and labels, the embedding map.
     per_label = rng.integers(p.clusters[0], p.clusters[1] + 1, size=n_labels)
     owner = np.repeat(np.arange(n_labels), per_label)
     n_clusters = len(owner)
@@ -198,34 +228,126 @@ def synthetic(preset: str = "magnatagatune", seed: int = 0, rows: int | None = N
         n_extra = rng.integers(0, k + 1, size=n_clusters)
         use = np.arange(k)[None, :] < n_extra[:, None]
         cluster_tags[:, 1:1 + k] = np.where(use, extra, -1)
+    names = np.array([p.label_format.format(i) for i in range(n_labels)])
+    return _World(p, n_labels, n_features, d_signal, centres, embed, cluster_tags, names)
 
-    def draw(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        cluster = rng.integers(0, n_clusters, size=n)
-        z = centres[cluster] + rng.standard_normal((n, d_signal))
-        x = z @ embed + rng.standard_normal((n, n_features)) * p.noise
-        tags = cluster_tags[cluster]
-        keep = tags >= 0
-        if p.drop > 0:
-            keep &= rng.random(tags.shape) >= p.drop
-            keep[:, 0] |= ~keep.any(axis=1)  # never drop every tag: keep the cluster's own
-        return x, tags[keep], keep.sum(axis=1)
 
-    x_train, tags_train, len_train = draw(n_train)
-    x_test, tags_test, len_test = draw(n_test)
+def synthetic(preset: str = "magnatagatune", seed: int = 0, rows: int | None = None,
+              test_rows: int | None = None, classes: int | None = None,
+              features: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """A synthetic annotation dataset on which a linear model underfits and neighbours help.
+
+    Every label owns 3-6 clusters whose random centres scatter widely around the label's own mean
+    in a low-dimensional signal subspace; the subspace is embedded into feature space by a random
+    linear map, and isotropic noise is added. A label's examples are therefore spread over several
+    blobs, which no single hyperplane separates, while an example's nearest neighbours mostly come
+    from its own blob (see ``data/README.md`` for measured 1-NN / 20-NN / linear P@1).
+    With ``preset="magnatagatune"`` each cluster carries its own tag plus 0-3 co-occurring tags
+    drawn from a Zipf-like popularity, and each example keeps each of its cluster's tags with
+    probability ``1 - drop`` (at least one). With ``preset="imagenet"`` each example has exactly one
+    label. Features are standardised with the train split's mean and std. Deterministic in ``seed``.
+    """
+    if preset not in _PRESETS:
+        raise AweError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(_PRESETS)}")
+    p = _PRESETS[preset]
+    n_train = _positive("rows", rows, p.rows)
+    n_test = _positive("test_rows", test_rows, p.test_rows, minimum=0)
+    rng = np.random.default_rng(seed)
+    world = _world(preset, rng, classes, features)
+    x_train, tags_train, len_train = world.draw(rng, n_train)
+    x_test, tags_test, len_test = world.draw(rng, n_test)
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)
     std[std == 0] = 1.0
-    names = np.array([p.label_format.format(i) for i in range(n_labels)])
+    return (world.table(x_train, tags_train, len_train, 0, mean, std),
+            world.table(x_test, tags_test, len_test, n_train, mean, std))
 
-    def table(x: np.ndarray, tags: np.ndarray, lengths: np.ndarray, first_id: int) -> pa.Table:
-        return pa.table({
-            "id": pa.array(np.arange(first_id, first_id + len(x), dtype=np.int64)),
-            "features": _dense_column((x - mean) / std),
-            "labels": _string_labels(names, tags, lengths),
-        })
 
-    return (table(x_train, tags_train, len_train, 0),
-            table(x_test, tags_test, len_test, n_train))
+SHARD_ROW_GROUP = 16_384  # rows per row group of a sharded dataset: the streaming shuffle's unit
+
+
+def synthetic_shards(out_dir: str | os.PathLike, preset: str = "imagenet", seed: int = 0,
+                     rows: int | None = None, test_rows: int | None = None,
+                     classes: int | None = None, shards: int = 1,
+                     features: int | None = None) -> list[Path]:
+    """:func:`synthetic`'s dataset as sharded parquet, generated without holding it in memory:
+    ``out_dir/train/part-NNNNN.parquet`` (``shards`` files) and ``out_dir/test/...`` (as many
+    files as the test rows need at the train shards' size), row groups of
+    :data:`SHARD_ROW_GROUP` rows.
+
+    The same structure (clusters, labels, embedding) as :func:`synthetic` for a seed; the rows
+    are drawn a row group at a time from their own seeded generators, and features are
+    standardised with the population moments (computed from the structure, so no first pass), so
+    the rows differ from the unsharded dataset's. Memory is one row group. Each split is written
+    into a staging directory and renamed into place.
+    """
+    if preset not in _PRESETS:
+        raise AweError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(_PRESETS)}")
+    p = _PRESETS[preset]
+    n_train = _positive("rows", rows, p.rows)
+    n_test = _positive("test_rows", test_rows, p.test_rows, minimum=0)
+    shards = _positive("shards", shards, 1)
+    if shards > n_train:
+        raise AweError(f"synthetic: --shards {shards} is more than the {n_train} rows")
+    world = _world(preset, np.random.default_rng(seed), classes, features)
+    mean, std = world.moments()
+    per_shard = -(-n_train // shards)
+    out_dir = Path(out_dir)
+    written = _write_split_shards(out_dir / "train", world, seed, 0, n_train, per_shard, 0, mean,
+                                  std)
+    if n_test:
+        written += _write_split_shards(out_dir / "test", world, seed, 1, n_test, per_shard,
+                                       n_train, mean, std)
+    return written
+
+
+def _write_split_shards(target: Path, world: _World, seed: int, split: int, n_rows: int,
+                        per_shard: int, first_id: int, mean: np.ndarray, std: np.ndarray,
+                        ) -> list[Path]:
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+        names = []
+        for shard, start in enumerate(range(0, n_rows, per_shard)):
+            name = f"part-{shard:05d}.parquet"
+            writer = None
+            try:
+                for group, g0 in enumerate(range(start, min(start + per_shard, n_rows),
+                                                 SHARD_ROW_GROUP)):
+                    n = min(SHARD_ROW_GROUP, start + per_shard - g0, n_rows - g0)
+                    rng = np.random.default_rng([seed, split, shard, group])
+                    x, tags, lengths = world.draw(rng, n, dtype=np.float32)
+                    table = world.table(x, tags, lengths, first_id + g0, mean, std)
+                    table = table.replace_schema_metadata({TASK_KEY: b"annotation"})
+                    if writer is None:
+                        writer = pq.ParquetWriter(stage / name, table.schema)
+                    writer.write_table(table, row_group_size=SHARD_ROW_GROUP)
+            finally:
+                if writer is not None:
+                    writer.close()
+            names.append(name)
+        for name in names:  # the writer does not sync; the rename below must not outrun the data
+            with open(stage / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(stage, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        from .artifacts import cannot_write
+
+        raise cannot_write(target, exc) from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [target / name for name in names]
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,10 +599,18 @@ _TASK_OF = {"synthetic": "annotation", "fashion-mnist": "annotation",
 
 def make_dataset(name: str, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
                  preset: str = "magnatagatune", seed: int = 0, rows: int | None = None,
-                 test_rows: int | None = None, classes: int | None = None) -> list[Path]:
-    """Build dataset ``name`` and write its train/test parquet files into ``out_dir``."""
+                 test_rows: int | None = None, classes: int | None = None,
+                 shards: int | None = None) -> list[Path]:
+    """Build dataset ``name`` and write its train/test parquet files into ``out_dir``
+    (``shards``, synthetic only: ``train/`` and ``test/`` directories of parquet shards,
+    generated a row group at a time)."""
     if name not in DATASETS:
         raise AweError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    if shards is not None:
+        if name != "synthetic":
+            raise AweError("--shards applies to `awe data synthetic` only")
+        return synthetic_shards(out_dir, preset, seed=seed, rows=rows, test_rows=test_rows,
+                                classes=classes, shards=shards)
     if name == "synthetic":
         train, test = synthetic(preset, seed=seed, rows=rows, test_rows=test_rows,
                                 classes=classes)

@@ -427,6 +427,10 @@ def save_awe(model_dir: str | Path, model: AffinityWsabie, train_config: dict, e
                "label_bias": model.label_bias is not None, "train": train_config,
                "stage2_fingerprint": config["stage2"]["fingerprint"], **extra}
     section["fingerprint"] = config_fingerprint(section)
+    if config.pop("stage3", None) is not None:
+        # the old stage 3 leaves config.json before its weights are replaced: a kill in between
+        # leaves a model without stage 3, never a config.json naming weights it does not match
+        artifacts.write_json(model_dir / artifacts.CONFIG, config)
     artifacts.write_tensors(model_dir / artifacts.AWE_WEIGHTS, model.state_tensors(),
                             {"fingerprint": section["fingerprint"]})
     config["stage3"] = section

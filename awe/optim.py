@@ -40,6 +40,23 @@ class RowOptimizer:
         self._fused = getattr(torch, "_fused_adagrad_", None) if weight.is_cpu else None
         self._step = torch.zeros((), device=weight.device)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The optimizer's state (checkpoints): Adagrad's accumulator and step count."""
+        state = {"step": self._step}
+        if self.sum is not None:
+            state["sum"] = self.sum
+        return state
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state` in place (the tensors keep their identity)."""
+        self._step.copy_(state["step"])
+        if self.sum is not None:
+            if state["sum"].shape != self.sum.shape:
+                raise ValueError(f"optimizer state of shape {tuple(state['sum'].shape)}, "
+                                 f"expected {tuple(self.sum.shape)}")
+            self.sum.copy_(state["sum"])
+
     @torch.no_grad()
     def step_rows(self, rows: torch.Tensor, grads: torch.Tensor,
                   max_norm: float | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import json
 import math
 import sys
 import time
@@ -22,11 +23,13 @@ import numpy as np
 import torch
 
 from . import artifacts
+from .checkpoint import Checkpoint, FitState
 from .data import TASKS, Columns, Examples, load_examples, scan
 from .errors import AweError, TrainingDiverged
 from .evaluate import evaluate
 from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
 from .optim import OPTIMIZERS, RowOptimizer
+from .stream import ShuffleStream
 from .warp import (
     RANK_WEIGHTS,
     PositiveSet,
@@ -65,6 +68,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    # stream the training files through a shuffle buffer of this many rows (None: load them)
+    shuffle_buffer: int | None = None
 
     def __post_init__(self):
         checks = [
@@ -84,6 +89,8 @@ class TrainConfig:
             (self.patience >= 1, "--patience must be >= 1"),
             (self.task in (None, *TASKS),
              "--task must be annotation or recommendation"),
+            (self.shuffle_buffer is None or int(self.shuffle_buffer) >= 1,
+             "--shuffle-buffer must be >= 1 row"),
         ]
         for ok, message in checks:
             if not ok:
@@ -135,81 +142,228 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
-def fit(model: Wsabie, train: Examples, config: TrainConfig, valid: Examples | None = None,
-        progress: bool = False) -> FitResult:
-    """Train ``model`` in place with batched WARP; keep the best epoch on ``valid`` (if given)."""
+def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
+        valid: Examples | None = None, progress: bool = False,
+        checkpoint: Checkpoint | None = None) -> FitResult:
+    """Train ``model`` in place with batched WARP; keep the best epoch on ``valid`` (if given).
+
+    ``train``: rows in memory, or a :class:`~awe.stream.ShuffleStream` read an epoch at a time.
+    With ``checkpoint``, the state is written every ``checkpoint.every`` batches and at the end of
+    every epoch, and a checkpoint saved at the current position is continued from: the result is
+    bit-identical to an uninterrupted run.
+    """
+    streaming = isinstance(train, ShuffleStream)
     config = config.resolved(train.task, resolve_device(config.device))
     device = torch.device(config.device)
     model.to(device)
-    model.bind(train)
     keep_freed_memory()
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     n_labels = model.shape.n_labels
-    pair_rows = torch.from_numpy(train.labels.row_of_entry())
-    pair_labels = torch.from_numpy(train.labels.indices)
-    weight = model.pair_weight(pair_labels.to(device), pair_rows.to(device))
-    if weight is not None:  # stage 3: a positive of weight 0 scores 0 whatever the model
-        learnable = (weight != 0).cpu()
-        pair_rows, pair_labels = pair_rows[learnable], pair_labels[learnable]
-    n_pairs = len(pair_rows)
-    if n_pairs == 0:
-        raise AweError("the training data has no labels")
-    step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device),
-                     uniform_draws(n_labels, generator, device),
-                     rank_weight_table(n_labels, config.rank_weight).to(device),
-                     torch.from_numpy(n_labels - train.labels.lengths).to(device))
+    rank_weights = rank_weight_table(n_labels, config.rank_weight).to(device)
+    draw = uniform_draws(n_labels, generator, device)
+    if streaming:  # the positives and their counts are set per block
+        step = _WarpStep(model, config, None, draw, rank_weights, None)
+        n_batches = max(1, math.ceil(len(train) / config.batch_size))  # for the progress bar
+    else:
+        model.bind(train)
+        pair_rows = torch.from_numpy(train.labels.row_of_entry())
+        pair_labels = torch.from_numpy(train.labels.indices)
+        pair_rows, pair_labels = _learnable(model, pair_rows, pair_labels, device)
+        n_pairs = len(pair_rows)
+        if n_pairs == 0:
+            raise AweError("the training data has no labels")
+        step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device), draw,
+                         rank_weights, torch.from_numpy(n_labels - train.labels.lengths).to(device))
+        n_batches = math.ceil(n_pairs / config.batch_size)
 
-    history: list[dict] = []
-    best_score, best_epoch, best_state, best_metrics = -1.0, 0, None, {}
-    epochs_without_gain = 0
+    run = _FitProgress(model, step, generator, checkpoint, config)
     started = time.perf_counter()
-    bar = _Progress(progress, config.epochs, math.ceil(n_pairs / config.batch_size))
+    bar = _Progress(progress, config.epochs, n_batches, first_epoch=run.epochs_done + 1)
     with bar, _small_problem_threads(config.batch_size * model.shape.dim, device):
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(run.epochs_done + 1, config.epochs + 1):
+            if run.stopped:
+                break
             t0 = time.perf_counter()
-            order = torch.randperm(n_pairs, generator=generator)
-            loss_sum, violators = 0.0, 0
+            skip = run.batch
+            if not skip:
+                run.loss_sum, run.violators, run.pairs = 0.0, 0, 0
+            if streaming:
+                batches = _stream_batches(train, epoch, model, step, config.batch_size, device,
+                                          skip)
+            else:
+                if skip:  # resumed inside this epoch: its order from the generator at its start
+                    current = generator.get_state()
+                    generator.set_state(run.epoch_rng)
+                    order = torch.randperm(n_pairs, generator=generator)
+                    generator.set_state(current)
+                else:
+                    run.epoch_rng = generator.get_state()
+                    order = torch.randperm(n_pairs, generator=generator)
+                batches = _batches(train, pair_rows[order], pair_labels[order],
+                                   config.batch_size, device, skip=skip)
             model.train()
-            batches = _batches(train, pair_rows[order], pair_labels[order], config.batch_size,
-                               device)
-            for batch_no, (rows, positives, inputs) in enumerate(batches):
+            for batch_no, (rows, positives, inputs) in enumerate(batches, start=skip):
                 done = step(rows, positives, inputs)
                 bar.advance()
-                if done is None:
-                    continue
-                loss, n_violators = done
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(_divergence_advice(epoch, batch_no, config))
-                loss_sum += loss
-                violators += n_violators
+                run.pairs += rows.numel()
+                if done is not None:
+                    loss, n_violators = done
+                    if not math.isfinite(loss):
+                        raise TrainingDiverged(_divergence_advice(epoch, batch_no, config,
+                                                                  checkpoint))
+                    run.loss_sum += loss
+                    run.violators += n_violators
+                # (in memory, an epoch's last batch is followed by the epoch's checkpoint)
+                if run.every and (batch_no + 1) % run.every == 0 and (
+                        streaming or batch_no + 1 < n_batches):
+                    run.batch = batch_no + 1
+                    run.save(epoch, batch_no + 1, started)
+            run.batch = 0
+            if run.pairs == 0:
+                raise AweError("the training data has no labels")
             if not model.weights_finite():
-                raise TrainingDiverged(_divergence_advice(epoch, None, config))
-            row = {"epoch": epoch, "loss": loss_sum / n_pairs, "violating": violators / n_pairs,
-                   "seconds": time.perf_counter() - t0}
+                raise TrainingDiverged(_divergence_advice(epoch, None, config, checkpoint))
+            row = {"epoch": epoch, "loss": run.loss_sum / run.pairs,
+                   "violating": run.violators / run.pairs, "seconds": time.perf_counter() - t0}
             if valid is not None and len(valid):
                 model.bind(valid)
                 metrics = evaluate(lambda ex, r: scores_for_rows(model, ex, r, device), valid,
-                                   sorted({*HISTORY_KS, config.selection_k}))
-                model.bind(train)
+                                   sorted({*HISTORY_KS, config.selection_k}),
+                                   batch_rows=_valid_batch_rows(n_labels, streaming))
+                if not streaming:
+                    model.bind(train)
                 row.update({f"valid_{k}": v for k, v in metrics.items() if k.startswith("P@")})
                 score = metrics[f"P@{config.selection_k}"]
-                if score > best_score:
-                    best_score, best_epoch, best_metrics = score, epoch, metrics
-                    best_state = copy.deepcopy(model.state_dict())
-                    epochs_without_gain = 0
+                if score > run.best_score:
+                    run.best_score, run.best_epoch, run.best_metrics = score, epoch, metrics
+                    run.best_state = copy.deepcopy(model.state_dict())
+                    run.without_gain = 0
                 else:
-                    epochs_without_gain += 1
+                    run.without_gain += 1
             else:
-                best_epoch = epoch
-            history.append(row)
+                run.best_epoch = epoch
+            run.history.append(row)
+            run.stopped = valid is not None and run.without_gain >= config.patience
+            run.epochs_done = epoch
+            run.save(epoch, 0, started)
             bar.epoch_done(row, config.selection_k)
-            if valid is not None and epochs_without_gain >= config.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    history = copy.deepcopy(run.history)
     for row in history:
-        row["best"] = row["epoch"] == best_epoch
-    return FitResult(history, best_epoch, best_metrics, time.perf_counter() - started)
+        row["best"] = row["epoch"] == run.best_epoch
+    return FitResult(history, run.best_epoch, run.best_metrics,
+                     run.seconds + time.perf_counter() - started)
+
+
+# validation scores every label of a batch of rows; ranking them takes several [rows, labels]
+# temporaries, so when streaming (memory bounded) the batch shrinks with the labels (21k labels:
+# 399 rows, ~32 MB a temporary, instead of ~900 MB in all at 2048 rows). In memory it stays 2048:
+# another batching could change the metrics' float sums, and the in-memory results stay as they were
+VALID_SCORES_MAX = 1 << 23
+
+
+def _valid_batch_rows(n_labels: int, streaming: bool) -> int:
+    if not streaming:
+        return 2048
+    return int(min(2048, max(64, VALID_SCORES_MAX // max(n_labels, 1))))
+
+
+def _learnable(model: Wsabie, pair_rows: torch.Tensor, pair_labels: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positive pairs a step can learn from (bound rows): stage 3 drops those of weight 0,
+    whose score is 0 whatever the model."""
+    weight = model.pair_weight(pair_labels.to(device), pair_rows.to(device))
+    if weight is None:
+        return pair_rows, pair_labels
+    learnable = (weight != 0).cpu()
+    return pair_rows[learnable], pair_labels[learnable]
+
+
+def _stream_batches(stream: ShuffleStream, epoch: int, model: Wsabie, step: _WarpStep,
+                    batch_size: int, device: torch.device, skip: int = 0):
+    """The batches of a streamed epoch: per block of the shuffle buffer, bind its rows (stage 3's
+    G), point the step at its positives, and cut its pairs, in their seeded order, into batches.
+    ``skip``: batches already trained (a resumed epoch); the blocks before are read again but not
+    trained on (the stream is a function of the seed and the epoch)."""
+    n_labels = model.shape.n_labels
+    done = 0
+    for block_no, block in enumerate(stream.blocks(epoch)):
+        model.bind(block)
+        pair_rows, pair_labels = _learnable(model, torch.from_numpy(block.labels.row_of_entry()),
+                                            torch.from_numpy(block.labels.indices), device)
+        n = len(pair_rows)
+        n_batches = math.ceil(n / batch_size)
+        if done + n_batches <= skip:
+            done += n_batches
+            continue
+        step.positive_set = PositiveSet(block.labels, n_labels, device)
+        step.n_negatives_of_row = torch.from_numpy(n_labels - block.labels.lengths).to(device)
+        order = torch.from_numpy(stream.pair_order(epoch, block_no, n))
+        yield from _batches(block, pair_rows[order], pair_labels[order], batch_size, device,
+                            skip=max(0, skip - done))
+        done += n_batches
+
+
+class _FitProgress:
+    """fit's position and bookkeeping: restored from a checkpoint, saved into one."""
+
+    def __init__(self, model: Wsabie, step: _WarpStep, generator: torch.Generator,
+                 checkpoint: Checkpoint | None, config: TrainConfig):
+        self.model, self.step, self.generator = model, step, generator
+        self.checkpoint, self.config = checkpoint, config
+        self.every = checkpoint.every if checkpoint is not None else 0
+        self.epochs_done, self.batch, self.loss_sum, self.violators, self.pairs = 0, 0, 0.0, 0, 0
+        self.history: list[dict] = []
+        self.best_score, self.best_epoch, self.best_metrics = -1.0, 0, {}
+        self.best_state: dict | None = None
+        self.without_gain, self.stopped, self.seconds = 0, False, 0.0
+        self.epoch_rng = generator.get_state()
+        state = checkpoint.restore() if checkpoint is not None else None
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: FitState) -> None:
+        t = state.tensors
+        try:
+            self.model.load_state_dict(_section(t, "model/"))
+            self.step.load_state(_section(t, "opt/"))
+            self.generator.set_state(t["rng/current"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise AweError(f"{self.checkpoint.path}: does not fit this model ({exc}); train "
+                           f"without --resume") from exc
+        self.epoch_rng = t["rng/epoch"]
+        self.best_state = _section(t, "best/") or None
+        self.epochs_done, self.batch = state.epochs_done, state.batch
+        self.loss_sum, self.violators, self.pairs = state.loss_sum, state.violators, state.pairs
+        self.history, self.best_score = state.history, state.best_score
+        self.best_epoch, self.best_metrics = state.best_epoch, state.best_metrics
+        self.without_gain, self.stopped, self.seconds = (state.without_gain, state.stopped,
+                                                         state.seconds)
+
+    def save(self, epoch: int, batch: int, started: float) -> None:
+        """Checkpoint after ``batch`` batches of ``epoch`` (0: at its end), if checkpointing."""
+        if self.checkpoint is None:
+            return
+        if not self.model.weights_finite():  # never overwrite the last good checkpoint
+            raise TrainingDiverged(_divergence_advice(epoch, batch or None, self.config,
+                                                      self.checkpoint))
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"opt/{k}": v for k, v in self.step.state().items()})
+        tensors["rng/current"] = self.generator.get_state()
+        tensors["rng/epoch"] = self.epoch_rng
+        if self.best_state is not None:
+            tensors.update({f"best/{k}": v for k, v in self.best_state.items()})
+        self.checkpoint.save(FitState(
+            epochs_done=epoch if batch == 0 else epoch - 1, batch=batch, loss_sum=self.loss_sum,
+            violators=self.violators, pairs=self.pairs, history=self.history,
+            best_score=self.best_score, best_epoch=self.best_epoch, best_metrics=self.best_metrics,
+            without_gain=self.without_gain, stopped=self.stopped,
+            seconds=self.seconds + time.perf_counter() - started, tensors=tensors))
+
+
+def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
@@ -242,6 +396,19 @@ class _WarpStep:
         offset = getattr(model, "label_bias", None)  # stage 3's beta_y: a table of width 1
         self.offset_opt = None if offset is None else RowOptimizer(
             offset.data.view(-1, 1), config.optimizer, config.lr, True)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The optimizers' state, for checkpoints."""
+        opts = {"u": self.u_opt, "v": self.v_opt, "offset": self.offset_opt}
+        return {f"{name}.{k}": v for name, opt in opts.items() if opt is not None
+                for k, v in opt.state().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        opts = {"u": self.u_opt, "v": self.v_opt, "offset": self.offset_opt}
+        for name, opt in opts.items():
+            if opt is not None:
+                opt.load_state({k[len(name) + 1:]: v for k, v in state.items()
+                                if k.startswith(f"{name}.")})
 
     @torch.no_grad()
     def __call__(self, rows: torch.Tensor, positives: torch.Tensor, inputs: Inputs,
@@ -360,21 +527,23 @@ def keep_freed_memory() -> None:
 
 
 def _batches(train: Examples, rows: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             device: torch.device, chunk_batches: int = 32):
+             device: torch.device, chunk_batches: int = 32, skip: int = 0):
     """(rows, positive labels, inputs) of every batch of an epoch's pairs, on ``device``.
 
     Inputs are gathered a chunk of batches at a time (few numpy <-> torch round trips per step,
-    memory bounded by the chunk).
+    memory bounded by the chunk). ``skip``: start after that many batches (a resumed epoch); the
+    chunks stay where they were, so the batches are the very same tensors.
     """
     n = rows.numel()
     chunk = batch_size * chunk_batches
     dense = None if train.dense is None else torch.from_numpy(train.dense)
-    for c0 in range(0, n, chunk):
+    for c0 in range(skip // chunk_batches * chunk, n, chunk):
+        first = max(0, skip * batch_size - c0)  # pairs of this chunk trained before the resume
         c_rows = rows[c0:c0 + chunk]
         d_rows, d_labels = c_rows.to(device), labels[c0:c0 + chunk].to(device)
         m = c_rows.numel()
         if dense is not None:
-            for s in range(0, m, batch_size):
+            for s in range(first, m, batch_size):
                 x = Inputs(dense=dense.index_select(0, c_rows[s:s + batch_size]).to(device))
                 yield d_rows[s:s + batch_size], d_labels[s:s + batch_size], x
             continue
@@ -386,7 +555,7 @@ def _batches(train: Examples, rows: torch.Tensor, labels: torch.Tensor, batch_si
         values = None if unit else torch.from_numpy(part.values).to(device)
         bags = None if single else torch.from_numpy(part.row_of_entry()).to(device)
         indptr = torch.from_numpy(part.indptr).to(device)
-        for s in range(0, m, batch_size):
+        for s in range(first, m, batch_size):
             t = min(s + batch_size, m)
             lo, hi = int(part.indptr[s]), int(part.indptr[t])
             x = Inputs(ids=ids[lo:hi], offsets=indptr[s:t] - lo,
@@ -395,11 +564,16 @@ def _batches(train: Examples, rows: torch.Tensor, labels: torch.Tensor, batch_si
             yield d_rows[s:t], d_labels[s:t], x
 
 
-def _divergence_advice(epoch: int, batch: int | None, config: TrainConfig) -> str:
+def _divergence_advice(epoch: int, batch: int | None, config: TrainConfig,
+                      checkpoint: Checkpoint | None = None) -> str:
     where = f"epoch {epoch}" + (f", batch {batch}" if batch is not None else "")
+    kept = ""
+    if checkpoint is not None and checkpoint.exists():
+        kept = (f"; the last good checkpoint is kept in {checkpoint.path}: continue from it with "
+                f"--resume and a lower --lr")
     return (f"training diverged at {where}: the loss or a weight became NaN/inf. Lower --lr "
             f"(now {config.lr}), normalise the features (e.g. scale rows to unit norm), or set "
-            f"--max-norm")
+            f"--max-norm{kept}")
 
 
 def holdout_split(examples: Examples, fraction: float, task: str, seed: int,
@@ -435,8 +609,9 @@ def holdout_split(examples: Examples, fraction: float, task: str, seed: int,
 class _Progress:
     """A rich progress bar over the batches of every epoch (silent when disabled)."""
 
-    def __init__(self, enabled: bool, epochs: int, batches: int):
+    def __init__(self, enabled: bool, epochs: int, batches: int, first_epoch: int = 1):
         self.enabled, self.epochs, self.batches = enabled, epochs, batches
+        self.first_epoch = first_epoch
         self._progress = None
 
     def __enter__(self):
@@ -447,7 +622,8 @@ class _Progress:
                                       TextColumn("{task.completed}/{task.total}"),
                                       TimeElapsedColumn(), transient=False)
             self._progress.__enter__()
-            self._task = self._progress.add_task("epoch 1", total=self.batches)
+            self._task = self._progress.add_task(f"epoch {self.first_epoch}",
+                                                 total=self.batches)
         return self
 
     def advance(self):
@@ -474,23 +650,40 @@ def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
 
 def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: TrainConfig,
                  valid: Examples | None = None, progress: bool = False,
+                 checkpoint: Checkpoint | None = None,
                  ) -> tuple[Wsabie, FitResult, Examples, Examples | None]:
     """Train a fresh model, picking the epoch on ``valid`` or on a held-out fraction.
 
     With ``config.valid_fraction`` (and no ``valid``) the held-out part picks the epoch, then a
     new model learns from every row for that many epochs (``refit``). Returns the model, the
-    result, and the rows it trained and validated on.
+    result, and the rows it trained and validated on. ``checkpoint``: its position names the
+    phase (select, refit); a resumed run skips the phases the interrupted one had finished.
     """
     all_rows = train
     if valid is None and config.valid_fraction > 0:
-        train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
+        if isinstance(train, ShuffleStream):
+            train, valid = train.split(config.valid_fraction, config.task, config.seed)
+        else:
+            train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
     torch.manual_seed(config.seed)
-    model = new_model()
-    result = fit(model, train, config, valid, progress=progress)
-    if config.refit and all_rows is not train:
+    refit = config.refit and all_rows is not train
+    ck = checkpoint
+    round_no = ck.position.get("round", 1) if ck is not None else 1
+    if refit and ck is not None and ck.saved_at_or_after(round_no, "refit"):
+        result = FitResult(**ck.saved_outer["select"])  # the interrupted run had picked the epoch
+    else:
+        if ck is not None:
+            ck.position = {**ck.position, "phase": "select"}
+            ck.outer.pop("select", None)
+        model = new_model()
+        result = fit(model, train, config, valid, progress=progress, checkpoint=ck)
+    if refit:
+        if ck is not None:
+            ck.position = {**ck.position, "phase": "refit"}
+            ck.outer["select"] = asdict(result)
         model = new_model()
         refit = fit(model, all_rows, replace(config, epochs=result.best_epoch), None,
-                    progress=progress)
+                    progress=progress, checkpoint=ck)
         for row in refit.history:
             row["phase"] = "refit"
         result = FitResult(result.history + refit.history, result.best_epoch,
@@ -498,20 +691,66 @@ def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: Train
     return model, result, train, valid
 
 
-def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None) -> dict:
-    return {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
-            "train_rows": len(train), "valid_rows": len(valid) if valid else 0,
-            "valid": result.best_metrics}
+def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None,
+                   checkpoint: Checkpoint | None = None) -> dict:
+    metrics = {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
+               "train_rows": len(train), "valid_rows": len(valid) if valid else 0,
+               "valid": result.best_metrics}
+    if checkpoint is not None and checkpoint.resumed_from:
+        metrics["resumed"] = {"from": checkpoint.resumed_from, "changes": checkpoint.changes}
+    return metrics
+
+
+def data_identity(examples: Examples | ShuffleStream | None) -> dict | None:
+    """What tells one training set from another, cheaply: the row count, a digest of every label
+    and of the features of up to 4096 evenly spaced rows (a checkpoint's data check)."""
+    if examples is None:
+        return None
+    if isinstance(examples, ShuffleStream):
+        return examples.identity()
+    from .checkpoint import tensor_digest
+
+    n = len(examples)
+    sample = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, 4096)).astype(np.int64))
+    if examples.dense is not None:
+        features = tensor_digest(examples.dense[sample])
+    else:
+        part = examples.sparse.take(sample)
+        features = tensor_digest(part.indptr, part.indices, part.values)
+    return {"rows": n, "labels": tensor_digest(examples.labels.indptr, examples.labels.indices),
+            "features": features}
+
+
+def open_checkpoint(model_dir, stage: str, run: dict, every: int, resume: bool,
+                    report: Callable[[str], None] | None) -> Checkpoint:
+    """The stage's checkpoint; says whether a run resumes, starts afresh, or replaces one."""
+    ck = Checkpoint(model_dir, stage, run, every=every, resume=resume)
+    say = report or (lambda _: None)
+    if ck.resuming:
+        say(f"resuming from {ck.path} ({ck.resumed_from})"
+            + "".join(f"; --{k} {old} -> {new}" for k, (old, new) in ck.changes.items()))
+    elif resume:
+        say(f"--resume: no checkpoint in {Path(model_dir)}; training from the start")
+    elif ck.exists():
+        say(f"{ck.path}: the checkpoint of an interrupted run is replaced (pass --resume to "
+            f"continue it instead)")
+    return ck
 
 
 def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
                  valid_path=None, columns: Columns | None = None, progress: bool = False,
-                 label_bias: bool | str = "auto") -> tuple[FitResult, list]:
+                 label_bias: bool | str = "auto", checkpoints: bool = True,
+                 checkpoint_every: int = 0, resume: bool = False,
+                 report: Callable[[str], None] | None = None) -> tuple[FitResult, list]:
     """Stage 1 end to end: read, split off validation, train, write the model directory.
 
     ``label_bias``: f = (x U) . V_y + beta_y with a learned per-label offset (LightFM's item
     bias; False gives the paper's Wsabie); "auto": on for annotation, off for recommendation
-    (docs/decisions.md)."""
+    (docs/decisions.md). ``checkpoints``: write MODEL/checkpoint/wsabie.safetensors at the end of
+    every epoch (and every ``checkpoint_every`` batches); removed once the model is written.
+    ``resume``: continue from it. ``report`` receives one-line notes (resuming, replacing a
+    checkpoint).
+    """
     found = scan(train_path, columns or Columns())
     config = config.resolved(found.task, resolve_device(config.device))
     if label_bias not in (True, False, "auto"):
@@ -520,22 +759,42 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
         label_bias = config.task == "annotation"
     if config.threads:
         torch.set_num_threads(config.threads)
-    train = load_examples(train_path, found.schema, found.vocab, task=config.task)
+    train = _training_rows(train_path, found.schema, found.vocab, config)
     valid = None
     if valid_path is not None:
         valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
     shape = ModelShape(found.schema.n_features, len(found.vocab), config.dim,
                        found.schema.kind == "sparse")
+    ck = None
+    if checkpoints:
+        from .checkpoint import tensor_digest
+
+        run = {"stage": "wsabie", "config": config.to_dict(), "label_bias": label_bias,
+               "schema": found.schema.to_dict(),
+               "vocab": tensor_digest(np.frombuffer(json.dumps(found.vocab.labels).encode(),
+                                                    dtype=np.uint8)),
+               "data": data_identity(train), "valid": data_identity(valid)}
+        ck = open_checkpoint(model_dir, "wsabie", run, checkpoint_every, resume, report)
     model, result, train, valid = fit_selected(
         lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed),
                        0.0 if label_bias else None),
-        train, config, valid, progress)
+        train, config, valid, progress, ck)
     written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
     history_path = Path(model_dir) / artifacts.HISTORY
     artifacts.write_csv(history_path, result.history)
     metrics_path = Path(model_dir) / artifacts.METRICS
-    artifacts.write_json(metrics_path, {"wsabie": _stage_metrics(result, train, valid)})
+    artifacts.write_json(metrics_path, {"wsabie": _stage_metrics(result, train, valid, ck)})
+    if ck is not None:
+        ck.remove()
     return result, [*written, history_path, metrics_path]
+
+
+def _training_rows(train_path, schema, vocab, config: TrainConfig) -> Examples | ShuffleStream:
+    """The training rows: loaded, or streamed through a shuffle buffer (``--shuffle-buffer``)."""
+    if config.shuffle_buffer:
+        return ShuffleStream.open(train_path, schema, vocab, config.shuffle_buffer, config.seed,
+                                  config.task, config.batch_size)
+    return load_examples(train_path, schema, vocab, task=config.task)
 
 
 INITS = ("wsabie", "random")
@@ -552,13 +811,17 @@ STAGE3_RECOMMENDATION_MAX_NORM = 3.0
 def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
                 init: str = "wsabie", rounds: int = 1,
                 label_bias: float | None = LABEL_BIAS_DEFAULT,
-                valid_path=None, progress: bool = False) -> tuple[FitResult, list]:
+                valid_path=None, progress: bool = False, checkpoints: bool = True,
+                checkpoint_every: int = 0, resume: bool = False,
+                report: Callable[[str], None] | None = None) -> tuple[FitResult, list]:
     """Stage 3 (``awe retrain``): f = (G + b) * (x U') . V'_y with the same loop as stage 1.
 
     U', V' start from stage 1 (``init="wsabie"``) or at random. ``rounds`` > 1 repeats
     build-g -> retrain, each time building G from the newest U' (the paper's step 4).
+    Checkpoints as in :func:`train_wsabie` (MODEL/checkpoint/awe.safetensors); a round's start is
+    checkpointed too, so a run killed while a later round rebuilds G resumes there.
     """
-    from .affinity import Affinity, build_affinity, write_stage2
+    from .affinity import Affinity, build_affinity, build_affinity_streamed, write_stage2
     from .model import AffinityWsabie, load_wsabie, save_awe
 
     if init not in INITS:
@@ -576,63 +839,97 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     if config.threads:
         torch.set_num_threads(config.threads)
     affinity, g_train = Affinity.load(model_dir, saved.config["stage2"], with_train_g=True)
-    train = load_examples(train_path, saved.schema, saved.vocab, task=task)
-    _check_same_rows(train, affinity, train_path, model_dir)
+    g_fingerprint = saved.config["stage2"].get("fingerprint")
+    train = _training_rows(train_path, saved.schema, saved.vocab, config)
+    streaming = isinstance(train, ShuffleStream)
+    _check_same_rows(len(train), train.labels() if streaming else train.labels, affinity,
+                     train_path, model_dir)
     valid = None
     if valid_path is not None:
         valid = load_examples(valid_path, saved.schema, saved.vocab, require_labels=False)
     shape = saved.model.shape
     bias = affinity.config.bias
-    start = saved.model
+    # stage 1's beta (if any) is an additive offset, not stage 3's factor: not carried over
+    start = {k: v.clone() for k, v in saved.model.state_tensors().items() if k != "label_bias"}
     history: list[dict] = []
     written: list[Path] = []
     metrics: dict = {}
-    for round_no in range(1, rounds + 1):
-        if round_no > 1:  # G from the newest embedding U'
-            affinity, g_train, stats = build_affinity(
-                train, len(saved.vocab), affinity.config, start.u_matrix().detach().clone(),
-                start.v_matrix().detach().clone())
+    ck = None
+    first_round = 1
+    if checkpoints:
+        run = {"stage": "awe", "config": config.to_dict(), "init": init, "rounds": rounds,
+               "label_bias": label_bias, "stage1": saved.config["stage1"].get("fingerprint"),
+               "data": data_identity(train), "valid": data_identity(valid)}
+        ck = open_checkpoint(model_dir, "awe", run, checkpoint_every, resume, report)
+        if ck.resuming:
+            first_round = ck.saved_position["round"]
+            history = ck.saved_outer["history"]
+            start = ck.saved_outer_tensors()
+    for round_no in range(first_round, rounds + 1):
+        mid_round = ck is not None and ck.saved_at_or_after(round_no, "select")
+        if ck is not None:
+            ck.position = {"round": round_no, "phase": "start"}
+            ck.outer = {"history": history}
+            ck.outer_tensors = start
+        if round_no > 1 and not mid_round:  # G from the newest embedding U'
+            if ck is not None:
+                if ck.saved_position == ck.position:  # resumed at this round's start
+                    ck.discard_saved()
+                ck.save(None)  # a kill while G is rebuilt resumes here and rebuilds it
+            if streaming:  # the rows are read again, only their embeddings kept
+                affinity, g_train, stats = build_affinity_streamed(
+                    train_path, saved.schema, saved.vocab, affinity.config, start["U"].clone(),
+                    start["V"].clone(), model_dir)
+            else:
+                affinity, g_train, stats = build_affinity(
+                    train, len(saved.vocab), affinity.config, start["U"].clone(),
+                    start["V"].clone())
             written += write_stage2(model_dir, affinity, g_train, stats,
                                     saved.config["stage2"].get("train_path", str(train_path)),
                                     f"awe round {round_no - 1}")
+            g_fingerprint = affinity.fingerprint()
+        if mid_round and ck.saved_outer.get("g_fingerprint") != g_fingerprint:
+            raise AweError(f"{model_dir}: G changed since the checkpoint was written (build-g "
+                           f"ran again?); run `awe retrain` without --resume")
+        if ck is not None:
+            ck.outer["g_fingerprint"] = g_fingerprint
         train_g = train.with_affinity(g_train)
         valid_g = None if valid is None else valid.with_affinity(
             affinity.examples_affinity(valid))
 
-        def new_model(start=start, first_round=round_no == 1):
+        def new_model(start=start):
             model = AffinityWsabie(shape, bias, config.init_scale,
                                    torch.Generator().manual_seed(config.seed), label_bias)
             if init == "wsabie":
-                tensors = start.state_tensors()
-                if first_round:  # stage 1's beta is an additive offset, not stage 3's
-                    tensors.pop("label_bias", None)
-                model.load_tensors(tensors)
+                model.load_tensors(start)
             return model
 
         model, result, fitted, validated = fit_selected(new_model, train_g, config, valid_g,
-                                                        progress)
+                                                        progress, ck)
         for row in result.history:
             row["round"] = round_no
         history += result.history
         written += save_awe(model_dir, model, config.to_dict(),
                             {"init": init, "rounds": rounds, "round": round_no,
                              "label_bias_init": label_bias})
-        metrics = _stage_metrics(result, fitted, validated)
-        start = model
+        metrics = _stage_metrics(result, fitted, validated, ck)
+        start = {k: v.clone() for k, v in model.state_tensors().items()}
     history_path = model_dir / artifacts.AWE_HISTORY
     artifacts.write_csv(history_path, history)
     metrics_path = model_dir / artifacts.METRICS
     all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     all_metrics["awe"] = {**metrics, "rounds": rounds}
     artifacts.write_json(metrics_path, all_metrics)
+    if ck is not None:
+        ck.remove()
     return result, sorted(set(written + [history_path, metrics_path]))
 
 
-def _check_same_rows(train: Examples, affinity, train_path, model_dir) -> None:
+def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> None:
     from .affinity import labels_digest
 
-    if len(train) != affinity.index.n_rows or labels_digest(train.labels) != labels_digest(
+    if n_rows != affinity.index.n_rows or labels_digest(labels) != labels_digest(
             affinity.train_labels):
         raise AweError(f"{train_path}: not the training data G was built on in {model_dir} "
-                       f"({len(train)} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
+                       f"({n_rows} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
                        f"`awe build-g` and `awe retrain`")

@@ -84,13 +84,18 @@ def data(
     rows: Annotated[int | None, typer.Option(help="synthetic: training rows")] = None,
     test_rows: Annotated[int | None, typer.Option(help="synthetic: test rows")] = None,
     classes: Annotated[int | None, typer.Option(help="synthetic: number of labels")] = None,
+    shards: Annotated[int | None, typer.Option(
+        help="synthetic: write train/ and test/ directories of this many parquet shards, "
+             "generated a row group at a time (for data larger than memory).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Convert or generate a dataset into the data contract (train.parquet, test.parquet)."""
     with user_errors():
         paths = datasets_lib.make_dataset(name, out_dir, source=source, preset=preset, seed=seed,
-                                          rows=rows, test_rows=test_rows, classes=classes)
-        _wrote(paths)
+                                          rows=rows, test_rows=test_rows, classes=classes,
+                                          shards=shards)
+        _wrote(paths if len(paths) <= 8 else [*paths[:3], f"... {len(paths) - 6} more ...",
+                                              *paths[-3:]])
 
 
 # Options shared by the two training stages (train, retrain): name -> annotated type.
@@ -116,9 +121,33 @@ _TRAIN_OPTIONS = {
     "threads": Annotated[int | None, typer.Option(help="CPU threads for torch.")],
     "device": Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if "
                                                       "available).")],
+    "shuffle_buffer": Annotated[int | None, typer.Option(
+        help="Stream TRAIN instead of loading it: shards in a seeded random order, rows "
+             "shuffled in a buffer of this many rows (memory: buffer + model).")],
     "quiet": Annotated[bool, typer.Option(help="No progress display.")],
+    "resume": Annotated[bool, typer.Option(
+        help="Continue the interrupted run from MODEL/checkpoint/ (same options and data; --lr, "
+             "--epochs, --patience may change).")],
+    "checkpoint_every": Annotated[int, typer.Option(
+        help="Also checkpoint every N batches (0: at the end of every epoch only).")],
+    "checkpoint": Annotated[bool, typer.Option(
+        "--checkpoint/--no-checkpoint",
+        help="Write MODEL/checkpoint/ during training (removed when the model is written).")],
 }
-_TRAIN_DEFAULTS = {"valid_fraction": 0.1, "quiet": False}
+_TRAIN_DEFAULTS = {"valid_fraction": 0.1, "quiet": False, "resume": False, "checkpoint_every": 0,
+                   "checkpoint": True}
+# the shared options that steer the run rather than set a hyper-parameter of TrainConfig
+_RUN_OPTIONS = ("valid", "quiet", "resume", "checkpoint_every", "checkpoint")
+
+
+def _run_options(options: dict) -> dict:
+    """Keyword arguments of train_wsabie / retrain_awe from the shared run options."""
+    if options["resume"] and not options["checkpoint"]:
+        raise AweError("--resume needs checkpoints: drop --no-checkpoint")
+    return {"valid_path": options["valid"], "progress": not options["quiet"],
+            "checkpoints": options["checkpoint"], "checkpoint_every": options["checkpoint_every"],
+            "resume": options["resume"],
+            "report": lambda line: out.print(line, highlight=False, soft_wrap=True)}
 
 
 def training_options(command):
@@ -141,7 +170,7 @@ def training_options(command):
 def _train_config(options: dict, base=None, **more):
     from awe.train import TrainConfig, with_overrides
 
-    settings = {k: v for k, v in options.items() if k not in ("valid", "quiet")}
+    settings = {k: v for k, v in options.items() if k not in _RUN_OPTIONS}
     if options["valid"]:
         settings["valid_fraction"] = 0.0
     return with_overrides(base or TrainConfig(), **settings, **more)
@@ -179,11 +208,10 @@ def train(
     with user_errors():
         config = _train_config(train_options, dim=dim, task=task)
         result, paths = train_wsabie(
-            train_path, model, config, valid_path=train_options["valid"],
-            progress=not train_options["quiet"],
+            train_path, model, config,
             label_bias={"on": True, "off": False}.get(label_bias, label_bias),
             columns=_columns(features_col, feature_ids_col, feature_values_col, labels_col,
-                             exclude_col, id_col))
+                             exclude_col, id_col), **_run_options(train_options))
         _fit_summary(result)
         _wrote(paths)
 
@@ -275,8 +303,7 @@ def retrain(
         config = _train_config(train_options, STAGE3_DEFAULTS)
         result, paths = retrain_awe(train_path, model, config, init=init, rounds=rounds,
                                     label_bias=None if no_label_bias else label_bias,
-                                    valid_path=train_options["valid"],
-                                    progress=not train_options["quiet"])
+                                    **_run_options(train_options))
         _fit_summary(result)
         _wrote(paths)
 

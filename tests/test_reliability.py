@@ -736,10 +736,19 @@ def test_disk_full_while_writing_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_then_enospc)
     data, model = _good_training_data(tmp_path), tmp_path / "model"
-    assert_one_line_error(invoke("train", data, "--model", model, "--quiet", "--epochs", 1,
-                                 "--valid-fraction", 0),
-                          "wsabie.safetensors", "No space left on device")
+    # without checkpoints the model's weights are the first tensors written
+    line = assert_one_line_error(invoke("train", data, "--model", model, "--quiet", "--epochs",
+                                        1, "--valid-fraction", 0, "--no-checkpoint"),
+                                 "wsabie.safetensors:", "No space left on device")
+    assert "checkpoint" not in line
     assert not (model / "config.json").exists() and not (model / "wsabie.safetensors").exists()
+    assert not temp_files(tmp_path)
+    # with them, the first checkpoint meets the full disk: training stops there
+    assert_one_line_error(invoke("train", data, "--model", model, "--quiet", "--epochs", 3,
+                                 "--valid-fraction", 0),
+                          f"{model / 'checkpoint' / 'wsabie.safetensors'}:",
+                          "No space left on device")
+    assert not list(model.rglob("*.safetensors")) and not (model / "config.json").exists()
     assert not temp_files(tmp_path)
 
 
