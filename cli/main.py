@@ -44,7 +44,8 @@ def user_errors():
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        err.print("interrupted; files already written are complete")
+        err.print("interrupted; files already written are complete (train / retrain: run "
+                  "again with --resume to continue from the last checkpoint)", highlight=False)
         raise typer.Exit(130) from None
 
 

@@ -113,3 +113,16 @@ def test_help_lists_commands():
     assert r.exit_code == 0
     for command in ("data", "train", "eval"):
         assert command in r.output
+
+
+def test_ctrl_c_exits_130_and_points_at_resume(tmp_path, monkeypatch):
+    import awe.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(awe.train, "train_wsabie", interrupted)
+    train = write_blobs(tmp_path / "t.parquet", 50)
+    result = invoke("train", train, "--model", tmp_path / "m", "--quiet")
+    assert result.exit_code == 130
+    assert "--resume" in result.output and "Traceback" not in result.output
