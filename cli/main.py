@@ -178,6 +178,10 @@ def _train_config(options: dict, base=None, **more):
 
 
 def _fit_summary(result) -> None:
+    from awe.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 speaks for all
+        return
     best = result.best_metrics
     summary = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("P@"))
     out.print(f"best epoch {result.best_epoch} ({result.seconds:.1f}s)"
