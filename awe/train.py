@@ -203,7 +203,7 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
     started = time.perf_counter()
     bar = _Progress(progress and world.is_main, config.epochs, n_batches,
                     first_epoch=run.epochs_done + 1)
-    with bar, _small_problem_threads(config.batch_size * model.shape.dim, device):
+    with bar, _small_problem_threads(batch_size * model.shape.dim, device):
         for epoch in range(run.epochs_done + 1, config.epochs + 1):
             if run.stopped:
                 break
