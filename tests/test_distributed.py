@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,8 +33,8 @@ from typer.testing import CliRunner
 from awe import train as train_module
 from awe.data import Columns, load_examples, scan
 from awe.datasets import make_dataset
-from awe.distributed import World, rank_share
-from awe.errors import TrainingDiverged
+from awe.distributed import SINGLE, World, rank_share, session
+from awe.errors import AweError, TrainingDiverged
 from awe.evaluate import evaluate
 from awe.model import ModelShape, Wsabie
 from awe.optim import RowOptimizer
@@ -165,6 +166,7 @@ def _case_resume(rank: int, out: Path, mag: str, **_) -> None:
         train_wsabie(mag, model, CONFIG, checkpoint_every=2)
     if rank == 0:
         (out / "crashed").write_text(",".join(sorted(p.name for p in model.rglob("*"))))
+        shutil.copytree(model, out / "crashed-model")
     dist.barrier()  # rank 0 has looked before either resumes
     train_module._WarpStep.__call__ = real
     train_wsabie(mag, model, CONFIG, checkpoint_every=2, resume=True)
@@ -219,8 +221,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     make_dataset("synthetic", root / "mag", preset="magnatagatune", rows=4000, test_rows=2000,
                  classes=40, seed=0)
+    # 3 shards: rank 0 streams two an epoch, rank 1 one, so rank 1 runs out of batches first
     make_dataset("synthetic", root / "shards", preset="imagenet", rows=4000, test_rows=1000,
-                 classes=40, shards=4, seed=1)
+                 classes=40, shards=3, seed=1)
     mag = root / "mag" / "train.parquet"
     stage1 = root / "stage1"
     train_wsabie(mag, stage1, replace(CONFIG, epochs=10), checkpoints=False)
@@ -304,6 +307,27 @@ def test_two_processes_resume_exactly(runs):
     assert ((out / "model" / "wsabie.safetensors").read_bytes()
             == (expected / "wsabie.safetensors").read_bytes())
     assert not (out / "model" / "checkpoint").exists()
+
+
+def test_a_two_process_checkpoint_does_not_resume_on_one(runs, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(runs / "resume" / "crashed-model", model)
+    with pytest.raises(AweError, match="another run.*processes"):
+        train_wsabie(runs / "mag" / "train.parquet", model, CONFIG, checkpoint_every=2,
+                     resume=True)
+
+
+def test_a_torchrun_environment_without_its_rendezvous_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(AweError, match="MASTER_ADDR, MASTER_PORT missing"):
+        with session():
+            pass
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with session() as world:  # torchrun with one process: the single-process path
+        assert world == SINGLE and not dist.is_initialized()
 
 
 def test_streamed_shards_by_rank_train_like_one_process(runs):
