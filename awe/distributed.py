@@ -14,6 +14,7 @@ an epoch, and checks that the ranks agree. Rank 0 is the only writer of files.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,12 +68,20 @@ class World:
         return [o.cpu() for o in out]
 
     def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every rank (small JSON-like values: metrics, decisions)."""
+        """Rank 0's ``obj`` on every rank (small JSON values: metrics, decisions).
+
+        Sent as JSON bytes, not through ``broadcast_object_list``, which pickles: awe never
+        unpickles, files or messages."""
         if not self.distributed:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        payload = json.dumps(obj).encode() if self.is_main else b""
+        size = self.all_reduce_(torch.tensor([len(payload)], dtype=torch.int64))
+        buffer = torch.zeros(int(size.item()), dtype=torch.uint8)
+        if self.is_main:
+            buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        c = self._on(buffer)
+        dist.broadcast(c, src=0)
+        return json.loads(bytes(c.cpu().numpy()).decode())
 
     def barrier(self) -> None:
         if self.distributed:
