@@ -78,7 +78,7 @@ def dask_client(options: ClusterOptions) -> Iterator:
     cores = os.cpu_count() or 1
     # one task at a time per worker: a task's model uses its own threads (threads_per_worker)
     with distributed.LocalCluster(n_workers=options.workers, threads_per_worker=1,
-                                  processes=True, dashboard_address=None,
+                                  processes=True, dashboard_address=":0",
                                   silence_logs=logging.ERROR,
                                   memory_limit=0) as cluster, distributed.Client(cluster) as client:
         client.wait_for_workers(options.workers)
@@ -166,12 +166,13 @@ def search_task(index_path: str, params: dict, vectors_path: str, start: int, st
 
 
 def sharded_search(client, scratch_dir: Path, threads: int | None,
-                   shard_rows: int = SEARCH_SHARD_ROWS):
+                   shard_rows: int | None = None):
     """A ``search_all(index, vectors, n)`` for :func:`awe.affinity.affinity_from_vectors` that
     searches every indexed row's leave-one-out neighbours on the cluster, shard by shard of query
     rows, every worker reading the same saved index. Equal to ``index.search(vectors, n,
     arange(N))``: the shards are whole chunks of that search."""
     threads = threads or threads_per_worker(client)
+    shard_rows = shard_rows or SEARCH_SHARD_ROWS
 
     def search_all(index, vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         scratch_dir.mkdir(parents=True, exist_ok=True)
