@@ -143,7 +143,7 @@ def score_task(model_dir: str, fingerprint: str, options, file: str, number: int
     from .scoring import RowGroupScorer, load_predictor
 
     def load():
-        predictor, stage = load_predictor(model_dir, options.stage, options.threads)
+        predictor, stage = load_predictor(model_dir, options.stage)
         return RowGroupScorer(predictor, stage, options)
 
     scorer = worker_cached("score", (model_dir, fingerprint, options), load)

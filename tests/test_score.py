@@ -382,3 +382,27 @@ def test_dask_build_g_equals_local(model, tmp_path, cluster, monkeypatch):
     assert not list(remote.glob(".build-g-*"))  # the scratch directory is removed
     loads = client.run(distributed.loads)
     assert sorted(w.get("index", 0) for w in loads.values()) == [1, 1]  # once per worker
+
+
+def test_top_k_matches_a_plain_sort():
+    """The one-topk fast path with its exact fallback (ties across the cut, -inf, NaN) equals
+    ranking each row by (score descending, label id ascending)."""
+    import torch
+
+    from awe.evaluate import top_k
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n_rows, n_labels, k = rng.integers(1, 20), rng.integers(1, 25), int(rng.integers(1, 30))
+        scores = (rng.normal(size=(n_rows, n_labels)) if trial % 3 == 0
+                  else rng.integers(0, 3, size=(n_rows, n_labels)).astype(float))
+        scores[rng.random(scores.shape) < 0.15] = -np.inf
+        scores[rng.random(scores.shape) < 0.1] = np.nan
+        ids, vals = top_k(torch.tensor(scores, dtype=torch.float32), k)
+        for row, (got_ids, got_vals) in enumerate(zip(ids.tolist(), vals.tolist(), strict=True)):
+            clean = np.where(np.isnan(scores[row]), -np.inf, scores[row]).astype(np.float32)
+            ranked = sorted(range(n_labels), key=lambda y, c=clean: (-c[y], y))[:k]
+            want = [y if clean[y] > -np.inf else -1 for y in ranked]
+            want += [-1] * (k - len(want))
+            assert got_ids == want, (trial, row)
+            assert got_vals[:len(ranked)] == [float(clean[y]) for y in ranked]
