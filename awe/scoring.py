@@ -401,10 +401,18 @@ def plan_jobs(input_path, out) -> list[Job]:
         jobs = [Job(files[0], target)]
     else:
         base = Path(text) if not magic else _glob_base(text)
+        # OUT inside the input directory: its outputs (and rejects) are no input of a re-run
+        files = [f for f in files if not f.resolve().is_relative_to(out.resolve())]
+        if not files:
+            raise AweError(f"{text}: no input files outside --out {out}")
         if out.exists() and not out.is_dir():
             raise AweError(f"--out {out}: a file, but the input {text} has many files; give a "
                            f"directory")
         jobs = [Job(f, out / _relative(f, base)) for f in files]
+    targets = [job.target.resolve() for job in jobs]
+    if len(set(targets)) < len(targets):
+        raise AweError(f"{text}: two input files would get the same output under {out}; "
+                       f"score them separately")
     for job in jobs:
         if job.target.resolve() == job.source.resolve():
             raise AweError(f"--out {out}: would overwrite the input {job.source}; choose "

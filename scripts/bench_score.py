@@ -9,7 +9,7 @@ Models are genuine model directories made by the library: for every L, synthetic
 (--features wide, clustered, every label present) train stage 1 for one epoch (D = --dim),
 `build_g` (20 neighbours, --index: IVF by default, as at scale) and stage 3 for one epoch.
 Inputs are dense parquet files of random rows of the same distribution with an int64 id
-(65,536-row row groups), made once under --root and reused.
+(row groups of 16,384 rows for throughput, 65,536 for RSS), made once under --root and reused.
 
 Throughput: `score_files` in a fresh child process (`awe score` without the interpreter start),
 top-10, --threads threads, timed from the call to the rename of the output (model load and
@@ -39,7 +39,7 @@ GROUP_ROWS = 65_536
 
 
 def make_rows(path: Path, n_rows: int, n_features: int, n_labels: int, seed: int,
-              with_labels: bool) -> Path:
+              with_labels: bool, group_rows: int = GROUP_ROWS) -> Path:
     """Clustered dense rows written a row group at a time (memory: one group)."""
     import numpy as np
     import pyarrow as pa
@@ -52,8 +52,8 @@ def make_rows(path: Path, n_rows: int, n_features: int, n_labels: int, seed: int
     rng = np.random.default_rng(seed)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = None
-    for start in range(0, n_rows, GROUP_ROWS):
-        n = min(GROUP_ROWS, n_rows - start)
+    for start in range(0, n_rows, group_rows):
+        n = min(group_rows, n_rows - start)
         labels = rng.integers(0, n_labels, n)
         if with_labels and start == 0:  # every label appears: the vocabulary has L labels
             labels[:min(n, n_labels)] = np.arange(min(n, n_labels))
@@ -67,7 +67,7 @@ def make_rows(path: Path, n_rows: int, n_features: int, n_labels: int, seed: int
         table = pa.table(columns)
         if writer is None:
             writer = pq.ParquetWriter(tmp, table.schema)
-        writer.write_table(table, row_group_size=GROUP_ROWS)
+        writer.write_table(table, row_group_size=group_rows)
     writer.close()
     os.replace(tmp, path)
     return path
@@ -150,7 +150,7 @@ def run_child(args, model: Path, source: Path, stage: str, workers: int = 0) -> 
     cmd = [sys.executable, __file__, "child", "--model", str(model), "--input", str(source),
            "--out", str(out), "--stage", stage, "--threads", str(args.threads),
            "--workers", str(workers), "--batch-size", str(args.batch_size),
-           "--warmup", str(Path(args.root) / "input-4096.parquet")]
+           "--warmup", str(Path(args.root) / "warmup.parquet")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode:
@@ -191,12 +191,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
     labels = [int(x) for x in args.labels.split(",")]
-    make_rows(root / "input-4096.parquet", 4096, args.features, labels[0], seed=4,
-              with_labels=False)
+    # 8 row groups: every Dask worker takes a warm-up task
+    make_rows(root / "warmup.parquet", 4096, args.features, labels[0], seed=4,
+              with_labels=False, group_rows=512)
     for n_labels in labels:
         n_rows = args.rows if n_labels <= 5000 else args.large_rows
+        # 16,384-row groups: the Dask runs have a dozen tasks to share out
         source = make_rows(root / f"input-{n_rows}.parquet", n_rows, args.features, labels[0],
-                           seed=2, with_labels=False)
+                           seed=2, with_labels=False, group_rows=16_384)
         model = make_model(root, n_labels, args)
         for stage in ("wsabie", "awe"):
             for workers in (0, args.workers) if args.workers else (0,):

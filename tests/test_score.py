@@ -168,6 +168,16 @@ def test_directory_gives_one_output_per_file(model, inputs, tmp_path):
     assert read(glob_out / "sub" / "c.parquet").equals(read(out / "sub" / "c.parquet"))
 
 
+def test_out_inside_the_input_directory(model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows(folder / "a.parquet", 40, 1)
+    invoke("score", folder, "--model", model, "--out", folder / "scored")
+    result = invoke("score", folder, "--model", model, "--out", folder / "scored")
+    assert "skipped 1 output(s)" in result.output  # scored/a.parquet is no input
+    assert sorted(p.name for p in (folder / "scored").iterdir()) == ["a.parquet"]
+
+
 def test_run_again_skips_current_outputs(model, inputs, tmp_path):
     out = tmp_path / "out"
     invoke("score", inputs, "--model", model, "--out", out, "--top-k", 2)
