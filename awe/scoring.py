@@ -54,6 +54,10 @@ REJECTS_SUFFIX = ".rejects.parquet"
 STAGES = ("wsabie", "awe")
 DEFAULT_BATCH_ROWS = 4096
 REJECT_COLUMNS = ("file", "row", "column", "reason")
+# rows x labels scored at once: 8M float32 scores (32 MB) per thread. The [rows, L] block and its
+# temporaries stay in cache-friendly, reusable sizes; 4096 rows x 21k labels (344 MB a block)
+# went to the OS and back every batch (docs/decisions.md)
+SCORES_PER_BLOCK = 1 << 23
 _FINGERPRINT_CHUNK = 1 << 20
 
 
@@ -183,6 +187,7 @@ class RowGroupScorer:
         self.predictor, self.stage, self.options = predictor, stage, options
         self.schema = predictor.schema
         self.threads = options.threads or torch.get_num_threads()
+        self.block_rows = max(1, min(options.batch_rows, SCORES_PER_BLOCK // predictor.n_labels))
         self._pool = None
 
     def columns_of(self, file_names: list[str]) -> tuple[list[str], list[str], str | None]:
@@ -261,7 +266,7 @@ class RowGroupScorer:
             raise DataError(f"{exc}; or pass --skip-invalid to write such rows to a rejects "
                             f"file") from exc
         scored = self.predictor.predict_table(examples, self.options.k, self.stage,
-                                              batch_rows=max(batch.num_rows, 1))
+                                              batch_rows=self.block_rows)
         columns = {name: batch.column(name) for name in ids}
         columns.update({"labels": scored.column("labels"), "scores": scored.column("scores")})
         return pa.table(columns), rejected
