@@ -445,7 +445,7 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     resolve ``auto`` options from the task first (annotation's values otherwise).
 
     ``search_all(index, vectors, n)``, when given, finds every row's leave-one-out neighbours
-    in its place (the Dask path: :func:`awe.distributed.sharded_search`, the same result)."""
+    in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result)."""
     from .neighbours import NeighbourIndex, set_threads
 
     config = config.resolved(None) if "auto" in (config.neighbors, config.normalize) else config
@@ -586,7 +586,7 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
     (stage2; a stage-3 model built on an older G is dropped, since its scores assume that G) and
     metrics.json.
 
-    ``cluster`` (:class:`awe.distributed.ClusterOptions`) searches the neighbours on Dask,
+    ``cluster`` (:class:`awe.cluster.ClusterOptions`) searches the neighbours on Dask,
     sharded by query rows, every worker reading the index saved to a scratch directory in
     ``model_dir`` (the same G, bit for bit).
     """
@@ -605,15 +605,15 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
         import shutil
         import tempfile
 
-        from . import distributed
+        from . import cluster as dask_cluster
 
-        with distributed.dask_client(cluster) as client:
+        with dask_cluster.dask_client(cluster) as client:
             scratch = Path(tempfile.mkdtemp(prefix=".build-g-", suffix=".tmp", dir=model_dir))
             try:
                 affinity, g_train, stats = build_affinity_streamed(
                     train_path, saved.schema, saved.vocab, config, embed_u, label_vectors,
-                    model_dir, search_all=distributed.sharded_search(client, scratch,
-                                                                     config.threads))
+                    model_dir, search_all=dask_cluster.sharded_search(client, scratch,
+                                                                      config.threads))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)

@@ -131,7 +131,7 @@ class AWE:
         """``awe score``: stream ``input_path`` (file, directory, glob) into scored parquet under
         ``out`` (resumable; on Dask with ``scheduler`` or ``workers``); returns what was
         written and skipped (:class:`awe.scoring.ScoreSummary`)."""
-        from .distributed import ClusterOptions
+        from .cluster import ClusterOptions
         from .scoring import DEFAULT_BATCH_ROWS, ScoreOptions, score_files
 
         options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,

@@ -6,7 +6,7 @@ best first) and ``scores`` (list<float32>), in input order. The unit of work is 
 is read a record batch at a time, scored by :class:`~awe.score.Predictor` (the prediction path of
 ``awe eval``) and written as one row group of the output, so memory holds a row group, a batch
 and the model, never the input. The same row-group function runs in this process or on Dask
-workers (:mod:`awe.distributed`), which is why a local run and a Dask run write the same bytes.
+workers (:mod:`awe.cluster`), which is why a local run and a Dask run write the same bytes.
 
 Outputs are written to a temporary name and renamed; the output's parquet metadata records the
 model's fingerprint, the options and the input file's size and mtime, so a second run skips the
@@ -563,10 +563,10 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
                 cluster=None, report: Callable[[str], None] | None = None) -> ScoreSummary:
     """``awe score``: score every input file into its output file (see the module docstring).
 
-    ``cluster`` (:class:`awe.distributed.ClusterOptions`) runs the row groups on Dask; the
+    ``cluster`` (:class:`awe.cluster.ClusterOptions`) runs the row groups on Dask; the
     output is the same bytes.
     """
-    from . import distributed
+    from . import cluster as dask_cluster
 
     predictor, stage = load_predictor(model_dir, options.stage)
     options = replace(options, stage=stage)
@@ -593,13 +593,13 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
             return (scorer.row_group(*task) for task in tasks)
         _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
     else:
-        with distributed.dask_client(cluster) as client:
-            threads = options.threads or distributed.threads_per_worker(client)
+        with dask_cluster.dask_client(cluster) as client:
+            threads = options.threads or dask_cluster.threads_per_worker(client)
             task_options = replace(options, threads=threads)
 
             def results(tasks):
-                return distributed.map_ordered(
-                    client, distributed.score_task,
+                return dask_cluster.map_ordered(
+                    client, dask_cluster.score_task,
                     [(str(model_dir), fingerprint, task_options, *t) for t in tasks])
             _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
     return summary

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from awe import datasets as datasets_lib
+from awe.cluster import ClusterOptions
 from awe.data import Columns
-from awe.distributed import ClusterOptions
 from awe.errors import AweError
 from awe.train import LABEL_BIAS_DEFAULT
 

@@ -106,7 +106,7 @@ def child(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--warmup", help="a small input scored first, untimed")
     a = parser.parse_args(argv)
-    from awe.distributed import ClusterOptions
+    from awe.cluster import ClusterOptions
     from awe.scoring import ScoreOptions, score_files
 
     options = ScoreOptions(k=10, stage=a.stage, threads=a.threads, overwrite=True,

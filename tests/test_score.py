@@ -352,9 +352,9 @@ def test_dask_equals_local(model, inputs, tmp_path, cluster):
     for name in ("a.parquet", "b.parquet", "sub/c.parquet"):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     # 6 row groups: both workers took tasks, and each loaded the model once
-    from awe import distributed
+    from awe import cluster as dask_cluster
 
-    loads = client.run(distributed.loads)
+    loads = client.run(dask_cluster.loads)
     assert sorted(w.get("score", 0) for w in loads.values()) == [1, 1]
     # skipped when current, whichever way it was written
     assert "skipped 3" in invoke("score", inputs, "--out", remote, *options, "--threads",
@@ -378,9 +378,9 @@ def test_dask_local_workers_and_awe_stage_with_rejects(model, tmp_path):
 def test_dask_build_g_equals_local(model, tmp_path, cluster, monkeypatch):
     import shutil
 
-    from awe import distributed
+    from awe import cluster as dask_cluster
 
-    monkeypatch.setattr(distributed, "SEARCH_SHARD_ROWS", 64)  # 5 shards of query rows
+    monkeypatch.setattr(dask_cluster, "SEARCH_SHARD_ROWS", 64)  # 5 shards of query rows
     address, client = cluster
     train = write_clusters(tmp_path / "train.parquet", 300, 0)
     local, remote = tmp_path / "local", tmp_path / "dask"
@@ -392,7 +392,7 @@ def test_dask_build_g_equals_local(model, tmp_path, cluster, monkeypatch):
     for name in ("index.faiss", "affinity.safetensors", "config.json"):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     assert not list(remote.glob(".build-g-*"))  # the scratch directory is removed
-    loads = client.run(distributed.loads)
+    loads = client.run(dask_cluster.loads)
     assert sorted(w.get("index", 0) for w in loads.values()) == [1, 1]  # once per worker
 
 

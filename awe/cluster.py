@@ -1,4 +1,4 @@
-"""The distributed path on Dask: ``--scheduler ADDRESS`` (a running cluster) or ``--workers N``
+"""The Dask path (the cluster map): ``--scheduler ADDRESS`` (a running cluster) or ``--workers N``
 (a local cluster of N processes) for ``awe score`` and ``awe build-g``.
 
 Work is a list of small tasks (a row group to score, a range of query rows to search) mapped over
