@@ -76,7 +76,7 @@ class Checkpoint:
     """
 
     def __init__(self, model_dir: str | Path, stage: str, run: dict, *, every: int = 0,
-                 resume: bool = False):
+                 resume: bool = False, writer: bool = True):
         if every < 0:
             raise AweError("--checkpoint-every must be >= 0 (0: at the end of every epoch only)")
         self.path = Path(model_dir) / CHECKPOINT_DIR / f"{stage}.safetensors"
@@ -89,6 +89,9 @@ class Checkpoint:
         self.changes: dict = {}  # resumable options that differ from the interrupted run
         self.resumed_from = ""  # where the resumed run had stopped, in words
         self.writes = 0
+        # multi-process training: every rank reads the checkpoint, only rank 0 writes it (the
+        # ranks hold the same weights; their own random states are gathered into rank 0's file)
+        self.writer = writer
         if resume:
             self._load()
 
@@ -139,7 +142,9 @@ class Checkpoint:
 
     # -- writing
     def save(self, state: FitState | None) -> None:
-        """Write the checkpoint at :attr:`position` (atomically)."""
+        """Write the checkpoint at :attr:`position` (atomically; nothing on a non-writer)."""
+        if not self.writer:
+            return
         meta = {"version": CHECKPOINT_VERSION, "stage": self.stage, "run": self.run,
                 "position": self.position, "outer": self.outer, "changes": self.changes,
                 "fit": None if state is None else state.meta()}
@@ -153,6 +158,8 @@ class Checkpoint:
 
     def remove(self) -> None:
         """Drop the checkpoint after the stage's files are written (the run is complete)."""
+        if not self.writer:
+            return
         self.path.unlink(missing_ok=True)
         try:
             self.path.parent.rmdir()  # only when empty: another stage's checkpoint stays

@@ -68,9 +68,7 @@ class RowOptimizer:
             g = self.grad.zero_().index_add_(0, rows, grads)
             self._update(w, g, self.sum)
             if max_norm is not None:  # the touched rows only, in one pass over the table
-                touched = self.touched.zero_().index_fill_(0, rows, True)
-                scale = max_norm / w.norm(dim=1).clamp_(min=max_norm)
-                w.mul_(scale.masked_fill_(~touched, 1.0).unsqueeze(1))
+                self._project(self.touched.zero_().index_fill_(0, rows, True), max_norm)
             return
         uniq, inverse = torch.unique(rows, return_inverse=True)
         g = grads.new_zeros(uniq.numel(), w.shape[1]).index_add_(0, inverse, grads)
@@ -89,6 +87,22 @@ class RowOptimizer:
     def step_dense(self, grad: torch.Tensor) -> None:
         """Apply a gradient for the whole table."""
         self._update(self.weight, grad, self.sum)
+
+    @torch.no_grad()
+    def step_table(self, grad: torch.Tensor, touched: torch.Tensor,
+                   max_norm: float | None = None) -> None:
+        """Apply a whole-table gradient ``grad`` (zero on rows without one: e.g. the row
+        gradients of several processes, summed) and project the rows where ``touched`` (bool
+        [rows]) is set. The same update as :meth:`step_rows` of those row gradients, on either
+        table size (a large table pays a pass over all of it)."""
+        self._update(self.weight, grad, self.sum)
+        if max_norm is not None:
+            self._project(touched, max_norm)
+
+    def _project(self, touched: torch.Tensor, max_norm: float) -> None:
+        w = self.weight
+        scale = max_norm / w.norm(dim=1).clamp_(min=max_norm)
+        w.mul_(scale.masked_fill_(~touched, 1.0).unsqueeze(1))
 
     def _update(self, w: torch.Tensor, g: torch.Tensor, acc: torch.Tensor | None) -> None:
         if acc is None:

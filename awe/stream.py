@@ -86,6 +86,9 @@ class ShuffleStream:
     exclude: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     affinity: Csr | None = None
     block_rows: int = BLOCK_ROWS_MAX
+    # multi-process training: this stream reads the shards of rank ``rank`` of ``ranks``
+    rank: int = 0
+    ranks: int = 1
 
     @classmethod
     def open(cls, path, schema: InputSchema, vocab: LabelVocab, buffer_rows: int, seed: int = 0,
@@ -118,6 +121,18 @@ class ShuffleStream:
                 "exclude": tensor_digest(self.exclude)}
 
     # -- derived streams
+    def for_rank(self, rank: int, ranks: int) -> ShuffleStream:
+        """The part of every epoch that rank ``rank`` of ``ranks`` trains on: every ``ranks``-th
+        shard of the epoch's shuffled order (the order is the same on every rank, so the parts
+        are disjoint and cover the epoch), through a buffer and draws of the rank's own."""
+        if len(self.shards) < ranks:
+            raise AweError(f"--shuffle-buffer with {ranks} processes: the training files have "
+                           f"{len(self.shards)} row group(s), fewer than the processes, so a "
+                           f"process would have no rows; write more row groups (`awe data "
+                           f"synthetic --shards`, pyarrow's row_group_size) or use fewer "
+                           f"processes")
+        return dataclasses.replace(self, rank=rank, ranks=ranks)
+
     def with_affinity(self, affinity: Csr) -> ShuffleStream:
         if affinity.n_rows != self.n_total:
             raise AweError(f"G has {affinity.n_rows} rows, the training data {self.n_total}")
@@ -195,13 +210,17 @@ class ShuffleStream:
         the buffer and two blocks (labels, and sparse features, are rebuilt: they are small).
         """
         rng = np.random.default_rng([self.seed, epoch])
+        shard_order = rng.permutation(len(self.shards))
+        if self.ranks > 1:  # the rank's shards; its buffer draws its own numbers
+            shard_order = shard_order[self.rank::self.ranks]
+            rng = np.random.default_rng([self.seed, epoch, self.ranks, self.rank])
         dense = self.schema.kind == "dense"
         cap = self.buffer_rows
         store = (np.empty((cap + self.block_rows, self.schema.n_features), np.float32)
                  if dense else None)
         pool: Examples | None = None  # all but the dense features of the rows held
         pool_rows = np.zeros(0, dtype=np.int64)
-        for shard_no in rng.permutation(len(self.shards)):
+        for shard_no in shard_order:
             for block, rows in self._read(self.shards[shard_no]):
                 held = 0 if pool is None else len(pool)
                 if dense:
@@ -244,4 +263,7 @@ class ShuffleStream:
     def pair_order(self, epoch: int, block_no: int, n_pairs: int) -> np.ndarray:
         """The order of a block's positive pairs: its own seeded permutation, so that a resumed
         epoch finds it without replaying the draws of the blocks before."""
-        return np.random.default_rng([self.seed, epoch, block_no, 1]).permutation(n_pairs)
+        key = [self.seed, epoch, block_no, 1]
+        if self.ranks > 1:  # block_no counts the rank's own blocks
+            key += [self.ranks, self.rank]
+        return np.random.default_rng(key).permutation(n_pairs)

@@ -16,15 +16,17 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import artifacts
+from . import distributed as dist_lib
 from .checkpoint import Checkpoint, FitState
 from .data import TASKS, Columns, Examples, load_examples, scan
+from .distributed import World, rank_share
 from .errors import AweError, TrainingDiverged
 from .evaluate import evaluate
 from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
@@ -144,26 +146,42 @@ def resolve_device(requested: str | None) -> str:
 
 def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
         valid: Examples | None = None, progress: bool = False,
-        checkpoint: Checkpoint | None = None) -> FitResult:
+        checkpoint: Checkpoint | None = None, world: World | None = None) -> FitResult:
     """Train ``model`` in place with batched WARP; keep the best epoch on ``valid`` (if given).
 
     ``train``: rows in memory, or a :class:`~awe.stream.ShuffleStream` read an epoch at a time.
     With ``checkpoint``, the state is written every ``checkpoint.every`` batches and at the end of
     every epoch, and a checkpoint saved at the current position is continued from: the result is
     bit-identical to an uninterrupted run.
+
+    ``world`` (default: the initialised process group, if any): with several processes, each
+    trains on its share of every epoch (its ``batch_size / size`` pairs of each step's batch, or,
+    streaming, its shards), the gradients are summed over the processes before every update, so
+    the parameters stay identical on all of them, and rank 0 validates, broadcasting the result.
+    Every rank must call ``fit`` with the same model, data and config.
     """
+    world = world or dist_lib.current()
     streaming = isinstance(train, ShuffleStream)
     config = config.resolved(train.task, resolve_device(config.device))
     device = torch.device(config.device)
     model.to(device)
     keep_freed_memory()
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    # the epoch's order comes from ``generator``, the same on every rank; the negatives from a
+    # generator of the rank's own (one process: the same generator, as it always was)
+    draw_generator = generator if not world.distributed else torch.Generator(
+        device="cpu").manual_seed(_rank_seed(config.seed, world.rank))
     n_labels = model.shape.n_labels
     rank_weights = rank_weight_table(n_labels, config.rank_weight).to(device)
-    draw = uniform_draws(n_labels, generator, device)
+    draw = uniform_draws(n_labels, draw_generator, device)
+    # pairs per step on this rank: together the ranks take one batch of --batch-size pairs a step
+    batch_size = math.ceil(config.batch_size / world.size)
     if streaming:  # the positives and their counts are set per block
-        step = _WarpStep(model, config, None, draw, rank_weights, None)
-        n_batches = max(1, math.ceil(len(train) / config.batch_size))  # for the progress bar
+        if world.distributed:
+            train = train.for_rank(world.rank, world.size)
+        step = _WarpStep(model, config, None, draw, rank_weights, None, world)
+        n_batches = max(1, math.ceil(len(train) / world.size / batch_size))  # progress bar
+        n_pairs = 0
     else:
         model.bind(train)
         pair_rows = torch.from_numpy(train.labels.row_of_entry())
@@ -173,13 +191,19 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
         if n_pairs == 0:
             raise AweError("the training data has no labels")
         step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device), draw,
-                         rank_weights, torch.from_numpy(n_labels - train.labels.lengths).to(device))
-        n_batches = math.ceil(n_pairs / config.batch_size)
+                         rank_weights, torch.from_numpy(n_labels - train.labels.lengths).to(device),
+                         world)
+        share = rank_share(n_pairs, world)
+        n_batches = math.ceil(len(range(n_pairs)[share]) / batch_size)
+    world.check_agree("the training rows, pairs, model shape or options",
+                      [len(train), n_pairs, *astuple(model.shape),
+                       config.batch_size, config.seed, config.epochs])
 
-    run = _FitProgress(model, step, generator, checkpoint, config)
+    run = _FitProgress(model, step, generator, checkpoint, config, draw_generator, world)
     started = time.perf_counter()
-    bar = _Progress(progress, config.epochs, n_batches, first_epoch=run.epochs_done + 1)
-    with bar, _small_problem_threads(config.batch_size * model.shape.dim, device):
+    bar = _Progress(progress and world.is_main, config.epochs, n_batches,
+                    first_epoch=run.epochs_done + 1)
+    with bar, _small_problem_threads(batch_size * model.shape.dim, device):
         for epoch in range(run.epochs_done + 1, config.epochs + 1):
             if run.stopped:
                 break
@@ -188,8 +212,9 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
             if not skip:
                 run.loss_sum, run.violators, run.pairs = 0.0, 0, 0
             if streaming:
-                batches = _stream_batches(train, epoch, model, step, config.batch_size, device,
-                                          skip)
+                batches = _stream_batches(train, epoch, model, step, batch_size, device, skip)
+                if world.distributed:  # the ranks' streams differ in length
+                    batches = _until_all_done(batches, world)
             else:
                 if skip:  # resumed inside this epoch: its order from the generator at its start
                     current = generator.get_state()
@@ -199,13 +224,15 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
                 else:
                     run.epoch_rng = generator.get_state()
                     order = torch.randperm(n_pairs, generator=generator)
-                batches = _batches(train, pair_rows[order], pair_labels[order],
-                                   config.batch_size, device, skip=skip)
+                if world.distributed:
+                    order = order[share]
+                batches = _batches(train, pair_rows[order], pair_labels[order], batch_size,
+                                   device, skip=skip)
             model.train()
-            for batch_no, (rows, positives, inputs) in enumerate(batches, start=skip):
-                done = step(rows, positives, inputs)
+            for batch_no, batch in enumerate(batches, start=skip):
+                done = step(*(batch or (None, None, None)))
                 bar.advance()
-                run.pairs += rows.numel()
+                run.pairs += step.pairs
                 if done is not None:
                     loss, n_violators = done
                     if not math.isfinite(loss):
@@ -226,12 +253,15 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
             row = {"epoch": epoch, "loss": run.loss_sum / run.pairs,
                    "violating": run.violators / run.pairs, "seconds": time.perf_counter() - t0}
             if valid is not None and len(valid):
-                model.bind(valid)
-                metrics = evaluate(lambda ex, r: scores_for_rows(model, ex, r, device), valid,
-                                   sorted({*HISTORY_KS, config.selection_k}),
-                                   batch_rows=_valid_batch_rows(n_labels, streaming))
-                if not streaming:
-                    model.bind(train)
+                metrics = None
+                if world.is_main:  # the parameters are the same on every rank
+                    model.bind(valid)
+                    metrics = evaluate(lambda ex, r: scores_for_rows(model, ex, r, device), valid,
+                                       sorted({*HISTORY_KS, config.selection_k}),
+                                       batch_rows=_valid_batch_rows(n_labels, streaming))
+                    if not streaming:
+                        model.bind(train)
+                metrics = world.broadcast_object(metrics)
                 row.update({f"valid_{k}": v for k, v in metrics.items() if k.startswith("P@")})
                 score = metrics[f"P@{config.selection_k}"]
                 if score > run.best_score:
@@ -249,6 +279,8 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
             bar.epoch_done(row, config.selection_k)
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
+    if world.distributed:  # summed gradients keep them identical; a difference is a bug
+        world.check_agree("the trained parameters", _parameter_digest(model))
     history = copy.deepcopy(run.history)
     for row in history:
         row["best"] = row["epoch"] == run.best_epoch
@@ -305,12 +337,43 @@ def _stream_batches(stream: ShuffleStream, epoch: int, model: Wsabie, step: _War
         done += n_batches
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's negative draws: its own stream, a function of (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+
+
+def _until_all_done(batches, world: World):
+    """This rank's batches, then None (a step without pairs) until every rank has run out: the
+    ranks take the same number of steps, so their all-reduces pair up (a streamed rank's shards
+    hold another number of pairs than the others'). One flag all-reduce a step."""
+    batches = iter(batches)
+    flag = torch.zeros(1, dtype=torch.float32)
+    while True:
+        batch = next(batches, None)
+        flag.fill_(batch is not None)
+        if not world.all_reduce_(flag).item():
+            return
+        yield batch
+
+
+def _parameter_digest(model: Wsabie) -> list[float]:
+    """The bytes of every parameter, hashed (the first 48 bits of SHA-256: exact in a float64)."""
+    from .checkpoint import tensor_digest
+
+    return [float(int(tensor_digest(p.detach().cpu().numpy())[:12], 16))
+            for p in model.parameters()]
+
+
 class _FitProgress:
     """fit's position and bookkeeping: restored from a checkpoint, saved into one."""
 
     def __init__(self, model: Wsabie, step: _WarpStep, generator: torch.Generator,
-                 checkpoint: Checkpoint | None, config: TrainConfig):
+                 checkpoint: Checkpoint | None, config: TrainConfig,
+                 draw_generator: torch.Generator | None = None,
+                 world: World = dist_lib.SINGLE):
         self.model, self.step, self.generator = model, step, generator
+        self.draw_generator = draw_generator or generator
+        self.world = world
         self.checkpoint, self.config = checkpoint, config
         self.every = checkpoint.every if checkpoint is not None else 0
         self.epochs_done, self.batch, self.loss_sum, self.violators, self.pairs = 0, 0, 0.0, 0, 0
@@ -329,6 +392,8 @@ class _FitProgress:
             self.model.load_state_dict(_section(t, "model/"))
             self.step.load_state(_section(t, "opt/"))
             self.generator.set_state(t["rng/current"])
+            if self.world.distributed:  # every rank's own draws: see save()
+                self.draw_generator.set_state(t[f"rng/draws{self.world.rank}"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise AweError(f"{self.checkpoint.path}: does not fit this model ({exc}); train "
                            f"without --resume") from exc
@@ -351,6 +416,9 @@ class _FitProgress:
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"opt/{k}": v for k, v in self.step.state().items()})
         tensors["rng/current"] = self.generator.get_state()
+        if self.world.distributed:  # every rank draws its own negatives; rank 0 writes them all
+            states = self.world.all_gather(self.draw_generator.get_state())
+            tensors.update({f"rng/draws{r}": state for r, state in enumerate(states)})
         tensors["rng/epoch"] = self.epoch_rng
         if self.best_state is not None:
             tensors.update({f"best/{k}": v for k, v in self.best_state.items()})
@@ -384,8 +452,9 @@ class _WarpStep:
     Adagrad/SGD on the touched rows, projection onto the max-norm ball."""
 
     def __init__(self, model: Wsabie, config: TrainConfig, positive_set: PositiveSet, draw,
-                 rank_weights: torch.Tensor, n_negatives_of_row: torch.Tensor):
-        self.model, self.config = model, config
+                 rank_weights: torch.Tensor, n_negatives_of_row: torch.Tensor,
+                 world: World = dist_lib.SINGLE):
+        self.model, self.config, self.world = model, config, world
         self.positive_set, self.draw = positive_set, draw
         self.rank_weights, self.n_negatives_of_row = rank_weights, n_negatives_of_row
         self.n_labels = model.shape.n_labels
@@ -396,6 +465,8 @@ class _WarpStep:
         offset = getattr(model, "label_bias", None)  # stage 3's beta_y: a table of width 1
         self.offset_opt = None if offset is None else RowOptimizer(
             offset.data.view(-1, 1), config.optimizer, config.lr, True)
+        self.reduced = _ReducedGradients(model) if world.distributed else None
+        self.pairs = 0  # of the last step
 
     def state(self) -> dict[str, torch.Tensor]:
         """The optimizers' state, for checkpoints."""
@@ -411,9 +482,73 @@ class _WarpStep:
                                 if k.startswith(f"{name}.")})
 
     @torch.no_grad()
-    def __call__(self, rows: torch.Tensor, positives: torch.Tensor, inputs: Inputs,
-                 ) -> tuple[float, int] | None:
-        """Returns (loss, number of pairs with a violator), or None when no pair has one."""
+    def __call__(self, rows: torch.Tensor | None, positives: torch.Tensor | None,
+                 inputs: Inputs | None) -> tuple[float, int] | None:
+        """Returns (loss, number of pairs with a violator), or None when no pair has one; sets
+        :attr:`pairs`, the step's pairs. With several processes, all three count every rank's
+        part of the step, and ``rows`` None is a step of this rank without pairs (it still
+        takes the others' update)."""
+        grads = None if rows is None else self._gradients(rows, positives, inputs)
+        if self.reduced is not None:
+            return self._apply_reduced(0 if rows is None else rows.numel(), grads)
+        self.pairs = rows.numel()
+        if grads is None:
+            return None
+        loss, labels, grad_v, grad_offsets, u_rows, grad_u = grads
+        config, model = self.config, self.model
+        loss, n_sel = float(loss), labels.numel() // 2
+        if not math.isfinite(loss):
+            return loss, n_sel
+        self.v_opt.step_rows(labels, grad_v, config.max_norm)
+        if self.offset_opt is not None:
+            self.offset_opt.step_rows(labels, grad_offsets.reshape(-1, 1))
+        if u_rows is not None:
+            self.u_opt.step_rows(u_rows, grad_u, config.max_norm)
+        else:
+            self.u_opt.step_dense(grad_u)
+            if config.max_norm is not None:
+                model.project_dense_u(config.max_norm)
+        return loss, n_sel
+
+    def _apply_reduced(self, n_pairs: int, grads) -> tuple[float, int] | None:
+        """Sum every rank's gradients (one all-reduce), then take the same update on all."""
+        config, model, buf = self.config, self.model, self.reduced
+        buf.flat.zero_()
+        if grads is not None:
+            loss, labels, grad_v, grad_offsets, u_rows, grad_u = grads
+            buf.v.index_add_(0, labels, grad_v)
+            buf.v_touched.index_fill_(0, labels, 1.0)
+            if buf.offset is not None:
+                buf.offset.index_add_(0, labels, grad_offsets.reshape(-1))
+            if u_rows is None:
+                buf.u.copy_(grad_u)
+            else:
+                buf.u.index_add_(0, u_rows, grad_u)
+                buf.u_touched.index_fill_(0, u_rows, 1.0)
+            buf.stats[0], buf.stats[1] = loss, labels.numel() // 2
+        buf.stats[2] = n_pairs
+        self.world.all_reduce_(buf.flat)
+        loss, n_sel, n_pairs = buf.stats.tolist()
+        n_sel, self.pairs = int(n_sel), int(n_pairs)
+        if n_sel == 0:
+            return None
+        if not math.isfinite(loss):  # any rank's: every rank stops at the same step
+            return loss, n_sel
+        self.v_opt.step_table(buf.v, buf.v_touched > 0, config.max_norm)
+        if self.offset_opt is not None:
+            self.offset_opt.step_table(buf.offset.view(-1, 1), buf.v_touched > 0)
+        if buf.u_touched is not None:
+            self.u_opt.step_table(buf.u, buf.u_touched > 0, config.max_norm)
+        else:
+            self.u_opt.step_dense(buf.u)
+            if config.max_norm is not None:
+                model.project_dense_u(config.max_norm)
+        return loss, n_sel
+
+    def _gradients(self, rows: torch.Tensor, positives: torch.Tensor, inputs: Inputs):
+        """The batch's WARP loss and row gradients: (loss, labels [2S] (the S positives, then
+        their violators), dL/dV of those rows, dL/d beta of them, rows of U (None: dense U),
+        dL/dU), or None when no pair has a violator."""
         model, config = self.model, self.config
         n = rows.numel()
         e = model.embed(inputs)
@@ -461,19 +596,30 @@ class _WarpStep:
             loss = loss + 0.5 * wd * (v.pow(2).sum() + u.pow(2).sum())
             grad_v = grad_v.add(v, alpha=wd)
             grad_u = grad_u.add(u, alpha=wd)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            return loss, n_sel
-        self.v_opt.step_rows(labels, grad_v, config.max_norm)
-        if self.offset_opt is not None:
-            self.offset_opt.step_rows(labels, grad_offsets.reshape(-1, 1))
-        if u_rows is not None:
-            self.u_opt.step_rows(u_rows, grad_u, config.max_norm)
-        else:
-            self.u_opt.step_dense(grad_u)
-            if config.max_norm is not None:
-                model.project_dense_u(config.max_norm)
-        return loss, n_sel
+        return loss, labels, grad_v, grad_offsets, u_rows, grad_u
+
+
+class _ReducedGradients:
+    """One flat buffer holding a step's whole-table gradients, for one all-reduce a step.
+
+    Its views: the gradient of U (as ``U.weight`` stores it) and of V, of beta (if the model has
+    one), which rows of U (sparse inputs) and of V some rank touched (the max-norm projection's
+    rows), and the step's loss, violators and pairs. Dense, so its size is the model's, whatever
+    a step touches (docs/decisions.md has the cost).
+    """
+
+    def __init__(self, model: Wsabie):
+        u, v = model.U.weight, model.V.weight
+        sparse_u = model.shape.sparse_input
+        beta = getattr(model, "label_bias", None)
+        sizes = [u.numel(), v.numel(), 0 if beta is None else v.shape[0],
+                 u.shape[0] if sparse_u else 0, v.shape[0], 3]
+        self.flat = torch.zeros(sum(sizes), dtype=v.dtype, device=v.device)
+        parts = list(torch.split(self.flat, sizes))
+        self.u, self.v = parts[0].view(u.shape), parts[1].view(v.shape)
+        self.offset = parts[2] if beta is not None else None
+        self.u_touched = parts[3] if sparse_u else None
+        self.v_touched, self.stats = parts[4], parts[5]
 
 
 # Below this many elements in a step's [batch, dim] tensors, fit runs on one intra-op thread
@@ -722,10 +868,14 @@ def data_identity(examples: Examples | ShuffleStream | None) -> dict | None:
 
 
 def open_checkpoint(model_dir, stage: str, run: dict, every: int, resume: bool,
-                    report: Callable[[str], None] | None) -> Checkpoint:
-    """The stage's checkpoint; says whether a run resumes, starts afresh, or replaces one."""
-    ck = Checkpoint(model_dir, stage, run, every=every, resume=resume)
-    say = report or (lambda _: None)
+                    report: Callable[[str], None] | None,
+                    world: World = dist_lib.SINGLE) -> Checkpoint:
+    """The stage's checkpoint; says whether a run resumes, starts afresh, or replaces one.
+    With several processes every rank reads it and rank 0 writes it (and speaks)."""
+    if world.distributed:  # a resumed run must have as many ranks: each has its own draws
+        run = {**run, "processes": world.size}
+    ck = Checkpoint(model_dir, stage, run, every=every, resume=resume, writer=world.is_main)
+    say = (report if world.is_main else None) or (lambda _: None)
     if ck.resuming:
         say(f"resuming from {ck.path} ({ck.resumed_from})"
             + "".join(f"; --{k} {old} -> {new}" for k, (old, new) in ck.changes.items()))
@@ -750,9 +900,22 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
     every epoch (and every ``checkpoint_every`` batches); removed once the model is written.
     ``resume``: continue from it. ``report`` receives one-line notes (resuming, replacing a
     checkpoint).
+
+    Under torchrun (:func:`awe.distributed.session`) every process trains its share and only
+    rank 0 writes files; the others return no paths.
     """
     found = scan(train_path, columns or Columns())
     config = config.resolved(found.task, resolve_device(config.device))
+    with dist_lib.session(config.device) as world:
+        return _train_wsabie(train_path, model_dir, config, found, world, valid_path=valid_path,
+                             progress=progress, label_bias=label_bias, checkpoints=checkpoints,
+                             checkpoint_every=checkpoint_every, resume=resume, report=report)
+
+
+def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: World, *,
+                  valid_path, progress: bool, label_bias: bool | str, checkpoints: bool,
+                  checkpoint_every: int, resume: bool,
+                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
     if label_bias not in (True, False, "auto"):
         raise AweError(f"--label-bias must be auto, on or off, got {label_bias!r}")
     if label_bias == "auto":
@@ -774,11 +937,13 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
                "vocab": tensor_digest(np.frombuffer(json.dumps(found.vocab.labels).encode(),
                                                     dtype=np.uint8)),
                "data": data_identity(train), "valid": data_identity(valid)}
-        ck = open_checkpoint(model_dir, "wsabie", run, checkpoint_every, resume, report)
+        ck = open_checkpoint(model_dir, "wsabie", run, checkpoint_every, resume, report, world)
     model, result, train, valid = fit_selected(
         lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed),
                        0.0 if label_bias else None),
         train, config, valid, progress, ck)
+    if not world.is_main:  # the model is rank 0's to write (the weights are the same)
+        return result, []
     written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
     history_path = Path(model_dir) / artifacts.HISTORY
     artifacts.write_csv(history_path, result.history)
@@ -820,7 +985,21 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     build-g -> retrain, each time building G from the newest U' (the paper's step 4).
     Checkpoints as in :func:`train_wsabie` (MODEL/checkpoint/awe.safetensors); a round's start is
     checkpointed too, so a run killed while a later round rebuilds G resumes there.
+
+    Under torchrun every process trains its share; rank 0 alone writes files and rebuilds G
+    for a further round, which the others then read.
     """
+    with dist_lib.session(resolve_device(config.device)) as world:
+        return _retrain_awe(train_path, model_dir, config, world, init=init, rounds=rounds,
+                            label_bias=label_bias, valid_path=valid_path, progress=progress,
+                            checkpoints=checkpoints, checkpoint_every=checkpoint_every,
+                            resume=resume, report=report)
+
+
+def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, init: str,
+                 rounds: int, label_bias: float | None, valid_path, progress: bool,
+                 checkpoints: bool, checkpoint_every: int, resume: bool,
+                 report: Callable[[str], None] | None) -> tuple[FitResult, list]:
     from .affinity import Affinity, build_affinity, build_affinity_streamed, write_stage2
     from .model import AffinityWsabie, load_wsabie, save_awe
 
@@ -860,7 +1039,7 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
         run = {"stage": "awe", "config": config.to_dict(), "init": init, "rounds": rounds,
                "label_bias": label_bias, "stage1": saved.config["stage1"].get("fingerprint"),
                "data": data_identity(train), "valid": data_identity(valid)}
-        ck = open_checkpoint(model_dir, "awe", run, checkpoint_every, resume, report)
+        ck = open_checkpoint(model_dir, "awe", run, checkpoint_every, resume, report, world)
         if ck.resuming:
             first_round = ck.saved_position["round"]
             history = ck.saved_outer["history"]
@@ -876,17 +1055,23 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
                 if ck.saved_position == ck.position:  # resumed at this round's start
                     ck.discard_saved()
                 ck.save(None)  # a kill while G is rebuilt resumes here and rebuilds it
-            if streaming:  # the rows are read again, only their embeddings kept
-                affinity, g_train, stats = build_affinity_streamed(
-                    train_path, saved.schema, saved.vocab, affinity.config, start["U"].clone(),
-                    start["V"].clone(), model_dir)
-            else:
-                affinity, g_train, stats = build_affinity(
-                    train, len(saved.vocab), affinity.config, start["U"].clone(),
-                    start["V"].clone())
-            written += write_stage2(model_dir, affinity, g_train, stats,
-                                    saved.config["stage2"].get("train_path", str(train_path)),
-                                    f"awe round {round_no - 1}")
+            if world.is_main:
+                if streaming:  # the rows are read again, only their embeddings kept
+                    affinity, g_train, stats = build_affinity_streamed(
+                        train_path, saved.schema, saved.vocab, affinity.config,
+                        start["U"].clone(), start["V"].clone(), model_dir)
+                else:
+                    affinity, g_train, stats = build_affinity(
+                        train, len(saved.vocab), affinity.config, start["U"].clone(),
+                        start["V"].clone())
+                written += write_stage2(model_dir, affinity, g_train, stats,
+                                        saved.config["stage2"].get("train_path",
+                                                                   str(train_path)),
+                                        f"awe round {round_no - 1}")
+            world.barrier()  # the others read the G rank 0 built: one G for every rank
+            if not world.is_main:
+                section = artifacts.read_json(model_dir / artifacts.CONFIG)["stage2"]
+                affinity, g_train = Affinity.load(model_dir, section, with_train_g=True)
             g_fingerprint = affinity.fingerprint()
         if mid_round and ck.saved_outer.get("g_fingerprint") != g_fingerprint:
             raise AweError(f"{model_dir}: G changed since the checkpoint was written (build-g "
@@ -909,11 +1094,14 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
         for row in result.history:
             row["round"] = round_no
         history += result.history
-        written += save_awe(model_dir, model, config.to_dict(),
-                            {"init": init, "rounds": rounds, "round": round_no,
-                             "label_bias_init": label_bias})
+        if world.is_main:
+            written += save_awe(model_dir, model, config.to_dict(),
+                                {"init": init, "rounds": rounds, "round": round_no,
+                                 "label_bias_init": label_bias})
         metrics = _stage_metrics(result, fitted, validated, ck)
         start = {k: v.clone() for k, v in model.state_tensors().items()}
+    if not world.is_main:
+        return result, []
     history_path = model_dir / artifacts.AWE_HISTORY
     artifacts.write_csv(history_path, history)
     metrics_path = model_dir / artifacts.METRICS

@@ -27,10 +27,23 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 
+# the commands that train on several processes under torchrun; the others write or print the
+# same thing from every process, so they refuse
+MULTI_PROCESS_COMMANDS = ("train", "retrain")
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+def _main(ctx: typer.Context,
+          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
           = False) -> None:
+    from awe.distributed import launched_size
+
     _state["debug"] = debug
+    with user_errors():
+        if ctx.invoked_subcommand not in MULTI_PROCESS_COMMANDS and launched_size() > 1:
+            raise AweError(f"`awe {ctx.invoked_subcommand}` runs in one process; under torchrun "
+                           f"only {' and '.join(MULTI_PROCESS_COMMANDS)} do (WORLD_SIZE is "
+                           f"{launched_size()})")
 
 
 @contextlib.contextmanager
@@ -179,6 +192,10 @@ def _train_config(options: dict, base=None, **more):
 
 
 def _fit_summary(result) -> None:
+    from awe.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 speaks for all
+        return
     best = result.best_metrics
     summary = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("P@"))
     out.print(f"best epoch {result.best_epoch} ({result.seconds:.1f}s)"
