@@ -246,10 +246,10 @@ def _auto_int(value: str, option: str) -> int | str:
 
 SchedulerOpt = Annotated[str | None, typer.Option(
     help="Run on this running Dask scheduler (e.g. tcp://host:8786); workers must see the same "
-         "files. Needs `pip install 'awe[dask]'`.")]
+         "files. Needs `pip install 'awe\\[dask]'`.")]
 WorkersOpt = Annotated[int | None, typer.Option(
     help="Run on a local Dask cluster of this many worker processes (needs "
-         "`pip install 'awe[dask]'`).")]
+         "`pip install 'awe\\[dask]'`).")]
 
 
 @app.command("build-g")
