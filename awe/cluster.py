@@ -81,7 +81,11 @@ def dask_client(options: ClusterOptions) -> Iterator:
                                   processes=True, dashboard_address=":0",
                                   silence_logs=logging.ERROR,
                                   memory_limit=0) as cluster, distributed.Client(cluster) as client:
-        client.wait_for_workers(options.workers)
+        try:
+            client.wait_for_workers(options.workers, timeout=120)
+        except TimeoutError as exc:
+            raise AweError(f"--workers {options.workers}: the local Dask workers did not start "
+                           f"within 120 s ({exc})") from exc
         client.awe_threads = max(1, cores // options.workers)  # torch/faiss threads per worker
         yield client
 
