@@ -439,9 +439,13 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
 def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
                           config: AffinityConfig, embed_u: torch.Tensor | None,
                           label_vectors: torch.Tensor | None = None, train_g: bool = True,
-                          t0: float | None = None) -> tuple[Affinity, Csr | None, dict]:
+                          t0: float | None = None, search_all=None,
+                          ) -> tuple[Affinity, Csr | None, dict]:
     """:func:`build_affinity` from the training rows' vectors (x U, or x) and labels; callers
-    resolve ``auto`` options from the task first (annotation's values otherwise)."""
+    resolve ``auto`` options from the task first (annotation's values otherwise).
+
+    ``search_all(index, vectors, n)``, when given, finds every row's leave-one-out neighbours
+    in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result)."""
     from .neighbours import NeighbourIndex, set_threads
 
     config = config.resolved(None) if "auto" in (config.neighbors, config.normalize) else config
@@ -454,9 +458,11 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     if not train_g and n > LAMBDA_SAMPLE:
         rng = np.random.default_rng(config.seed)
         searched = np.sort(rng.choice(n, LAMBDA_SAMPLE, replace=False))
-    # every row searched: the vectors themselves, not a copy (1M x 128 floats is 512 MB)
-    sq_dists, ids = index.search(vectors if len(searched) == n else vectors[searched],
-                                 config.neighbors, searched)
+    if search_all is not None and len(searched) == n:
+        sq_dists, ids = search_all(index, vectors, config.neighbors)
+    else:  # every row searched: the vectors themselves, not a copy (1M x 128 floats is 512 MB)
+        sq_dists, ids = index.search(vectors if len(searched) == n else vectors[searched],
+                                     config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
     resolved = config
     if config.lam is None:
@@ -570,7 +576,7 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
 
 
 def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
-            embed_u: torch.Tensor | None = None, source: str = "wsabie",
+            embed_u: torch.Tensor | None = None, source: str = "wsabie", cluster=None,
             ) -> tuple[dict, list[Path]]:
     """``awe build-g``: G over the training rows of a stage-1 model directory.
 
@@ -579,6 +585,10 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
     :data:`EMBED_MEMORY_BUDGET`). Writes the index and affinity.safetensors, then config.json
     (stage2; a stage-3 model built on an older G is dropped, since its scores assume that G) and
     metrics.json.
+
+    ``cluster`` (:class:`awe.cluster.ClusterOptions`) searches the neighbours on Dask,
+    sharded by query rows, every worker reading the index saved to a scratch directory in
+    ``model_dir`` (the same G, bit for bit).
     """
     from .model import load_wsabie
 
@@ -588,15 +598,31 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
     config = config.resolved(saved.config["stage1"]["train"].get("task"))
-    affinity, g_train, stats = build_affinity_streamed(
-        train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
+    if cluster is None:
+        affinity, g_train, stats = build_affinity_streamed(
+            train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
+    else:
+        import shutil
+        import tempfile
+
+        from . import cluster as dask_cluster
+
+        with dask_cluster.dask_client(cluster) as client:
+            scratch = Path(tempfile.mkdtemp(prefix=".build-g-", suffix=".tmp", dir=model_dir))
+            try:
+                affinity, g_train, stats = build_affinity_streamed(
+                    train_path, saved.schema, saved.vocab, config, embed_u, label_vectors,
+                    model_dir, search_all=dask_cluster.sharded_search(client, scratch,
+                                                                      config.threads))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
     written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
     return stats, written
 
 
 def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                             embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
-                            scratch_dir: Path) -> tuple[Affinity, Csr, dict]:
+                            scratch_dir: Path, search_all=None) -> tuple[Affinity, Csr, dict]:
     """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result)."""
     if config.space == "input":
         embed_u = None
@@ -609,8 +635,10 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir)
     try:
+        if mapped is not None:
+            vectors.flush()  # workers of the Dask path read the file
         return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
-                                     True, t0)
+                                     True, t0, search_all)
     finally:
         del vectors
         if mapped is not None:

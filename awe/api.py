@@ -4,6 +4,8 @@
     model = AWE(dim=128, neighbors=20).fit("train.parquet")
     model.evaluate("test.parquet")          # {"knn-input": {...}, ..., "awe": {"P@1": ...}}
     model.predict(frame, k=10)              # pandas DataFrame: id, labels, scores
+    model.score("rows/", k=10)              # the same from the streaming scorer (awe score)
+    model.score_files("rows/", "scored/")   # one scored parquet per input file
     model.save("model/"); AWE.load("model/")
 
 The CLI and this class call the same library functions (train_wsabie, build_g, retrain_awe,
@@ -100,6 +102,44 @@ class AWE:
         path = self._as_path(rows, self._scratch() / "predict.parquet")
         examples = load_examples(path, predictor.schema, predictor.vocab, require_labels=False)
         return predictor.predict_table(examples, k, stage).to_pandas()
+
+    def score(self, rows, k: int = 10, stage: str | None = None,
+              id_cols: list[str] | None = None, exclude_col: str | None = None,
+              batch_rows: int | None = None):
+        """Top-k labels of ``rows`` (a parquet path, directory or glob, a DataFrame or a pyarrow
+        Table) with the streaming scorer of ``awe score``, as a pandas DataFrame in input order:
+        the id column(s) (default: ``id`` when present), ``labels``, ``scores``. Rows without
+        labels are fine; ``exclude_col`` lists labels never ranked for the row. An invalid row
+        raises :class:`~awe.errors.DataError` (``score_files`` can set such rows aside)."""
+        import pyarrow as pa
+
+        from .scoring import DEFAULT_BATCH_ROWS, ScoreOptions, score_table
+
+        options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,
+                               exclude_col=exclude_col,
+                               batch_rows=batch_rows or DEFAULT_BATCH_ROWS)
+        if not isinstance(rows, (str, Path, pa.Table)):
+            rows = pa.Table.from_pandas(rows, preserve_index=False)
+        return score_table(self._require_dir(), rows, options,
+                           predictor=self.predictor()).to_pandas()
+
+    def score_files(self, input_path, out, *, k: int = 10, stage: str | None = None,
+                    id_cols: list[str] | None = None, exclude_col: str | None = None,
+                    skip_invalid: bool = False, overwrite: bool = False,
+                    batch_rows: int | None = None, threads: int | None = None,
+                    scheduler: str | None = None, workers: int | None = None):
+        """``awe score``: stream ``input_path`` (file, directory, glob) into scored parquet under
+        ``out`` (resumable; on Dask with ``scheduler`` or ``workers``); returns what was
+        written and skipped (:class:`awe.scoring.ScoreSummary`)."""
+        from .cluster import ClusterOptions
+        from .scoring import DEFAULT_BATCH_ROWS, ScoreOptions, score_files
+
+        options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,
+                               exclude_col=exclude_col, skip_invalid=skip_invalid,
+                               overwrite=overwrite, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
+                               threads=threads)
+        return score_files(input_path, self._require_dir(), out, options,
+                           cluster=ClusterOptions.from_options(scheduler, workers))
 
     def predictor(self):
         from .score import Predictor

@@ -90,6 +90,11 @@ class LabelVocab:
         return len(self.labels)
 
     @property
+    def array(self) -> pa.Array:
+        """The labels as an arrow array (int64 or string), indexed by label id."""
+        return self._array
+
+    @property
     def kind(self) -> str:
         return "int" if pa.types.is_integer(self._array.type) else "string"
 

@@ -41,27 +41,54 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (ids [B, k] int64, scores [B, k]); when fewer than k labels have a score above -inf
     the remaining slots hold id -1 and score -inf. NaN scores rank last: they count as -inf
     (never chosen, never a hit), whatever produced them (an overflow, a damaged model).
+
+    One ``torch.topk`` of k + 1 per row: where the k-th score is above the (k + 1)-th, the top k
+    are that set whatever the order topk found them in, and only their order (score, then id) is
+    settled here. Rows with a tie across the cut, rare with float scores, take the exact path.
     """
-    nan = torch.isnan(scores)
-    if bool(nan.any()):
-        scores = scores.masked_fill(nan, float("-inf"))
     n_rows, n_labels = scores.shape
     k_eff = min(k, n_labels)
-    kth = torch.topk(scores, k_eff, dim=1).values[:, -1:]
-    above = scores > kth
-    at = scores == kth
-    room = k_eff - above.sum(dim=1, keepdim=True)
-    chosen = above | (at & (torch.cumsum(at.to(torch.int32), dim=1) <= room))
-    ids = chosen.nonzero()[:, 1].view(n_rows, k_eff)  # ascending label id within each row
-    vals = scores.gather(1, ids)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    if k_eff == n_labels or n_rows == 0:
+        ids, vals = _top_k_exact(_without_nan(scores), k_eff)
+    else:
+        vals, ids = torch.topk(scores, k_eff + 1, dim=1)
+        # topk ranks NaN above everything: a row with a NaN has one in its top k + 1
+        unsettled = (vals[:, k_eff - 1] == vals[:, k_eff]) | torch.isnan(vals).any(1)
+        ids, vals = _by_score_then_id(ids[:, :k_eff], vals[:, :k_eff])
+        if bool(unsettled.any()):
+            rows = unsettled.nonzero()[:, 0]
+            ids[rows], vals[rows] = _top_k_exact(_without_nan(scores[rows]), k_eff)
     ids = torch.where(torch.isneginf(vals), torch.full_like(ids, -1), ids)
     if k_eff < k:
         pad = k - k_eff
         ids = torch.cat([ids, ids.new_full((n_rows, pad), -1)], dim=1)
         vals = torch.cat([vals, vals.new_full((n_rows, pad), float("-inf"))], dim=1)
     return ids, vals
+
+
+def _without_nan(scores: torch.Tensor) -> torch.Tensor:
+    nan = torch.isnan(scores)
+    return scores.masked_fill(nan, float("-inf")) if bool(nan.any()) else scores
+
+
+def _by_score_then_id(ids: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.argsort(ids, dim=1)
+    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order), vals.gather(1, order)
+
+
+def _top_k_exact(scores: torch.Tensor, k_eff: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k_eff (<= L) of every row, ties at the cut broken by lower label id: several passes
+    over [B, L], for the rows :func:`top_k` cannot settle from topk alone."""
+    n_rows = scores.shape[0]
+    kth = torch.topk(scores, k_eff, dim=1).values[:, -1:]
+    above = scores > kth
+    at = scores == kth
+    room = k_eff - above.sum(dim=1, keepdim=True)
+    chosen = above | (at & (torch.cumsum(at.to(torch.int32), dim=1) <= room))
+    ids = chosen.nonzero()[:, 1].view(n_rows, k_eff)  # ascending label id within each row
+    return _by_score_then_id(ids, scores.gather(1, ids))
 
 
 class RankingMetrics:

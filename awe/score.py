@@ -149,8 +149,7 @@ class Predictor:
         self.check_rows([kind])
         if k < 1:
             raise AweError("--top-k must be >= 1")
-        names = np.asarray(self.vocab.labels, dtype=object)
-        label_parts, score_parts, lengths = [], [], []
+        id_parts, score_parts, lengths = [], [], []
         for start in range(0, len(examples), batch_rows):
             rows = np.arange(start, min(start + batch_rows, len(examples)))
             scores = self.scores(examples, rows, kind).float()
@@ -158,16 +157,16 @@ class Predictor:
                 mask_excluded(scores, examples.exclude.take(rows))
             ids, values = (t.cpu().numpy() for t in top_k(scores, k))
             found = ids >= 0
-            label_parts.append(names[ids[found]])
+            id_parts.append(ids[found])
             score_parts.append(values[found].astype(np.float32))
             lengths.append(found.sum(1))
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
-        flat_labels = np.concatenate(label_parts) if label_parts else np.zeros(0, dtype=object)
-        label_type = pa.int64() if self.vocab.kind == "int" else pa.string()
+        flat_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
+        # the names are gathered in arrow, not as Python objects: millions of strings a second
+        flat_labels = self.vocab.array.take(pa.array(flat_ids))
         columns = {
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_labels.tolist(),
-                                                                 type=label_type)),
+            "labels": pa.ListArray.from_arrays(offsets, flat_labels),
             "scores": pa.ListArray.from_arrays(offsets, pa.array(
                 np.concatenate(score_parts) if score_parts else np.zeros(0, np.float32))),
         }

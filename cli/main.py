@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from awe import datasets as datasets_lib
+from awe.cluster import ClusterOptions
 from awe.data import Columns
 from awe.errors import AweError
 from awe.train import LABEL_BIAS_DEFAULT
@@ -243,6 +244,14 @@ def _auto_int(value: str, option: str) -> int | str:
         raise AweError(f"{option} must be an integer or auto, got {value!r}") from None
 
 
+SchedulerOpt = Annotated[str | None, typer.Option(
+    help="Run on this running Dask scheduler (e.g. tcp://host:8786); workers must see the same "
+         "files. Needs `pip install 'awe\\[dask]'`.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    help="Run on a local Dask cluster of this many worker processes (needs "
+         "`pip install 'awe\\[dask]'`).")]
+
+
 @app.command("build-g")
 def build_g(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN", help="The training parquet of "
@@ -274,7 +283,10 @@ def build_g(
     nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (IVF clustering).")] = 0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for FAISS.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for FAISS (per Dask worker with --workers / --scheduler).")] = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Stage 2: find every training row's neighbours with FAISS and build G."""
     from awe.affinity import AffinityConfig
@@ -287,7 +299,8 @@ def build_g(
                                 label_lambda=label_lambda, label_top=label_top,
                                 normalize=normalize, index=index,
                                 nprobe=nprobe, ef_search=ef_search, seed=seed, threads=threads)
-        stats, paths = build_g_lib(train_path, model, config)
+        stats, paths = build_g_lib(train_path, model, config,
+                                   cluster=ClusterOptions.from_options(scheduler, workers))
         out.print(f"G over {stats['rows']} rows: {stats['index']} index, "
                   f"recall@{stats['neighbors']} "
                   f"{stats['recall@n']:.4f}, lambda {stats['lambda']:.4g}, "
@@ -357,6 +370,62 @@ def eval_(
         if json_path is not None:
             artifacts.write_json(json_path, results)
             _wrote([json_path])
+
+
+@app.command()
+def score(
+    input_path: Annotated[str, typer.Argument(
+        metavar="INPUT", help="Parquet file, directory or glob of rows to score.")],
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    out_path: Annotated[Path, typer.Option(
+        "--out", help="Output parquet file for a single input file; otherwise a directory that "
+                      "gets one output per input file, at its path relative to INPUT.")],
+    top_k: Annotated[int, typer.Option(help="Labels per row.")] = 10,
+    model_stage: Annotated[str | None, typer.Option(
+        help="wsabie | awe (default: the newest the model has).")] = None,
+    id_col: Annotated[list[str] | None, typer.Option(
+        help="Column carried through to the output (repeatable; default: 'id' when "
+             "present).")] = None,
+    exclude_col: Annotated[str | None, typer.Option(
+        help="List column of labels never ranked for its row, e.g. seen items (default: "
+             "'exclude' when present).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows scored at a time.")] = 4096,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch and FAISS (per worker with --workers / --scheduler).")]
+        = None,
+    skip_invalid: Annotated[bool, typer.Option(
+        help="Rows with invalid features (NaN, wrong width, ids out of range, nulls) go to "
+             "OUTPUT_STEM.rejects.parquet (file, row, column, reason, ids) next to their output, "
+             "and the rest is scored. Without it the first such row fails the file with its "
+             "file and row, and no partial output is left.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Score every input again, even those whose output is complete and current "
+             "(same model, options and input).")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Batch-score parquet rows to top-k labels (parquet: ids, labels, scores), streaming.
+
+    Outputs are written to a temporary name and renamed; run again to finish an interrupted
+    run: outputs already complete for the same model and options are skipped."""
+    from awe.scoring import ScoreOptions, score_files
+
+    with user_errors():
+        options = ScoreOptions(k=top_k, stage=model_stage,
+                               id_cols=tuple(id_col) if id_col else None,
+                               exclude_col=exclude_col, batch_rows=batch_size,
+                               skip_invalid=skip_invalid, overwrite=overwrite, threads=threads)
+        summary = score_files(input_path, model, out_path, options,
+                              cluster=ClusterOptions.from_options(scheduler, workers),
+                              report=lambda line: out.print(line, highlight=False,
+                                                            soft_wrap=True))
+        if summary.skipped:
+            out.print(f"skipped {len(summary.skipped)} output(s) already complete for this "
+                      f"model (--overwrite to score again)", highlight=False)
+        if summary.written:
+            extra = f", {summary.rejected} rejected" if summary.rejected else ""
+            out.print(f"scored {summary.rows} rows into {len(summary.written)} file(s){extra}",
+                      highlight=False)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""kill -9 during `awe train`, `awe retrain` and `awe build-g` (real processes, SIGKILL).
+"""kill -9 during `awe train`, `awe retrain`, `awe build-g` and `awe score` (real processes,
+SIGKILL).
 
 The model directory must stay loadable at its previous good state, and running again (with
 --resume for training) must end with the same model and metrics as a run that was never killed.
@@ -32,7 +33,8 @@ from tests.test_checkpoint import outcome
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-# The driver: argv = [pause seconds, what to slow ("step" or "rename"), awe arguments...]
+# The driver: argv = [pause seconds, what to slow ("step", "rename" or "row-group"), awe
+# arguments...]
 DRIVER = """
 import os, sys, time
 pause, what = float(sys.argv[1]), sys.argv[2]
@@ -43,6 +45,13 @@ if what == "step":
         time.sleep(pause)
         return real(self, *args)
     train._WarpStep.__call__ = step
+elif what == "row-group":
+    import awe.scoring as scoring
+    real_group = scoring.RowGroupScorer.row_group
+    def row_group(self, *args):
+        time.sleep(pause)
+        return real_group(self, *args)
+    scoring.RowGroupScorer.row_group = row_group
 else:
     real_replace = os.replace
     def replace(src, dst, *args, **kwargs):
@@ -210,3 +219,42 @@ def test_kill_build_g_then_run_again(tmp_path, data, renamed):
     rows = "wsabie,knn-wsabie"
     assert eval_json(model, test, rows, tmp_path / "a.json") == eval_json(
         reference, test, rows, tmp_path / "b.json")
+
+
+def test_kill_score_then_run_again(tmp_path, data):
+    """Killed mid-way through a directory of 4 files of 3 row groups each (every row group
+    sleeps 0.15 s first): the outputs already renamed are complete, no other output exists, and
+    the same command run again writes the rest, skips those, and leaves no temporary file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, test, root = data
+    model = root / "stage2"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    table = pq.read_table(test).drop(["labels"])
+    table = table.append_column("id", pa.array(range(len(table)), pa.int64()))
+    for part in range(4):
+        pq.write_table(table.slice(part * 30, 30), inputs / f"part-{part}.parquet",
+                       row_group_size=10)
+    options = ("--model", model, "--top-k", 3, "--threads", 1)
+    reference = tmp_path / "reference"
+    invoke("score", inputs, "--out", reference, *options)
+
+    out = tmp_path / "out"
+    proc = start(0.15, "row-group", "score", inputs, "--out", out, *options)
+    kill_when(proc, lambda: (out / "part-0.parquet").exists(), after=0.2)
+    done = sorted(p.name for p in out.glob("*.parquet"))
+    assert done and len(done) < 4  # killed mid-way, while writing the next output
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())
+    for name in done:  # whatever is there under its final name is complete
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    first = {name: (out / name).stat().st_ino for name in done}
+
+    result = invoke("score", inputs, "--out", out, *options)
+    assert f"skipped {len(done)} output(s)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [f"part-{i}.parquet" for i in range(4)]
+    for i in range(4):  # complete, no duplicates, the same bytes as never killed
+        name = f"part-{i}.parquet"
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    assert {name: (out / name).stat().st_ino for name in done} == first  # not rewritten

@@ -1,0 +1,663 @@
+"""Batch scoring of parquet files (``awe score``): top-k labels per row, streamed, resumable.
+
+Input is a parquet file, a directory or a glob; every input file gets one output file (the output
+path itself for a single input file) with the id column(s), ``labels`` (the top-k label names,
+best first) and ``scores`` (list<float32>), in input order. The unit of work is a row group: it
+is read a record batch at a time, scored by :class:`~awe.score.Predictor` (the prediction path of
+``awe eval``) and written as one row group of the output, so memory holds a row group, a batch
+and the model, never the input. The same row-group function runs in this process or on Dask
+workers (:mod:`awe.cluster`), which is why a local run and a Dask run write the same bytes.
+
+Outputs are written to a temporary name and renamed; the output's parquet metadata records the
+model's fingerprint, the options and the input file's size and mtime, so a second run skips the
+inputs whose output is complete and current (``overwrite`` forces). Invalid rows fail the file
+with one line naming the file, row and column, or (``skip_invalid``) go to a rejects file next
+to the output (``<output stem>.rejects.parquet``: file, row, column, reason, the ids).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import artifacts
+from .csr import Csr
+from .data import (
+    DataError,
+    Examples,
+    _dense_block,
+    _input_kind,
+    _is_list,
+    _label_block,
+    _sparse_block,
+    file_schema,
+    iter_row_group,
+    resolve_files,
+    row_group_sizes,
+)
+from .errors import AweError
+
+METADATA_KEY = b"awe.score"
+REJECTS_SUFFIX = ".rejects.parquet"
+STAGES = ("wsabie", "awe")
+DEFAULT_BATCH_ROWS = 4096
+REJECT_COLUMNS = ("file", "row", "column", "reason")
+# rows x labels scored at once: 8M float32 scores (32 MB) per thread. The [rows, L] block and its
+# temporaries stay in cache-friendly, reusable sizes; 4096 rows x 21k labels (344 MB a block)
+# went to the OS and back every batch (docs/decisions.md)
+SCORES_PER_BLOCK = 1 << 23
+_FINGERPRINT_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Everything that decides the bytes of an output (recorded in its metadata), and how."""
+
+    k: int = 10
+    stage: str | None = None  # wsabie | awe; None: the newest the model has
+    id_cols: tuple[str, ...] | None = None  # None: the model's id column, when the file has it
+    exclude_col: str | None = None  # None: the model's exclude column, when the file has it
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    skip_invalid: bool = False
+    overwrite: bool = False  # not recorded: how to run, not what is written
+    threads: int | None = None  # not recorded: the bytes do not depend on it
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise AweError("--top-k must be an integer >= 1")
+        if self.stage is not None and self.stage not in STAGES:
+            raise AweError(f"--model-stage must be one of {', '.join(STAGES)}")
+        if self.batch_rows < 1:
+            raise AweError("--batch-size must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise AweError("--threads must be >= 1")
+
+    def recorded(self) -> dict:
+        d = asdict(self)
+        d.pop("overwrite")
+        d.pop("threads")
+        d["id_cols"] = list(d["id_cols"] or [])
+        return d
+
+
+@dataclass
+class Job:
+    """One input file and the output file it gets."""
+
+    source: Path
+    target: Path
+    row_groups: list[int] = field(default_factory=list)  # rows of every row group
+
+    @property
+    def rejects(self) -> Path:
+        return rejects_path(self.target)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.row_groups)
+
+    def tasks(self) -> list[tuple[str, int, int]]:
+        """(file, row group number, first row of the group) of every row group."""
+        offsets = np.r_[0, np.cumsum(self.row_groups)[:-1]] if self.row_groups else []
+        return [(str(self.source), n, int(o)) for n, o in enumerate(offsets)]
+
+
+@dataclass
+class ScoreSummary:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # complete and current already
+    rejects: list[Path] = field(default_factory=list)
+    rows: int = 0
+    rejected: int = 0
+
+
+def rejects_path(target: Path) -> Path:
+    name = target.name[:-len(".parquet")] if target.name.endswith(".parquet") else target.name
+    return target.with_name(name + REJECTS_SUFFIX)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def model_fingerprint(model_dir, stage: str) -> str:
+    """sha256 (16 hex digits) of what scoring with ``stage`` reads: the schema, labels and stage
+    sections of config.json and the bytes of the weight files (and, for awe, of G's files).
+    Retraining or rebuilding G changes it; copying the model directory does not."""
+    from .affinity import AFFINITY_FILE, INDEX_FILE
+
+    model_dir = Path(model_dir)
+    config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    sections = ["schema", "n_labels", "label_kind", "stage1"]
+    files = [artifacts.LABELS, artifacts.WSABIE_WEIGHTS]
+    if stage == "awe":
+        sections += ["stage2", "stage3"]
+        files += [INDEX_FILE, AFFINITY_FILE, artifacts.AWE_WEIGHTS]
+    h = hashlib.sha256(json.dumps({s: config.get(s) for s in sections}, sort_keys=True,
+                                  default=str).encode())
+    h.update(stage.encode())
+    for name in files:
+        try:
+            with open(model_dir / name, "rb") as fh:
+                while chunk := fh.read(_FINGERPRINT_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError as exc:
+            raise AweError(f"{model_dir / name}: missing file; train the model again") from exc
+    return h.hexdigest()[:16]
+
+
+def load_predictor(model_dir, stage: str | None):
+    """The model directory's :class:`Predictor` and the stage it scores with."""
+    from .score import Predictor
+
+    predictor = Predictor(model_dir)
+    stage = stage or predictor.newest()
+    predictor.check_rows([stage])
+    return predictor, stage
+
+
+# ----------------------------------------------------------------------------- one row group
+
+
+class RowGroupScorer:
+    """Scores record batches (or whole row groups of a file) with a loaded model; the one
+    function a local run and every Dask worker call.
+
+    ``options.threads`` (default: torch's thread count) batches are scored at once, each in
+    its own Python thread with single-threaded torch and FAISS (their kernels release the GIL).
+    Whole batches per thread rather than torch's threads inside each operation: on a busy
+    machine the latter wait for each other at every operation (measured 3x slower with one of
+    the 2 cores taken), and a batch's result does not depend on which thread scores it.
+    """
+
+    def __init__(self, predictor, stage: str, options: ScoreOptions):
+        import torch
+
+        self.predictor, self.stage, self.options = predictor, stage, options
+        self.schema = predictor.schema
+        self.threads = options.threads or torch.get_num_threads()
+        self.block_rows = max(1, min(options.batch_rows, SCORES_PER_BLOCK // predictor.n_labels))
+        self._pool = None
+
+    def columns_of(self, file_names: list[str]) -> tuple[list[str], list[str], str | None]:
+        """(columns to read, id columns, exclude column) for a file with columns ``names``."""
+        cols = self.schema.columns
+        names = set(file_names)
+        features = ([cols.features] if self.schema.kind == "dense"
+                    else [cols.feature_ids, cols.feature_values])
+        ids = list(self.options.id_cols) if self.options.id_cols is not None else (
+            [cols.id] if cols.id in names else [])
+        exclude = self.options.exclude_col
+        if exclude is None and cols.exclude in names:
+            exclude = cols.exclude
+        wanted = [*features, *ids, *([exclude] if exclude else [])]
+        return list(dict.fromkeys(wanted)), ids, exclude
+
+    def row_group(self, file: str, number: int, offset: int) -> tuple[pa.Table, pa.Table | None]:
+        """Scores of row group ``number`` of ``file`` (rows from ``offset``), and its rejects."""
+        path = Path(file)
+        names = file_schema(path).names
+        wanted, ids, exclude = self.columns_of(names)
+        check_columns(path, names, ids, exclude, self.options)
+        parts, rejects = [], []
+        batches = iter_row_group(path, number, offset, wanted, self.options.batch_rows)
+        with single_threaded_kernels():
+            for table, bad in self._map(lambda item: self.batch(item[2], path, item[1], ids,
+                                                                exclude), batches):
+                parts.append(table)
+                if bad is not None:
+                    rejects.append(bad)
+        table = pa.concat_tables(parts) if parts else self.empty(path, ids)
+        return table, (pa.concat_tables(rejects) if rejects else None)
+
+    def _map(self, fn, items) -> Iterator:
+        """``fn`` of every item, in order, ``threads`` at a time (at most twice that ahead)."""
+        if self.threads == 1:
+            yield from map(fn, items)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="awe-score")
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(self._pool.submit(fn, item))
+                if len(pending) >= 2 * self.threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def batch(self, batch: pa.RecordBatch, file: Path, offset: int, ids: list[str],
+              exclude: str | None) -> tuple[pa.Table, pa.Table | None]:
+        rejected = None
+        if self.options.skip_invalid:
+            bad_rows, columns, reasons = invalid_rows(batch, self.schema)
+            if len(bad_rows):
+                rejected = pa.table({
+                    "file": pa.array([str(file)] * len(bad_rows), pa.string()),
+                    "row": pa.array(offset + bad_rows, pa.int64()),
+                    "column": pa.array(columns, pa.string()),
+                    "reason": pa.array(reasons, pa.string()),
+                    **{name: batch.column(name).take(pa.array(bad_rows)) for name in ids
+                       if name not in REJECT_COLUMNS}})
+                keep = np.ones(batch.num_rows, dtype=bool)
+                keep[bad_rows] = False
+                batch = batch.filter(pa.array(keep))
+        try:
+            examples = scoring_examples(batch, self.schema, self.predictor.vocab, file, offset,
+                                        exclude)
+        except DataError as exc:
+            raise DataError(f"{exc}; or pass --skip-invalid to write such rows to a rejects "
+                            f"file") from exc
+        scored = self.predictor.predict_table(examples, self.options.k, self.stage,
+                                              batch_rows=self.block_rows)
+        columns = {name: batch.column(name) for name in ids}
+        columns.update({"labels": scored.column("labels"), "scores": scored.column("scores")})
+        return pa.table(columns), rejected
+
+    def empty(self, file: Path, ids: list[str]) -> pa.Table:
+        return output_schema(file_schema(file), ids, self.predictor.vocab).empty_table()
+
+
+@contextlib.contextmanager
+def single_threaded_kernels():
+    """torch and FAISS on one thread each while batches are scored in parallel threads."""
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
+def check_columns(file: Path, names: list[str], ids: list[str], exclude: str | None,
+                  options: ScoreOptions) -> None:
+    for name, option in [*((i, "--id-col") for i in ids), (exclude, "--exclude-col")]:
+        if name is not None and name not in names:
+            raise DataError("missing column", file=str(file), column=name,
+                            hint=f"columns present: {', '.join(names)}; name it with {option}")
+    clash = [i for i in ids if i in ("labels", "scores")]
+    if clash:
+        raise DataError(f"--id-col {clash[0]} would collide with an output column",
+                        file=str(file), column=clash[0], hint="rename the id column")
+
+
+def output_schema(source: pa.Schema, ids: list[str], vocab) -> pa.Schema:
+    fields = [source.field(name).remove_metadata() for name in ids]
+    return pa.schema([*fields, pa.field("labels", pa.list_(vocab.array.type)),
+                      pa.field("scores", pa.list_(pa.float32()))])
+
+
+def scoring_examples(batch: pa.RecordBatch, schema, vocab, file: Path, offset: int,
+                     exclude: str | None) -> Examples:
+    """A record batch as :class:`Examples` for scoring: validated features (the checks and
+    messages of ``awe eval``), no labels, the exclusions."""
+    n = batch.num_rows
+    dense = sparse = None
+    if schema.kind == "dense":
+        dense = _dense_block(batch, schema, file, offset)
+    else:
+        sparse = _sparse_block(batch, schema, file, offset)
+    excluded = None
+    if exclude is not None:
+        excluded = _label_block(batch, exclude, vocab, file, offset, required=False)[0]
+    return Examples(schema, dense, sparse, Csr.empty(n), np.zeros(n, dtype=np.int64), excluded)
+
+
+def invalid_rows(batch: pa.RecordBatch, schema) -> tuple[np.ndarray, list[str], list[str]]:
+    """Rows whose features cannot be scored: (row positions, column, reason), vectorised.
+
+    A problem of a whole column (missing, not a list of numbers) is no row's: it stays an error.
+    """
+    n = batch.num_rows
+    marked = np.zeros(n, dtype=bool)  # the first problem found is the row's reason
+    reason = np.full(n, "", dtype=object)
+    column = np.full(n, "", dtype=object)
+
+    def mark(rows: np.ndarray, name: str, text: str) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[~marked[rows]]
+        marked[rows] = True
+        reason[rows], column[rows] = text, name
+
+    def parts(name: str, numeric: str):
+        idx = batch.schema.get_field_index(name)
+        if idx < 0:
+            return None
+        arr = batch.column(idx)
+        if not _is_list(arr.type):
+            return None  # a column-wide problem: scoring_examples reports it
+        mark(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)), name, "null value")
+        lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(arr)
+        parent = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        ok = (pa.types.is_integer(flat.type) if numeric == "int"
+              else pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type))
+        if not ok:
+            return None
+        nulls = flat.is_null().to_numpy(zero_copy_only=False)
+        mark(parent[nulls], name, "null inside the list")
+        values = flat.fill_null(0).to_numpy(zero_copy_only=False)
+        return np.asarray(lengths, dtype=np.int64), values, parent
+
+    cols = schema.columns
+    if schema.kind == "dense":
+        got = parts(cols.features, "float")
+        if got is not None:
+            lengths, values, parent = got
+            mark(np.flatnonzero(lengths != schema.n_features), cols.features,
+                 f"wrong number of features (expected {schema.n_features})")
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(values.astype(np.float32))
+            mark(parent[~finite], cols.features, "NaN or infinite feature value")
+    else:
+        got = parts(cols.feature_ids, "int")
+        if got is not None:
+            id_lengths, ids, parent = got
+            out_of_range = (ids < 0) | (ids >= schema.n_features)
+            mark(parent[out_of_range], cols.feature_ids,
+                 f"feature id out of range (the model knows 0..{schema.n_features - 1})")
+            got = parts(cols.feature_values, "float")
+            if got is not None:
+                lengths, values, parent = got
+                mark(np.flatnonzero(lengths != id_lengths), cols.feature_values,
+                     "not one value per feature id")
+                with np.errstate(over="ignore", invalid="ignore"):
+                    finite = np.isfinite(values.astype(np.float32))
+                mark(parent[~finite], cols.feature_values, "NaN or infinite feature value")
+    bad = np.flatnonzero(marked)
+    return bad, column[bad].tolist(), reason[bad].tolist()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def plan_jobs(input_path, out) -> list[Job]:
+    """Input files and their outputs: OUT itself for a single input file; otherwise every file's
+    path relative to the input directory (or the glob's fixed part) under OUT."""
+    text = str(input_path)
+    files = resolve_files(input_path)
+    out = Path(out)
+    magic = any(ch in text for ch in "*?[")
+    single = not magic and Path(text).is_file()
+    if single:
+        target = out / files[0].name if out.is_dir() or str(out).endswith(os.sep) else out
+        jobs = [Job(files[0], target)]
+    else:
+        base = Path(text) if not magic else _glob_base(text)
+        # OUT inside the input directory: its outputs (and rejects) are no input of a re-run
+        files = [f for f in files if not f.resolve().is_relative_to(out.resolve())]
+        if not files:
+            raise AweError(f"{text}: no input files outside --out {out}")
+        if out.exists() and not out.is_dir():
+            raise AweError(f"--out {out}: a file, but the input {text} has many files; give a "
+                           f"directory")
+        jobs = [Job(f, out / _relative(f, base)) for f in files]
+    targets = [job.target.resolve() for job in jobs]
+    if len(set(targets)) < len(targets):
+        raise AweError(f"{text}: two input files would get the same output under {out}; "
+                       f"score them separately")
+    for job in jobs:
+        if job.target.resolve() == job.source.resolve():
+            raise AweError(f"--out {out}: would overwrite the input {job.source}; choose "
+                           f"another location")
+        if job.target.name.endswith(REJECTS_SUFFIX) or job.source.name.endswith(REJECTS_SUFFIX):
+            raise AweError(f"{job.source}: the name ends in {REJECTS_SUFFIX}, which awe score "
+                           f"keeps for rejected rows; rename the file")
+        job.row_groups = row_group_sizes(job.source)
+    return jobs
+
+
+def _glob_base(pattern: str) -> Path:
+    fixed = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _relative(file: Path, base: Path) -> Path:
+    try:
+        return file.resolve().relative_to(base.resolve())
+    except ValueError:
+        return Path(file.name)
+
+
+def output_metadata(job: Job, fingerprint: str, stage: str, options: ScoreOptions,
+                    rejected: int, ids: list[str], exclude: str | None) -> dict:
+    """What the output's ``awe.score`` metadata records: the model, the options with the id and
+    exclude columns as resolved for this file, the input file (absolute path, size, mtime)."""
+    stat = job.source.stat()
+    recorded = {**options.recorded(), "id_cols": list(ids), "exclude_col": exclude}
+    return {"model_fingerprint": fingerprint, "stage": stage, "options": recorded,
+            "input": {"path": str(job.source.resolve()), "size": stat.st_size,
+                      "mtime_ns": stat.st_mtime_ns, "rows": job.n_rows},
+            "rows": job.n_rows - rejected, "rejected": rejected}
+
+
+def is_current(job: Job, fingerprint: str, stage: str, options: ScoreOptions,
+               ids: list[str], exclude: str | None) -> bool:
+    """The output exists, is complete (a readable footer with all the rows) and was written by
+    the same model with the same options from the same input file."""
+    if not job.target.is_file():
+        return False
+    try:
+        meta = pq.read_metadata(job.target)
+        recorded = json.loads((meta.metadata or {}).get(METADATA_KEY, b"null"))
+    except (pa.ArrowException, OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict):
+        return False
+    rejected = recorded.get("rejected", -1)
+    expected = output_metadata(job, fingerprint, stage, options, rejected, ids, exclude)
+    if recorded != expected or meta.num_rows != expected["rows"]:
+        return False
+    if rejected:
+        try:
+            return pq.read_metadata(job.rejects).num_rows == rejected
+        except (pa.ArrowException, OSError):
+            return False
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Temporary files a killed run left for ``target`` (atomic_path's names)."""
+    for name in (target.name, rejects_path(target).name):
+        for stale in target.parent.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+class JobWriter:
+    """Writes one output file a row group at a time to a temporary name; :meth:`finish` renames
+    the rejects file (if any) and then the output, which marks it complete."""
+
+    def __init__(self, job: Job, schema: pa.Schema):
+        self.job, self.schema, self.rejected, self.rows = job, schema, 0, 0
+        remove_stale_temporaries(job.target)
+        self._out = self._temporary(job.target)
+        self._writer = pq.ParquetWriter(self._out, schema, write_page_checksum=True)
+        self._rejects_tmp: Path | None = None
+        self._rejects_writer = None
+
+    @staticmethod
+    def _temporary(path: Path) -> Path:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise artifacts.cannot_write(path, exc) from exc
+        os.close(fd)
+        return Path(name)
+
+    def write(self, table: pa.Table, rejects: pa.Table | None) -> None:
+        if table.num_rows:
+            self._writer.write_table(table.cast(self.schema), row_group_size=table.num_rows)
+            self.rows += table.num_rows
+        if rejects is not None and rejects.num_rows:
+            if self._rejects_writer is None:
+                self._rejects_tmp = self._temporary(self.job.rejects)
+                self._rejects_writer = pq.ParquetWriter(self._rejects_tmp, rejects.schema)
+            self._rejects_writer.write_table(rejects.cast(self._rejects_writer.schema))
+            self.rejected += rejects.num_rows
+
+    def finish(self, metadata: dict) -> list[Path]:
+        self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        self._writer.close()
+        written = []
+        if self._rejects_writer is not None:
+            self._rejects_writer.close()
+            _fsync(self._rejects_tmp)
+            os.replace(self._rejects_tmp, self.job.rejects)
+            written.append(self.job.rejects)
+        else:  # no rejects now: one from an earlier run would describe another output
+            self.job.rejects.unlink(missing_ok=True)
+        _fsync(self._out)
+        os.replace(self._out, self.job.target)
+        return [self.job.target, *written]
+
+    def abort(self) -> None:
+        for writer in (self._writer, self._rejects_writer):
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
+        for tmp in (self._out, self._rejects_tmp):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------- driver
+
+RowGroupResults = Callable[[list[tuple[str, int, int]]], Iterator[tuple[pa.Table,
+                                                                        pa.Table | None]]]
+
+
+def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions(), *,
+                cluster=None, report: Callable[[str], None] | None = None) -> ScoreSummary:
+    """``awe score``: score every input file into its output file (see the module docstring).
+
+    ``cluster`` (:class:`awe.cluster.ClusterOptions`) runs the row groups on Dask; the
+    output is the same bytes.
+    """
+    from . import cluster as dask_cluster
+
+    predictor, stage = load_predictor(model_dir, options.stage)
+    options = replace(options, stage=stage)
+    fingerprint = model_fingerprint(model_dir, stage)
+    jobs = plan_jobs(input_path, out)
+    kind = _input_kind(jobs[0].source, predictor.schema.columns)
+    if kind != predictor.schema.kind:
+        raise DataError(f"the model was trained on {predictor.schema.kind} features but this "
+                        f"file has {kind} ones", file=str(jobs[0].source),
+                        hint="use a model trained on the same kind of features")
+    summary = ScoreSummary()
+    scorer = RowGroupScorer(predictor, stage, options)
+    todo = []
+    for job in jobs:
+        _, ids, exclude = scorer.columns_of(file_schema(job.source).names)
+        if not options.overwrite and is_current(job, fingerprint, stage, options, ids, exclude):
+            summary.skipped.append(job.target)
+        else:
+            todo.append(job)
+    if not todo:
+        return summary
+    if cluster is None:
+        def results(tasks):
+            return (scorer.row_group(*task) for task in tasks)
+        _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
+    else:
+        with dask_cluster.dask_client(cluster) as client:
+            threads = options.threads or dask_cluster.threads_per_worker(client)
+            task_options = replace(options, threads=threads)
+
+            def results(tasks):
+                return dask_cluster.map_ordered(
+                    client, dask_cluster.score_task,
+                    [(str(model_dir), fingerprint, task_options, *t) for t in tasks])
+            _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
+    return summary
+
+
+def _run_jobs(jobs: list[Job], scorer: RowGroupScorer, results: RowGroupResults,
+              fingerprint: str, stage: str, options: ScoreOptions, summary: ScoreSummary,
+              report) -> None:
+    """Write the jobs' outputs in order from the row groups' results (in task order)."""
+    tasks = [task for job in jobs for task in job.tasks()]
+    stream = iter(results(tasks))
+    for job in jobs:
+        names = file_schema(job.source).names
+        _, ids, exclude = scorer.columns_of(names)
+        check_columns(job.source, names, ids, exclude, options)
+        writer = JobWriter(job, output_schema(file_schema(job.source), ids,
+                                              scorer.predictor.vocab))
+        try:
+            for _ in job.row_groups:
+                writer.write(*next(stream))
+            written = writer.finish(output_metadata(job, fingerprint, stage, options,
+                                                    writer.rejected, ids, exclude))
+        except BaseException:
+            writer.abort()
+            if hasattr(stream, "close"):
+                stream.close()
+            raise
+        summary.written.append(written[0])
+        summary.rejects.extend(written[1:])
+        summary.rows += writer.rows
+        summary.rejected += writer.rejected
+        if report is not None:
+            extra = f", {writer.rejected} rejected rows in {job.rejects}" if writer.rejected else ""
+            report(f"wrote {job.target} ({writer.rows} rows{extra})")
+
+
+def score_table(model_dir, data, options: ScoreOptions = ScoreOptions(), predictor=None):
+    """Scores of in-memory rows (a pyarrow Table) or of parquet files (path, directory, glob),
+    as one pyarrow Table in input order (the rows of all files, for a path)."""
+    if predictor is None:
+        predictor, stage = load_predictor(model_dir, options.stage)
+    else:
+        stage = options.stage or predictor.newest()
+        predictor.check_rows([stage])
+    scorer = RowGroupScorer(predictor, stage, replace(options, stage=stage))
+    if isinstance(data, pa.Table):
+        where = Path("<rows>")
+        _, ids, exclude = scorer.columns_of(data.schema.names)
+        check_columns(where, data.schema.names, ids, exclude, options)
+        parts, offset = [], 0
+        for batch in data.to_batches(max_chunksize=options.batch_rows):
+            parts.append(scorer.batch(batch, where, offset, ids, exclude)[0])
+            offset += batch.num_rows
+        if not parts:
+            return output_schema(data.schema, ids, predictor.vocab).empty_table()
+        return pa.concat_tables(parts)
+    tables = []
+    for file in resolve_files(data):
+        job = Job(file, file, row_group_sizes(file))
+        tables.extend(scorer.row_group(*task)[0] for task in job.tasks())
+    return pa.concat_tables(tables)
