@@ -345,6 +345,7 @@ class Affinity:
             raise AweError(f"{model_dir / artifacts.CONFIG}: the stage2 section is damaged "
                            f"({exc}); run `awe build-g` again") from exc
         tensors = artifacts.read_tensors(model_dir / AFFINITY_FILE)
+        _check_dtypes(model_dir / AFFINITY_FILE, tensors)
         index = NeighbourIndex.load(model_dir / INDEX_FILE, index_params)
         try:
             labels = Csr(tensors["train_label_indptr"].numpy(),
@@ -369,6 +370,22 @@ class Affinity:
             raise AweError(f"{model_dir / AFFINITY_FILE}: missing {exc}; run `awe build-g` "
                            f"again") from exc
         return affinity, g_train
+
+
+# what Affinity.save writes: the label ids int32 (compact at scale), offsets int64, weights float32
+STORED_DTYPES = {"train_label_indptr": torch.int64, "train_label_ids": torch.int32,
+                 "train_sq_norms": torch.float32, "g_indptr": torch.int64,
+                 "g_label_ids": torch.int32, "g_weights": torch.float32,
+                 "embed_U": torch.float32, "label_V": torch.float32}
+
+
+def _check_dtypes(path: Path, tensors: dict) -> None:
+    """A tampered or foreign file is refused with one line, never cast or crashed on later."""
+    for name, tensor in tensors.items():
+        expected = STORED_DTYPES.get(name)
+        if expected is not None and tensor.dtype != expected:
+            raise AweError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected {expected} "
+                           f"(damaged or from another build); run `awe build-g` again")
 
 
 def labels_digest(labels: Csr) -> str:

@@ -204,6 +204,10 @@ class Wsabie(nn.Module):
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         u, v = tensors["U"], tensors["V"]
+        for name, t in tensors.items():
+            # copy_ would cast silently: a tampered or foreign file is refused, not converted
+            if t.dtype != torch.float32:
+                raise ValueError(f"tensor {name} has dtype {t.dtype}, expected torch.float32")
         if tuple(u.shape) != (self.shape.n_features, self.shape.dim) or tuple(v.shape) != (
                 self.shape.n_labels, self.shape.dim):
             raise ValueError(f"weights have shapes U{tuple(u.shape)} V{tuple(v.shape)}, expected "
@@ -413,7 +417,8 @@ def load_wsabie(model_dir: str | Path) -> SavedModel:
             raise KeyError("label_bias")
         model.load_tensors(tensors)
     except (KeyError, ValueError) as exc:
-        raise AweError(f"{model_dir / artifacts.WSABIE_WEIGHTS}: {exc}") from exc
+        raise AweError(f"{model_dir / artifacts.WSABIE_WEIGHTS}: damaged or from another model "
+                       f"({exc}); train the model again") from exc
     model.eval()
     return SavedModel(model, schema, vocab, config)
 
@@ -465,6 +470,7 @@ def load_awe(model_dir: str | Path, config: dict) -> AffinityWsabie:
     try:
         model.load_tensors(tensors)
     except (KeyError, ValueError) as exc:
-        raise AweError(f"{path}: {exc}") from exc
+        raise AweError(f"{path}: damaged or from another model ({exc}); run `awe retrain` "
+                       f"again") from exc
     model.eval()
     return model

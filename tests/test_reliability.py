@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -513,6 +514,21 @@ def _damage(name: str, how: str) -> Callable[[Path], None]:
     return apply
 
 
+def _retensor(name: str, change: Callable[[dict], dict]) -> Callable[[Path], None]:
+    """Rewrite a safetensors file of the model with ``change`` applied to its tensors (a
+    well-formed file that does not fit the model: tampered, or copied from another model)."""
+    def apply(model_dir: Path) -> None:
+        path = model_dir / name
+        save_file(change(load_file(str(path))), str(path))
+    return apply
+
+
+def _newer_format(model_dir: Path) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config["format_version"] = 999
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
 # damage -> (how, what the line must say, how it says to fix it)
 DAMAGED_MODEL = {
     "config-missing": (_damage("config.json", "missing"), ["config.json", "missing"],
@@ -534,6 +550,18 @@ DAMAGED_MODEL = {
     "labels-mixed-types": (_damage("labels.json", '["a", 1, "b"]'),
                            ["labels.json", "all strings or all integers"],
                            ["train the model again"]),
+    "weights-wrong-shape": (_retensor("wsabie.safetensors",
+                                      lambda t: {**t, "V": torch.zeros(t["V"].shape[0] + 1,
+                                                                       t["V"].shape[1])}),
+                            ["wsabie.safetensors", "shapes"], ["train the model again"]),
+    "weights-wrong-dtype": (_retensor("wsabie.safetensors",
+                                      lambda t: {k: v.double() for k, v in t.items()}),
+                            ["wsabie.safetensors", "dtype torch.float64"],
+                            ["train the model again"]),
+    "weights-missing-tensor": (_retensor("wsabie.safetensors",
+                                         lambda t: {k: v for k, v in t.items() if k != "U"}),
+                               ["wsabie.safetensors", "'U'"], ["train the model again"]),
+    "newer-format": (_newer_format, ["newer awe", "format 999"], ["upgrade awe"]),
 }
 
 # Damaged models that fail today in awe/model.py (not owned here). strict: the marker must go
@@ -789,3 +817,70 @@ def test_failed_retrain_keeps_the_old_model(tmp_path, monkeypatch, models):
                     "--valid-fraction", 0)
     assert_one_line_error(result, "No space left on device")
     assert snapshot(model) == before
+
+
+# --- damaged stage-2 and stage-3 files (eval of a full AWE model)
+
+
+@pytest.fixture(scope="module")
+def awe_model(tmp_path_factory) -> tuple[Path, Path]:
+    from tests.test_affinity import write_clusters
+
+    root = tmp_path_factory.mktemp("awe-model")
+    train = write_clusters(root / "train.parquet", 200, 0)
+    test = write_clusters(root / "test.parquet", 50, 1)
+    model = root / "m"
+    for args in (["train", train, "--model", model, "--epochs", 2, "--dim", 4, "--quiet"],
+                 ["build-g", train, "--model", model, "--neighbors", 5],
+                 ["retrain", train, "--model", model, "--epochs", 2, "--quiet"]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+    return model, test
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    return _damage(name, "truncated")
+
+
+def _floats_as_double(t: dict) -> dict:
+    return {k: v.double() if v.is_floating_point() else v for k, v in t.items()}
+
+
+# damage -> (how, what the line must say, how it says to fix it)
+DAMAGED_AWE = {
+    "index-missing": (_damage("index.faiss", "missing"), ["index.faiss", "missing"],
+                      ["awe build-g"]),
+    "index-truncated": (_truncate("index.faiss"), ["index.faiss", "damaged"], ["awe build-g"]),
+    "index-not-an-index": (_damage("index.faiss", "x" * 1000), ["index.faiss", "damaged"],
+                           ["awe build-g"]),
+    "affinity-missing": (_damage("affinity.safetensors", "missing"),
+                         ["affinity.safetensors", "missing"], ["again"]),
+    "affinity-truncated": (_truncate("affinity.safetensors"), ["affinity.safetensors", "damaged"],
+                           ["again"]),
+    "affinity-wrong-dtype": (_retensor("affinity.safetensors", _floats_as_double),
+                             ["affinity.safetensors", "dtype torch.float64"], ["awe build-g"]),
+    "affinity-other-rows": (_retensor("affinity.safetensors",
+                                      lambda t: {k: v[:-1] for k, v in t.items()}),
+                            ["do not match"], ["awe build-g"]),
+    "awe-missing": (_damage("awe.safetensors", "missing"), ["awe.safetensors", "missing"],
+                    ["again"]),
+    "awe-truncated": (_truncate("awe.safetensors"), ["awe.safetensors", "damaged"], ["again"]),
+    "awe-from-another-run": (_retensor("awe.safetensors",
+                                       lambda t: {k: v[:-1] for k, v in t.items()}),
+                             ["awe.safetensors", "does not match config.json"],
+                             ["awe retrain"]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_AWE))
+def test_damaged_awe_model_directory(tmp_path, awe_model, damage):
+    model, test = awe_model
+    apply, needles, fix = DAMAGED_AWE[damage]
+    copy = _copy_model(model, tmp_path / "model")
+    apply(copy)
+    before = snapshot(copy)
+    result = invoke("eval", test, "--model", copy, "--k", 1, "--json", tmp_path / "e.json")
+    line = assert_one_line_error(result, *needles)
+    assert snapshot(copy) == before, "a failed eval changed the model directory"
+    assert not (tmp_path / "e.json").exists()
+    check_fix(damage, line, fix)
