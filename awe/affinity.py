@@ -639,7 +639,8 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
 
 def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                             embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
-                            scratch_dir: Path, search_all=None) -> tuple[Affinity, Csr, dict]:
+                            scratch_dir: Path, search_all=None, train_g: bool = True,
+                            ) -> tuple[Affinity, Csr | None, dict]:
     """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result)."""
     if config.space == "input":
         embed_u = None
@@ -655,7 +656,7 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
         if mapped is not None:
             vectors.flush()  # workers of the Dask path read the file
         return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
-                                     True, t0, search_all)
+                                     train_g, t0, search_all)
     finally:
         del vectors
         if mapped is not None:

@@ -17,6 +17,7 @@ from .csr import Csr, contains
 from .data import Examples
 
 METRICS = ("P", "R", "NDCG", "MAP")
+SCORES_PER_BATCH = 1 << 23
 
 
 def parse_ks(text: str | Sequence[int]) -> list[int]:
@@ -171,6 +172,9 @@ def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] 
     rows = list(rows) if rows else predictor.available()
     predictor.check_rows(rows)
     test = load_examples(test_path, predictor.schema, predictor.vocab, require_labels=False)
+    # a batch's [rows, labels] scores and the ranking's temporaries grow with L: at 21k labels
+    # 2048 rows take ~900 MB; capped at 8M scores a batch (as `awe score`), small L unchanged
+    batch_rows = max(1, min(batch_rows, SCORES_PER_BATCH // predictor.n_labels))
     results = {}
     for row in rows:
         results[row] = evaluate(lambda ex, b, row=row: predictor.scores(ex, b, row), test, ks,

@@ -108,25 +108,28 @@ class Predictor:
         if self.affinity.config.space == space:
             return self.affinity
         if space not in self._baselines:
-            from .affinity import build_affinity
-            from .data import load_examples
+            import tempfile
+
+            from .affinity import build_affinity_streamed
 
             row = f"knn-{space}"
             if not self.train_path:
                 raise AweError(f"the {row} row searches the training rows: pass --train TRAIN")
-            task = self.config["stage1"]["train"].get("task")
-            try:
-                train = load_examples(self.train_path, self.schema, self.vocab, task=task)
-            except AweError as exc:
-                raise AweError(f"the {row} row searches the training rows: {exc}; pass "
-                               f"--train TRAIN") from exc
             config = replace(self.affinity.config, space=space, label_kernel="exact",
                              lam=None, index="auto", nprobe=None, ef_search=None)
             embed_u = None
             if space == "wsabie":
                 embed_u = self.wsabie.u_matrix().detach().cpu().clone()
-            self._baselines[space], _, _ = build_affinity(train, self.n_labels, config, embed_u,
-                                                          train_g=False)
+            # streamed: memory holds the rows' vectors (memory-mapped beyond 1 GiB, in a scratch
+            # directory outside the model) and the index, never the loaded training rows too
+            with tempfile.TemporaryDirectory(prefix="awe-knn-") as scratch:
+                try:
+                    self._baselines[space], _, _ = build_affinity_streamed(
+                        self.train_path, self.schema, self.vocab, config, embed_u, None,
+                        Path(scratch), train_g=False)
+                except AweError as exc:
+                    raise AweError(f"the {row} row searches the training rows: {exc}; pass "
+                                   f"--train TRAIN") from exc
         return self._baselines[space]
 
     def _dense(self, g: Csr, n_rows: int) -> torch.Tensor:
