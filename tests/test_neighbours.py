@@ -156,6 +156,27 @@ def test_auto_kind_follows_size(data):
     assert default_nlist(1) == 1 and default_nlist(1_000_000) == 4000
 
 
+def test_auto_falls_back_to_exact_search_when_ivf_would_probe_most_lists():
+    # isotropic 32-d rows have no clusters: recall 0.95 makes IVF probe a large share of its lists
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4000, 32)).astype(np.float32)
+    index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
+    assert index.kind == "flat" and isinstance(index.index, faiss.IndexFlatL2)
+    fallback = index.params["auto_fallback_from_ivf"]
+    assert fallback["nprobe"] > fallback["nlist"] / 6, fallback
+    assert "nlist" not in index.params and index.measure_recall(x, 10) == 1.0
+    d, ids = index.search(x[:50], 10, exclude_ids=np.arange(50))
+    np.testing.assert_array_equal(ids, brute_force(x[:50], x, 10, np.arange(50))[1])
+    # asked for by name, IVF stays IVF whatever its nprobe
+    assert NeighbourIndex.build(x, IndexConfig(kind="ivf")).kind == "ivf"
+
+
+def test_auto_keeps_ivf_on_clustered_rows(data):
+    index = NeighbourIndex.build(data, IndexConfig(flat_max_rows=1000))
+    assert index.kind == "ivf" and "auto_fallback_from_ivf" not in index.params
+    assert index.params["nprobe"] <= index.params["nlist"] / 6
+
+
 def test_given_search_breadth_is_used(data):
     ivf = NeighbourIndex.build(data, IndexConfig(kind="ivf", nlist=40, nprobe=5))
     assert ivf.params["nprobe"] == 5 and ivf.params["nprobe_calibrated"] is False
