@@ -231,8 +231,9 @@ class NeighbourIndex:
         kind = config.kind
         if kind == "auto":
             kind = "flat" if n_rows <= config.flat_max_rows else "ivf"
-        params: dict = {"kind": kind, "n_rows": int(n_rows), "dim": int(dim), "metric": "l2",
-                        "seed": config.seed, "recall_sample": config.recall_sample}
+        common = {"n_rows": int(n_rows), "dim": int(dim), "metric": "l2", "seed": config.seed,
+                  "recall_sample": config.recall_sample}
+        params: dict = {"kind": kind, **common}
         t0 = time.perf_counter()
         def add_all(index) -> None:
             for start in range(0, n_rows, _ADD_CHUNK):
@@ -273,27 +274,22 @@ class NeighbourIndex:
                 index.hnsw.efSearch = config.ef_search
         else:  # pragma: no cover - IndexConfig validates kind
             raise AssertionError(kind)
-        self = cls(index, kind, params)
-        self.timings["build_s"] = time.perf_counter() - t0
+        built = cls(index, kind, params)
+        built.timings["build_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self._calibrate(x, config)
-        self.timings["calibrate_s"] = time.perf_counter() - t0
-        if (config.kind == "auto" and kind == "ivf" and self.params.get("nprobe_calibrated")
-                and self.params["nprobe"] > self.params["nlist"] * _IVF_MAX_PROBED):
+        built._calibrate(x, config)
+        built.timings["calibrate_s"] = time.perf_counter() - t0
+        if (config.kind == "auto" and kind == "ivf" and params.get("nprobe_calibrated")
+                and params["nprobe"] > params["nlist"] * _IVF_MAX_PROBED):
             # embeddings without cluster structure: the recall target makes IVF probe a large
             # share of its lists, and exact search is then as fast or faster (and exact)
-            ivf = {"nlist": self.params["nlist"], "nprobe": self.params["nprobe"],
-                   "calibration": self.params["calibration"]}
-            del self, index
+            ivf = {name: params[name] for name in ("nlist", "nprobe", "calibration")}
+            del built, index  # free the IVF copy of the vectors before the flat one is made
             flat = faiss.IndexFlatL2(dim)
             add_all(flat)
-            params = {**{k: v for k, v in params.items()
-                         if k not in ("nlist", "train_rows", "nprobe", "nprobe_calibrated",
-                                      "calibration")},
-                      "kind": "flat", "auto_fallback_from_ivf": ivf}
-            self = cls(flat, "flat", params)
-            self.timings["build_s"] = time.perf_counter() - t0
-        return self
+            built = cls(flat, "flat", {"kind": "flat", **common, "auto_fallback_from_ivf": ivf})
+            built.timings["build_s"] = time.perf_counter() - t0
+        return built
 
     def _calibrate(self, x: np.ndarray, config: IndexConfig) -> None:
         """Choose nprobe / efSearch: given, else the smallest ladder value reaching the target."""

@@ -48,16 +48,13 @@ from .data import (
     row_group_sizes,
 )
 from .errors import AweError
+from .evaluate import SCORES_PER_BATCH
 
 METADATA_KEY = b"awe.score"
 REJECTS_SUFFIX = ".rejects.parquet"
 STAGES = ("wsabie", "awe")
 DEFAULT_BATCH_ROWS = 4096
 REJECT_COLUMNS = ("file", "row", "column", "reason")
-# rows x labels scored at once: 8M float32 scores (32 MB) per thread. The [rows, L] block and its
-# temporaries stay in cache-friendly, reusable sizes; 4096 rows x 21k labels (344 MB a block)
-# went to the OS and back every batch (docs/decisions.md)
-SCORES_PER_BLOCK = 1 << 23
 _FINGERPRINT_CHUNK = 1 << 20
 
 
@@ -187,7 +184,8 @@ class RowGroupScorer:
         self.predictor, self.stage, self.options = predictor, stage, options
         self.schema = predictor.schema
         self.threads = options.threads or torch.get_num_threads()
-        self.block_rows = max(1, min(options.batch_rows, SCORES_PER_BLOCK // predictor.n_labels))
+        # per thread: 4096 rows x 21k labels (344 MB a block) went to the OS and back every batch
+        self.block_rows = max(1, min(options.batch_rows, SCORES_PER_BATCH // predictor.n_labels))
         self._pool = None
 
     def columns_of(self, file_names: list[str]) -> tuple[list[str], list[str], str | None]:
@@ -612,11 +610,10 @@ def _run_jobs(jobs: list[Job], scorer: RowGroupScorer, results: RowGroupResults,
     tasks = [task for job in jobs for task in job.tasks()]
     stream = iter(results(tasks))
     for job in jobs:
-        names = file_schema(job.source).names
-        _, ids, exclude = scorer.columns_of(names)
-        check_columns(job.source, names, ids, exclude, options)
-        writer = JobWriter(job, output_schema(file_schema(job.source), ids,
-                                              scorer.predictor.vocab))
+        source_schema = file_schema(job.source)
+        _, ids, exclude = scorer.columns_of(source_schema.names)
+        check_columns(job.source, source_schema.names, ids, exclude, options)
+        writer = JobWriter(job, output_schema(source_schema, ids, scorer.predictor.vocab))
         try:
             for _ in job.row_groups:
                 writer.write(*next(stream))

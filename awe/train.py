@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint, FitState
 from .data import TASKS, Columns, Examples, load_examples, scan
 from .distributed import World, rank_share
 from .errors import AweError, TrainingDiverged
-from .evaluate import evaluate
+from .evaluate import SCORES_PER_BATCH, evaluate
 from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
 from .optim import OPTIMIZERS, RowOptimizer
 from .stream import ShuffleStream
@@ -288,17 +288,13 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
                      run.seconds + time.perf_counter() - started)
 
 
-# validation scores every label of a batch of rows; ranking them takes several [rows, labels]
-# temporaries, so when streaming (memory bounded) the batch shrinks with the labels (21k labels:
-# 399 rows, ~32 MB a temporary, instead of ~900 MB in all at 2048 rows). In memory it stays 2048:
-# another batching could change the metrics' float sums, and the in-memory results stay as they were
-VALID_SCORES_MAX = 1 << 23
-
-
 def _valid_batch_rows(n_labels: int, streaming: bool) -> int:
+    """Validation rows a batch: when streaming (memory bounded) the batch shrinks with the labels
+    (SCORES_PER_BATCH); in memory it stays 2048, as another batching could change the metrics'
+    float sums and the in-memory results stay as they were."""
     if not streaming:
         return 2048
-    return int(min(2048, max(64, VALID_SCORES_MAX // max(n_labels, 1))))
+    return int(min(2048, max(64, SCORES_PER_BATCH // max(n_labels, 1))))
 
 
 def _learnable(model: Wsabie, pair_rows: torch.Tensor, pair_labels: torch.Tensor,
