@@ -175,6 +175,16 @@ class Wsabie(nn.Module):
         scores = e @ self.V.weight.T
         return scores if self.label_bias is None else scores + self.label_bias
 
+    def pair_score_table(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``pair_scores`` of each row of ``e`` against every label, [B, L]: the scores training
+        compares (:meth:`all_scores` may reorder labels for ranking), from one GEMM."""
+        scores = Wsabie.all_scores(self, e)
+        if rows is None:
+            return scores
+        labels = torch.arange(self.shape.n_labels, device=e.device).expand(e.shape[0], -1)
+        weight = self.pair_weight(labels, rows)
+        return scores if weight is None else scores * weight
+
     @torch.no_grad()
     def project_rows(self, max_norm: float, u_rows: torch.Tensor | None,
                      v_rows: torch.Tensor) -> None:

@@ -441,6 +441,8 @@ def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
 
 # WARP's draws per positive come in blocks of 8, then x growth (see docs/decisions.md)
 WARP_FIRST_BLOCK, WARP_GROWTH = 8, 2
+# Score each batch row against every label up front when labels <= this x the draw budget.
+FULL_TABLE_LABELS_PER_DRAW = 1
 
 
 class _WarpStep:
@@ -550,18 +552,29 @@ class _WarpStep:
         e = model.embed(inputs)
         keys = rows * self.n_labels
 
-        def score(active, labels):  # active is a sorted subset of 0..n-1: all of it when full
-            if active.numel() == n:
-                return model.pair_scores(e, labels, rows)
-            return model.pair_scores(e.index_select(0, active), labels,
-                                     rows.index_select(0, active))
+        if self.n_labels <= config.negatives * FULL_TABLE_LABELS_PER_DRAW:
+            # few labels: every pair's score against every label is one GEMM, cheaper than
+            # gathering V rows for up to `negatives` draws (Fashion-MNIST: 10 labels, 100 draws)
+            table = model.pair_score_table(e, rows)
+
+            def score(active, labels):
+                return (table if active.numel() == n
+                        else table.index_select(0, active)).gather(1, labels)
+            positive_scores = table.gather(1, positives.unsqueeze(1)).squeeze(1)
+        else:
+            def score(active, labels):  # active: a sorted subset of 0..n-1, all of it when full
+                if active.numel() == n:
+                    return model.pair_scores(e, labels, rows)
+                return model.pair_scores(e.index_select(0, active), labels,
+                                         rows.index_select(0, active))
+            positive_scores = model.pair_scores(e, positives, rows)
 
         def is_positive(active, labels):
             k = keys if active.numel() == n else keys.index_select(0, active)
             return self.positive_set.contains_keys(k.unsqueeze(1) + labels)
 
         found, negatives, n_draws = sample_violators(
-            model.pair_scores(e, positives, rows), self.draw, score, is_positive,
+            positive_scores, self.draw, score, is_positive,
             config.negatives, config.margin, WARP_FIRST_BLOCK, WARP_GROWTH)
         sel = found.nonzero().squeeze(1)
         n_sel = sel.numel()

@@ -6,9 +6,18 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+import torch
 
+from awe import neighbours
 from awe.errors import AweError
-from awe.neighbours import INDEX_KINDS, IndexConfig, NeighbourIndex, default_nlist, set_threads
+from awe.neighbours import (
+    INDEX_KINDS,
+    IndexConfig,
+    NeighbourIndex,
+    default_nlist,
+    exact_knn,
+    set_threads,
+)
 
 KINDS = ("flat", "ivf", "hnsw")
 
@@ -38,9 +47,10 @@ def data() -> np.ndarray:
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    before = faiss.omp_get_max_threads()
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
     yield
-    faiss.omp_set_num_threads(before)
+    faiss.omp_set_num_threads(before[0])
+    torch.set_num_threads(before[1])
 
 
 # --------------------------------------------------------------------------------- flat, exact
@@ -82,6 +92,42 @@ def test_batches_give_the_same_answer(data):
     b = index.search(data[rows], 5, exclude_ids=rows)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("blocks", [(1024, 16384, 64), (7, 98, 4), (64, 130, 8), (5, 40, 16)])
+def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, monkeypatch):
+    """Small blocks reach every path of the blocked search: several query and base blocks, the
+    grouped top-k with and without a partial last group, and the plain top-k of narrow blocks
+    (the last, or all when k * group * 4 exceeds the block)."""
+    monkeypatch.setattr(neighbours, "_QUERY_BLOCK", blocks[0])
+    monkeypatch.setattr(neighbours, "_BASE_BLOCK", blocks[1])
+    monkeypatch.setattr(neighbours, "_GROUP", blocks[2])
+    queries = clustered(45, seed=4)
+    for k in (1, 5, 20):
+        dist, ids = exact_knn(queries, data, k)
+        ref_d, ref_i = brute_force(queries, data, k)
+        np.testing.assert_array_equal(ids, ref_i)
+        np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+
+
+def test_exact_knn_ties_and_edges():
+    """Integer points: distances exact in float32 and full of ties. Ties come back in id order,
+    with the distances of brute force; k beyond the rows is cut; no query gives empty output."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 3, (700, 3)).astype(np.float32)
+    queries = rng.integers(0, 3, (30, 3)).astype(np.float32)
+    dist, ids = exact_knn(queries, base, 40)
+    ref_d, _ = brute_force(queries, base, 40)
+    np.testing.assert_array_equal(dist, ref_d.astype(np.float32))
+    true = ((queries[:, None, :] - base[ids]) ** 2).sum(-1)
+    np.testing.assert_array_equal(dist, true)                  # every id is at its distance
+    same = np.diff(dist, axis=1) == 0
+    assert (np.diff(ids, axis=1)[same] > 0).all()               # ties in id order
+    assert all(len(set(row)) == 40 for row in ids)
+    d, i = exact_knn(queries, base[:3], 10)
+    assert d.shape == i.shape == (30, 3) and set(i[0]) == {0, 1, 2}
+    d, i = exact_knn(queries[:0], base, 4)
+    assert d.shape == (0, 4)
 
 
 @pytest.mark.parametrize("kind", KINDS)

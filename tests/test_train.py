@@ -253,3 +253,51 @@ def test_stage1_step_equals_autograd_with_label_bias(monkeypatch, sparse, optimi
         torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
     assert set(model.state_tensors()) == {"U", "V", "label_bias"}
     assert not torch.equal(model.label_bias, torch.zeros(15))
+
+
+@pytest.mark.parametrize("kind", ["wsabie", "weighted", "awe"])
+def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
+    """With few labels the sampler reads each pair's scores from one [B, L] table: the same
+    violators, draw counts and trained model as scoring the drawn labels one by one."""
+    from awe.model import AffinityWsabie
+
+    examples = _examples(False, n_rows=40)
+    shape = ModelShape(examples.schema.n_features, 15, 4, False)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, 8, len(examples))
+    g = Csr.from_lengths(lengths, np.concatenate(
+        [np.sort(rng.choice(15, k, replace=False)) for k in lengths]),
+        rng.uniform(0.2, 2.0, lengths.sum()).astype(np.float32))
+    table = torch.rand(len(examples), 15, generator=torch.Generator().manual_seed(1)) + 0.5
+    if kind == "awe":
+        examples = examples.with_affinity(g)
+    original = train_module.sample_violators
+
+    def trained(labels_per_draw):
+        monkeypatch.setattr(train_module, "FULL_TABLE_LABELS_PER_DRAW", labels_per_draw)
+        gen = torch.Generator().manual_seed(0)
+        model = {"wsabie": lambda: Wsabie(shape, init_scale=3.0, generator=gen, label_bias=0.5),
+                 "weighted": lambda: Weighted(shape, table, init_scale=3.0, generator=gen),
+                 "awe": lambda: AffinityWsabie(shape, bias=0.2, init_scale=3.0, generator=gen,
+                                               label_bias=0.5)}[kind]()
+        draws = []
+
+        def sampler(*args, **kwargs):
+            draws.append(original(*args, **kwargs))
+            return draws[-1]
+        monkeypatch.setattr(train_module, "sample_violators", sampler)
+        # a small margin on large scores: whether a draw violates depends on the scores
+        fit(model, examples, TrainConfig(epochs=3, batch_size=16, negatives=20, lr=0.1,
+                                         margin=0.05))
+        return model, draws
+
+    table_model, table_draws = trained(1)      # 15 labels <= 20 draws: the table
+    gathered_model, gathered_draws = trained(0)
+    assert len(table_draws) == len(gathered_draws) > 3
+    n_draws = torch.cat([d[2] for d in table_draws])
+    assert (n_draws > 1).any() and (n_draws == 0).any()   # scores decided, not the first draw
+    for a, b in zip(table_draws, gathered_draws, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y)
+    for name, got in table_model.state_tensors().items():
+        torch.testing.assert_close(got, gathered_model.state_tensors()[name])
