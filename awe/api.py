@@ -48,7 +48,8 @@ class AWE:
     learns a per-label offset in stage 1 (False: the paper's Wsabie; "auto": for annotation).
     """
 
-    def __init__(self, *, retrain: dict | None = None, init: str = "wsabie", rounds: int = 1,
+    def __init__(self, *, retrain: dict | None = None, init: str = "wsabie",
+                 rounds: int | str = "auto",
                  label_bias: float | None = LABEL_BIAS_DEFAULT,
                  wsabie_label_bias: bool | str = "auto", **options):
         unknown = set(options) - _TRAIN_FIELDS - _AFFINITY_FIELDS

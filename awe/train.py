@@ -13,6 +13,8 @@ import copy
 import ctypes
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -982,8 +984,73 @@ LABEL_BIAS_DEFAULT = 3.0
 STAGE3_RECOMMENDATION_MAX_NORM = 3.0
 
 
+# --rounds auto: further rounds while the best validation P@k improves, at most this many rounds
+AUTO_MAX_ROUNDS = 4
+_KEPT_ROUND = ".kept-round"  # the last kept round's files while a further round is tried
+_ROUND_FILES = ("index.faiss", "affinity.safetensors", artifacts.AWE_WEIGHTS, artifacts.CONFIG,
+                artifacts.METRICS)
+
+
+def parse_rounds(rounds: int | str) -> tuple[int, bool]:
+    """(most rounds, chosen on validation?) of ``--rounds N`` or ``--rounds auto``."""
+    if isinstance(rounds, str) and rounds.strip().lower() == "auto":
+        return AUTO_MAX_ROUNDS, True
+    try:
+        n = int(rounds)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(rounds, bool) or n < 1 or (isinstance(rounds, float) and rounds != n):
+        raise AweError(f"--rounds must be 'auto' or an integer >= 1, got {rounds!r}")
+    return n, False
+
+
+def _keep_round_files(model_dir: Path, round_no: int) -> None:
+    """Keep round ``round_no``'s files (hard links: the next round replaces files by renaming,
+    so the kept names still see the old contents) unless a run killed later kept them already."""
+    kept = model_dir / f"{_KEPT_ROUND}-{round_no}"
+    if kept.is_dir():
+        return
+    for old in model_dir.glob(f"{_KEPT_ROUND}-*"):
+        shutil.rmtree(old)
+    tmp = model_dir / f"{_KEPT_ROUND}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in _ROUND_FILES:
+        if (model_dir / name).exists():
+            try:
+                os.link(model_dir / name, tmp / name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(model_dir / name, tmp / name)
+    tmp.rename(kept)
+
+
+def _restore_round_files(model_dir: Path, round_no: int) -> None:
+    """Put round ``round_no``'s kept files back; config.json last (it names what is complete)."""
+    kept = model_dir / f"{_KEPT_ROUND}-{round_no}"
+    config = model_dir / artifacts.CONFIG
+    # without stage2/stage3 sections while the files are swapped: a kill in between leaves a
+    # stage-1 model, never a config.json naming a G or weights it does not match
+    section = artifacts.read_json(config)
+    artifacts.write_json(config, {k: v for k, v in section.items()
+                                  if k not in ("stage2", "stage3")})
+    for name in _ROUND_FILES:
+        if name != artifacts.CONFIG and (kept / name).exists():
+            os.replace(kept / name, model_dir / name)
+    os.replace(kept / artifacts.CONFIG, config)
+    shutil.rmtree(kept)
+
+
+def _fmt(score: float | None) -> str:
+    return "none" if score is None else f"{score:.4f}"
+
+
+def _drop_kept_rounds(model_dir: Path) -> None:
+    for old in model_dir.glob(f"{_KEPT_ROUND}*"):
+        shutil.rmtree(old)
+
+
 def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
-                init: str = "wsabie", rounds: int = 1,
+                init: str = "wsabie", rounds: int | str = "auto",
                 label_bias: float | None = LABEL_BIAS_DEFAULT,
                 valid_path=None, progress: bool = False, checkpoints: bool = True,
                 checkpoint_every: int = 0, resume: bool = False,
@@ -991,7 +1058,9 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     """Stage 3 (``awe retrain``): f = (G + b) * (x U') . V'_y with the same loop as stage 1.
 
     U', V' start from stage 1 (``init="wsabie"``) or at random. ``rounds`` > 1 repeats
-    build-g -> retrain, each time building G from the newest U' (the paper's step 4).
+    build-g -> retrain, each time building G from the newest U' (the paper's step 4);
+    ``"auto"`` goes on while a round raises the best validation P@k (at most
+    ``AUTO_MAX_ROUNDS`` rounds) and keeps the best round's G and model.
     Checkpoints as in :func:`train_wsabie` (MODEL/checkpoint/awe.safetensors); a round's start is
     checkpointed too, so a run killed while a later round rebuilds G resumes there.
 
@@ -1006,7 +1075,7 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
 
 
 def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, init: str,
-                 rounds: int, label_bias: float | None, valid_path, progress: bool,
+                 rounds: int | str, label_bias: float | None, valid_path, progress: bool,
                  checkpoints: bool, checkpoint_every: int, resume: bool,
                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
     from .affinity import Affinity, build_affinity, build_affinity_streamed, write_stage2
@@ -1014,8 +1083,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
 
     if init not in INITS:
         raise AweError(f"--init must be one of {', '.join(INITS)}")
-    if rounds < 1:
-        raise AweError("--rounds must be >= 1")
+    max_rounds, auto_rounds = parse_rounds(rounds)
     model_dir = Path(model_dir)
     saved = load_wsabie(model_dir)
     if "stage2" not in saved.config:
@@ -1035,6 +1103,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     valid = None
     if valid_path is not None:
         valid = load_examples(valid_path, saved.schema, saved.vocab, require_labels=False)
+    if auto_rounds and valid is None and not config.valid_fraction > 0:
+        max_rounds = 1  # nothing to choose the rounds on
     shape = saved.model.shape
     bias = affinity.config.bias
     # stage 1's beta (if any) is an additive offset, not stage 3's factor: not carried over
@@ -1045,7 +1115,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     ck = None
     first_round = 1
     if checkpoints:
-        run = {"stage": "awe", "config": config.to_dict(), "init": init, "rounds": rounds,
+        run = {"stage": "awe", "config": config.to_dict(), "init": init, "rounds": str(rounds),
                "label_bias": label_bias, "stage1": saved.config["stage1"].get("fingerprint"),
                "data": data_identity(train), "valid": data_identity(valid)}
         ck = open_checkpoint(model_dir, "awe", run, checkpoint_every, resume, report, world)
@@ -1053,17 +1123,27 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             first_round = ck.saved_position["round"]
             history = ck.saved_outer["history"]
             start = ck.saved_outer_tensors()
-    for round_no in range(first_round, rounds + 1):
+    resuming = ck is not None and ck.resuming
+    if world.is_main and not resuming:
+        _drop_kept_rounds(model_dir)  # left by a killed run that is not resumed
+    selection = f"P@{config.selection_k}"
+    # the kept round: its number, valid P@k (None: not validated) and stage metrics
+    best: dict = ck.saved_outer.get("best") if resuming else None
+    best = best or {"round": 0, "score": None, "metrics": {}}
+    kept_result = None
+    for round_no in range(first_round, max_rounds + 1):
         mid_round = ck is not None and ck.saved_at_or_after(round_no, "select")
         if ck is not None:
             ck.position = {"round": round_no, "phase": "start"}
-            ck.outer = {"history": history}
+            ck.outer = {"history": history, "best": best}
             ck.outer_tensors = start
         if round_no > 1 and not mid_round:  # G from the newest embedding U'
             if ck is not None:
                 if ck.saved_position == ck.position:  # resumed at this round's start
                     ck.discard_saved()
                 ck.save(None)  # a kill while G is rebuilt resumes here and rebuilds it
+            if world.is_main and auto_rounds:
+                _keep_round_files(model_dir, round_no - 1)
             if world.is_main:
                 if streaming:  # the rows are read again, only their embeddings kept
                     affinity, g_train, stats = build_affinity_streamed(
@@ -1103,19 +1183,34 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
         for row in result.history:
             row["round"] = round_no
         history += result.history
+        score = result.best_metrics.get(selection) if validated else None
+        if (auto_rounds and round_no > 1 and best["score"] is not None
+                and not (score is not None and score > best["score"])):
+            # no better than the round before: keep that round's G and model, stop
+            if world.is_main:
+                _restore_round_files(model_dir, best["round"])
+                if report is not None:
+                    report(f"round {round_no}: valid {selection} {_fmt(score)} is not above "
+                           f"round {best['round']}'s {_fmt(best['score'])}; kept round "
+                           f"{best['round']}")
+            result, metrics = kept_result or result, best["metrics"]
+            break
         if world.is_main:
             written += save_awe(model_dir, model, config.to_dict(),
-                                {"init": init, "rounds": rounds, "round": round_no,
+                                {"init": init, "rounds": str(rounds), "round": round_no,
                                  "label_bias_init": label_bias})
         metrics = _stage_metrics(result, fitted, validated, ck)
+        best, kept_result = {"round": round_no, "score": score, "metrics": metrics}, result
         start = {k: v.clone() for k, v in model.state_tensors().items()}
     if not world.is_main:
         return result, []
+    _drop_kept_rounds(model_dir)
     history_path = model_dir / artifacts.AWE_HISTORY
     artifacts.write_csv(history_path, history)
     metrics_path = model_dir / artifacts.METRICS
     all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
-    all_metrics["awe"] = {**metrics, "rounds": rounds}
+    all_metrics["awe"] = {**metrics, "rounds": str(rounds), "round": best["round"],
+                          "rounds_run": max(row["round"] for row in history)}
     artifacts.write_json(metrics_path, all_metrics)
     if ck is not None:
         ck.remove()

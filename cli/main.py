@@ -17,7 +17,7 @@ from awe import datasets as datasets_lib
 from awe.cluster import ClusterOptions
 from awe.data import Columns
 from awe.errors import AweError
-from awe.train import LABEL_BIAS_DEFAULT
+from awe.train import AUTO_MAX_ROUNDS, LABEL_BIAS_DEFAULT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Affinity Weighted Embedding: Wsabie (WARP) training, nearest-neighbour "
@@ -317,8 +317,11 @@ def retrain(
                                                                     "was built on.")],
     model: Annotated[Path, typer.Option(help="Model directory (after `awe build-g`).")],
     init: Annotated[str, typer.Option(help="wsabie (start from stage 1) | random.")] = "wsabie",
-    rounds: Annotated[int, typer.Option(help="Repeat build-g -> retrain from the newest "
-                                             "model.")] = 1,
+    rounds: Annotated[str, typer.Option(
+        help="N: build-g -> retrain N times, each G from the newest model (the paper's step "
+             "4). auto: go on while a round raises the best validation P@k, at most "
+             f"{AUTO_MAX_ROUNDS} rounds, and keep the best round's G and model "
+             "(1 round without validation).")] = "auto",
     label_bias: Annotated[float | None, typer.Option(
         help="Start of the learned per-label offset beta in f = (G + b)((x U').V'_y + beta_y)."
     )] = LABEL_BIAS_DEFAULT,

@@ -45,6 +45,9 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert result.exit_code == 0, result.output
     stage3 = json.loads((model / "config.json").read_text())["stage3"]
     assert stage3["train"]["lr"] == 0.02 and stage3["label_bias_init"] == 2.0
+    assert stage3["rounds"] == "auto"           # the default: rounds chosen on validation
+    awe_metrics = json.loads((model / "metrics.json").read_text())["awe"]
+    assert 1 <= awe_metrics["round"] == stage3["round"] <= awe_metrics["rounds_run"] <= 4
     out = tmp_path / "metrics.json"
     result = invoke("eval", test, "--model", model, "--k", "1,3", "--json", out)
     assert result.exit_code == 0, result.output
@@ -61,10 +64,13 @@ def test_user_errors_exit_2(tmp_path, data):
     train, _ = data
     model = tmp_path / "m"
     invoke("train", train, "--model", model, "--epochs", 1, "--dim", 4, "--quiet")
+    result = invoke("retrain", train, "--model", model, "--rounds", "0")
+    assert result.exit_code == 2 and "--rounds must be 'auto' or an integer >= 1" in result.output
     for args in [("build-g", train, "--model", model, "--kernel", "rbf"),
                  ("build-g", train, "--model", tmp_path / "none"),
                  ("retrain", train, "--model", model, "--quiet"),  # no G yet
-                 ("eval", train, "--model", model, "--rows", "nope")]:
+                 ("eval", train, "--model", model, "--rows", "nope"),
+                 ("retrain", train, "--model", model, "--rounds", "some")]:
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output

@@ -244,3 +244,86 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, data, monkeypatch):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(AweError, match="damaged weights file"):
         train_wsabie(data, model, STAGE1, resume=True)
+
+
+def script_valid_scores(monkeypatch, scores: dict[int, float]) -> None:
+    """Make round r's best validation P@1 scores[r] (the rounds' choice reads it)."""
+    import awe.train as train_module
+
+    real = train_module.fit_selected
+    calls = {"n": 0}
+
+    def fit_selected(new_model, train, config, valid=None, progress=False, checkpoint=None):
+        calls["n"] += 1
+        model, result, fitted, validated = real(new_model, train, config, valid, progress,
+                                                checkpoint)
+        round_no = checkpoint.position["round"] if checkpoint is not None else calls["n"]
+        result.best_metrics["P@1"] = scores[round_no]
+        return model, result, fitted, validated
+
+    monkeypatch.setattr(train_module, "fit_selected", fit_selected)
+
+
+def round_files(model_dir: Path) -> dict:
+    """The kept round's G, index and stage-3 weights (tensors: the file's metadata holds the
+    stage-3 fingerprint, which covers the --rounds option)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    with safe_open(model_dir / "awe.safetensors", "pt") as fh:
+        weights = {k: fh.get_tensor(k).numpy().tobytes() for k in fh.keys()}  # noqa: SIM118
+    return {"awe": weights,
+            "g": (model_dir / "affinity.safetensors").read_bytes(),
+            "index": (model_dir / "index.faiss").read_bytes(),
+            "stage2": config["stage2"]["fingerprint"], "round": config["stage3"]["round"]}
+
+
+@pytest.mark.parametrize("scores,kept", [({1: 0.5, 2: 0.4}, 1), ({1: 0.5, 2: 0.6, 3: 0.6}, 2),
+                                         ({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}, 4)])
+def test_auto_rounds_keep_the_best_validated_round(tmp_path, data, stage2, monkeypatch, scores,
+                                                   kept):
+    """--rounds auto stops at the first round that does not raise the validation P@1 (ties
+    included) and leaves exactly the files of a run of that many rounds; at most 4 rounds."""
+    reference = _copy(stage2, tmp_path / "reference")
+    retrain_awe(data, reference, STAGE3, rounds=kept, checkpoints=False)
+    script_valid_scores(monkeypatch, scores)
+    model = _copy(stage2, tmp_path / "auto")
+    retrain_awe(data, model, STAGE3, rounds="auto", checkpoints=False)
+    assert round_files(model) == {**round_files(reference), "round": kept}
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["awe"]["round"] == kept and metrics["awe"]["rounds_run"] == len(scores)
+    reference_g = json.loads((reference / "metrics.json").read_text())["g"]
+    untimed = {k for k in reference_g if not k.endswith("seconds")}
+    assert {k: metrics["g"][k] for k in untimed} == {k: reference_g[k] for k in untimed}
+    history = list(csv.DictReader(open(model / "awe_history.csv")))
+    assert {row["round"] for row in history} == {str(r) for r in scores}
+    assert not list(model.glob(".kept-round*"))
+
+
+def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkeypatch):
+    """A kill anywhere in an auto run (round 2 worse than round 1) resumes to its outcome."""
+    script_valid_scores(monkeypatch, {1: 0.5, 2: 0.4})
+    plain = _copy(stage2, tmp_path / "plain")
+    retrain_awe(data, plain, STAGE3, rounds="auto", checkpoints=False)
+    expected = outcome(plain, "awe.safetensors", "awe_history.csv", "awe"), round_files(plain)
+    calls = count_saves(monkeypatch)
+    retrain_awe(data, _copy(stage2, tmp_path / "with"), STAGE3, rounds="auto")
+    n_saves = calls["n"]
+    monkeypatch.undo()
+    for k in range(1, n_saves + 1):
+        script_valid_scores(monkeypatch, {1: 0.5, 2: 0.4})
+        model = _copy(stage2, tmp_path / f"k{k}")
+        crash_after(monkeypatch, k)
+        with pytest.raises(Crash):
+            retrain_awe(data, model, STAGE3, rounds="auto")
+        monkeypatch.undo()
+        script_valid_scores(monkeypatch, {1: 0.5, 2: 0.4})
+        retrain_awe(data, model, STAGE3, rounds="auto", resume=True)
+        monkeypatch.undo()
+        got = outcome(model, "awe.safetensors", "awe_history.csv", "awe"), round_files(model)
+        assert got == expected, k
+        assert not (model / CHECKPOINT_DIR).exists() and not list(model.glob(".kept-round*"))
+
+
+@pytest.mark.parametrize("rounds", [0, -1, "x", 1.5, True, "2.0"])
+def test_bad_rounds(tmp_path, data, stage2, rounds):
+    with pytest.raises(AweError, match="--rounds must be 'auto' or an integer >= 1"):
+        retrain_awe(data, _copy(stage2, tmp_path / "m"), STAGE3, rounds=rounds)
