@@ -277,11 +277,11 @@ def round_files(model_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("scores,kept", [({1: 0.5, 2: 0.4}, 1), ({1: 0.5, 2: 0.6, 3: 0.6}, 2),
-                                         ({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}, 4)])
+                                         ({1: 0.1, 2: 0.2, 3: 0.3}, 3)])
 def test_auto_rounds_keep_the_best_validated_round(tmp_path, data, stage2, monkeypatch, scores,
                                                    kept):
     """--rounds auto stops at the first round that does not raise the validation P@1 (ties
-    included) and leaves exactly the files of a run of that many rounds; at most 4 rounds."""
+    included) and leaves exactly the files of a run of that many rounds; at most 3 rounds."""
     reference = _copy(stage2, tmp_path / "reference")
     retrain_awe(data, reference, STAGE3, rounds=kept, checkpoints=False)
     script_valid_scores(monkeypatch, scores)
@@ -296,6 +296,30 @@ def test_auto_rounds_keep_the_best_validated_round(tmp_path, data, stage2, monke
     history = list(csv.DictReader(open(model / "awe_history.csv")))
     assert {row["round"] for row in history} == {str(r) for r in scores}
     assert not list(model.glob(".kept-round*"))
+
+
+def test_auto_rounds_is_one_round_for_recommendation(tmp_path, monkeypatch):
+    """Held-out labels of a row are in the U' that the next round's G is built from: no rounds
+    are chosen on them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)   # 120 users, 5-9 items each of 30
+    items = [[f"i{j}" for j in rng.choice(30, rng.integers(5, 10), replace=False)]
+             for _ in range(120)]
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"feature_ids": [[u] for u in range(120)],
+                             "feature_values": [[1.0]] * 120, "labels": items}), data)
+    model = tmp_path / "m"
+    train_wsabie(data, model, TrainConfig(epochs=2, dim=8, seed=0, threads=1,
+                                          task="recommendation"), checkpoints=False)
+    build_g(data, model, AffinityConfig(neighbors=5, index="flat", threads=1))
+    script_valid_scores(monkeypatch, {1: 0.1, 2: 0.2, 3: 0.3})
+    retrain_awe(data, model, STAGE3, rounds="auto", checkpoints=False)
+    metrics = json.loads((model / "metrics.json").read_text())["awe"]
+    assert metrics["round"] == metrics["rounds_run"] == 1
+    retrain_awe(data, model, STAGE3, rounds=2, checkpoints=False)    # asked for: done
+    assert json.loads((model / "metrics.json").read_text())["awe"]["rounds_run"] == 2
 
 
 def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkeypatch):
