@@ -160,6 +160,15 @@ def _block_top(scores, k: int):
     return values, torch.gather(columns, 1, picked)
 
 
+def squared_norms(rows: np.ndarray) -> np.ndarray:
+    """|x|^2 of every row, float32, as :func:`exact_knn` computes them (the same bits whether
+    computed there or passed in)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    return (x * x).sum(dim=1).numpy()
+
+
 def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
               base_sq_norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact squared-L2 k nearest rows of ``base`` for each query: (distances float32 [B, k],
@@ -182,9 +191,8 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
     if b == 0 or k == 0:
         return out_d, out_i
     if base_sq_norms is None:
-        neg_sq = -(x * x).sum(dim=1)
-    else:
-        neg_sq = -torch.from_numpy(np.asarray(base_sq_norms, dtype=np.float32))
+        base_sq_norms = squared_norms(base)
+    neg_sq = -torch.from_numpy(np.asarray(base_sq_norms, dtype=np.float32))
     buffer = torch.empty(min(_QUERY_BLOCK, b) * min(_BASE_BLOCK, n_base))
     for qa in range(0, b, _QUERY_BLOCK):
         qq = q[qa:qa + _QUERY_BLOCK]
@@ -293,18 +301,19 @@ class NeighbourIndex:
         self.dim = int(index.d)
         self.params = params
         self.timings: dict[str, float] = {}   # seconds of this process's build steps (not saved)
-        self._flat_rows: np.ndarray | None = None   # flat: a view of the index's vectors
-        self._flat_sq_norms: np.ndarray | None = None
+        # flat: a view of the index's vectors and their squared norms, made on first search
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None
 
     def _flat_view(self) -> tuple[np.ndarray, np.ndarray]:
-        """The flat index's vectors (a view of faiss's memory, no copy) and their squared norms."""
-        if self._flat_rows is None:
+        """The flat index's vectors (a view of faiss's memory, no copy) and their squared norms.
+        Set as one tuple: scoring threads search concurrently."""
+        if self._flat is None:
             import faiss
 
-            flat = faiss.rev_swig_ptr(self.index.get_xb(), self.n_rows * self.dim)
-            self._flat_rows = flat.reshape(self.n_rows, self.dim)
-            self._flat_sq_norms = np.einsum("ij,ij->i", self._flat_rows, self._flat_rows)
-        return self._flat_rows, self._flat_sq_norms
+            rows = faiss.rev_swig_ptr(self.index.get_xb(), self.n_rows * self.dim).reshape(
+                self.n_rows, self.dim)
+            self._flat = rows, squared_norms(rows)
+        return self._flat
 
     # ----------------------------------------------------------------------------------- build
     @classmethod

@@ -110,6 +110,26 @@ def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, monke
         np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
 
 
+def test_flat_search_is_the_same_from_concurrent_threads(data):
+    """awe score searches one index from several threads: the first searches set up the flat
+    view together, and every thread gets the sequential answer, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = [clustered(64, seed=s) for s in range(8)]
+    expected = [NeighbourIndex.build(data, IndexConfig(kind="flat")).search(q, 6)
+                for q in queries]
+    for _ in range(3):
+        index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda q: index.search(q, 6), queries))
+        for (d, i), (ed, ei) in zip(got, expected, strict=True):
+            assert np.array_equal(d, ed) and np.array_equal(i, ei)
+    q = queries[0]
+    with_norms = exact_knn(q, data, 6, neighbours.squared_norms(data))
+    assert all(np.array_equal(a, b) for a, b in zip(exact_knn(q, data, 6), with_norms,
+                                                    strict=True))
+
+
 def test_exact_knn_ties_and_edges():
     """Integer points: distances exact in float32 and full of ties. Ties come back in id order,
     with the distances of brute force; k beyond the rows is cut; no query gives empty output."""
