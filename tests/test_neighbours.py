@@ -121,7 +121,7 @@ def test_flat_search_is_the_same_from_concurrent_threads(data):
     for _ in range(3):
         index = NeighbourIndex.build(data, IndexConfig(kind="flat"))
         with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda q: index.search(q, 6), queries))
+            got = list(pool.map(lambda q, index=index: index.search(q, 6), queries))
         for (d, i), (ed, ei) in zip(got, expected, strict=True):
             assert np.array_equal(d, ed) and np.array_equal(i, ei)
     q = queries[0]
