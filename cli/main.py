@@ -320,8 +320,8 @@ def retrain(
     rounds: Annotated[str, typer.Option(
         help="N: build-g -> retrain N times, each G from the newest model (the paper's step "
              "4). auto: go on while a round raises the best validation P@k, at most "
-             f"{AUTO_MAX_ROUNDS} rounds, and keep the best round's G and model "
-             "(1 round without validation).")] = "auto",
+             f"{AUTO_MAX_ROUNDS} rounds, and keep the best round's G and model (1 round "
+             "without validation, or for recommendation with --valid-fraction).")] = "auto",
     label_bias: Annotated[float | None, typer.Option(
         help="Start of the learned per-label offset beta in f = (G + b)((x U').V'_y + beta_y)."
     )] = LABEL_BIAS_DEFAULT,
