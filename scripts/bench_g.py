@@ -14,6 +14,8 @@ nprobe / efSearch that `NeighbourIndex.build` does), the time to search all N ro
 from the calibration's). Flat runs in full up to --flat-full-max rows; beyond it its all-vs-all
 time is extrapolated from --flat-probe queries (marked "~"). "= auto" marks the kind that
 IndexConfig's default `kind="auto"` picks at that N (same defaults, so the same numbers).
+Next to flat, the anchor `faiss-flat`: faiss's own exhaustive search (IndexFlatL2.search), which
+the flat kind's torch search replaced, timed on --flat-probe queries in the same process.
 A build still adding rows after --budget seconds is aborted and reported as such; a search still
 running then is stopped and its all-N time extrapolated ("~"). The JSON is rewritten after each row.
 """
@@ -129,6 +131,26 @@ def run_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
             "params": {"probe_queries": probe, "probe_s": probe_s}, "estimated": True}
 
 
+def run_faiss_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
+    """The anchor: faiss's own exhaustive search (IndexFlatL2.search, which awe's flat kind
+    replaced by exact_knn), timed on ``probe`` queries and extrapolated to all rows."""
+    import faiss
+
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    build_s = time.perf_counter() - t0
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=probe, replace=False))
+    t0 = time.perf_counter()
+    index.search(x[rows], n + 1)
+    probe_s = time.perf_counter() - t0
+    search_s = probe_s * len(x) / probe
+    return {"kind": "faiss-flat", "resolved": "faiss-flat", "build_s": build_s,
+            "search_s": search_s, "total_s": build_s + search_s, "recall": 1.0,
+            "recall_s": 0.0, "params": {"probe_queries": probe, "probe_s": probe_s},
+            "estimated": True}
+
+
 def breadth(row: dict) -> str:
     p = row["params"]
     if row["resolved"] == "ivf":
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run flat in full up to this N, else extrapolate from --flat-probe")
     ap.add_argument("--flat-probe", type=int, default=5_000)
     ap.add_argument("--no-flat", action="store_true", help="skip the flat rows")
+    ap.add_argument("--no-faiss-anchor", dest="faiss_anchor", action="store_false",
+                    help="skip the faiss IndexFlatL2.search anchor next to the flat row")
     ap.add_argument("--budget", type=float, default=600.0,
                     help="seconds per index for build+search; past it a build is aborted and "
                          "the search time extrapolated from the rows searched so far")
@@ -205,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {kind}: {exc}", flush=True)
                 save(args, rows)
                 continue
-            rows.append(dict(base, **row))
-            save(args, rows)
-            print(f"  {kind}: build {row['build_s']:.1f} s, search {row['search_s']:.1f} s"
-                  f"{' (extrapolated)' if row['estimated'] else ''}, recall {row['recall']:.4f}"
-                  f" [{breadth(row)}]", flush=True)
+            extra = [run_faiss_flat_probe(x, args.n, min(args.flat_probe, n_rows), args.seed)
+                     ] if kind == "flat" and args.faiss_anchor else []
+            for r in [row, *extra]:
+                rows.append(dict(base, **r))
+                save(args, rows)
+                print(f"  {r['kind']}: build {r['build_s']:.1f} s, search {r['search_s']:.1f} s"
+                      f"{' (extrapolated)' if r['estimated'] else ''}, recall "
+                      f"{r['recall']:.4f} [{breadth(r)}]", flush=True)
+            if extra:
+                print(f"  faiss-flat / flat search time: "
+                      f"{extra[0]['search_s'] / row['search_s']:.2f}x", flush=True)
         del x
     md = table(rows)
     print()
