@@ -4,16 +4,17 @@
   python scripts/bench_scale.py --sizes 100000,300000,1000000 [--classes 21000] [--threads 2]
                                 [--shuffle-buffer 65536] [--epochs 10] [--out runs/scale.json]
                                 [--stages train,build-g,retrain,eval] [--valid-fraction 0.1]
+                                [--rounds 1]
 
 For every N: `awe data synthetic --preset imagenet --rows N --classes C --shards S` (474 dense
-features; S = N / 100k shards, at least 2; kept and reused under --root), then `awe train`
-(stage 1, D = --dim, streamed through --shuffle-buffer rows; 0 loads the data instead), `awe
-build-g` (max aggregation, the paper's ImageNet choice; the index kind `auto` picks), `awe
-retrain` (stage 3, streamed), and `awe eval` of the paper's four rows on --test-rows rows: knn-input
-in its own eval process (it indexes the raw training features), the other three together. Every
-stage runs as its own process: its wall time and peak RSS (the process's ru_maxrss) are recorded,
-with P@1 of every row. The JSON is rewritten after each stage. With several sizes, a linear fit of
-each stage's time against N projects 10M rows.
+features; S = N / 100k shards, at least 2; kept and reused under --root), then `awe train` (stage
+1, D = --dim, streamed through --shuffle-buffer rows; 0 loads the data instead), `awe build-g` (max
+aggregation, the paper's ImageNet choice; the index kind `auto` picks), `awe retrain` (stage 3,
+streamed; --rounds 1 unless given), and `awe eval` of the paper's four rows on --test-rows rows:
+knn-input in its own eval process (it indexes the raw training features), the other three together.
+Every stage runs as its own process: its wall time and peak RSS (the process's ru_maxrss) are
+recorded, with P@1 of every row. The JSON is rewritten after each stage. With several sizes, a
+linear fit of each stage's time against N projects 10M rows.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--stages", default="train,build-g,retrain,eval",
                         help="which stages to run (eval includes knn-input's)")
     parser.add_argument("--neighbors", type=int, default=20)
+    parser.add_argument("--rounds", default="1",
+                        help="retrain --rounds (1: one G per run, so the stages' costs add up; "
+                             "auto would add a second build-g and retrain)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "scale",
@@ -98,7 +102,8 @@ def main() -> None:
                        "--seed", str(args.seed), *fit]),
             ("build-g", ["build-g", train, "--model", str(model), "--neighbors",
                          str(args.neighbors), "--aggregate", "max", *threads]),
-            ("retrain", ["retrain", train, "--model", str(model), *fit]),
+            ("retrain", ["retrain", train, "--model", str(model), "--rounds", args.rounds,
+                         *fit]),
             ("eval", ["eval", test, "--model", str(model), "--k", "1,5", "--rows",
                       "knn-wsabie,wsabie,awe", "--json", str(eval_json["rest"]), *threads]),
             ("eval-knn-input", ["eval", test, "--model", str(model), "--k", "1,5", "--rows",
