@@ -318,20 +318,55 @@ def _read_history(path: Path) -> list[dict]:
         return [row for row in csv.DictReader(fh) if not row.get("phase")]
 
 
+def round_spans(rows: list[dict]) -> list[tuple[int, int, int]]:
+    """(round, first, last) positions (1-based, on the plot's epoch axis) of each stage-3 round
+    in history rows that run on across rounds."""
+    spans: list[tuple[int, int, int]] = []
+    for i, row in enumerate(rows, start=1):
+        r = int(row.get("round") or 1)
+        if spans and spans[-1][0] == r:
+            spans[-1] = (r, spans[-1][1], i)
+        else:
+            spans.append((r, i, i))
+    return spans
+
+
 def plot_training(model: Path, path: Path) -> Path:
-    """Loss and validation P@k per epoch of both stages (the selection runs, before any refit)."""
+    """Loss and validation P@k per epoch of both stages (the selection runs, before any refit);
+    stage-3 rounds one after the other, each marked, the kept one named."""
     plt = _pyplot()
     stages = [("stage 1 (Wsabie)", _read_history(model / artifacts.HISTORY)),
               ("stage 3 (AWE)", _read_history(model / artifacts.AWE_HISTORY))]
+    metrics_path = model / artifacts.METRICS
+    kept = (artifacts.read_json(metrics_path).get("awe", {}).get("round")
+            if metrics_path.exists() else None)
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex="col")
     for col, (name, rows) in enumerate(stages):
         epochs = list(range(1, len(rows) + 1))  # across rounds when --rounds > 1
-        axes[0, col].plot(epochs, [float(r["loss"]) for r in rows], color="C0")
+        spans = round_spans(rows) if col == 1 else []
+        if len(spans) > 1:
+            for r, first, last in spans:
+                for ax in axes[:, col]:
+                    if first > 1:
+                        ax.axvline(first - 0.5, color="0.5", linestyle="--", linewidth=0.8)
+                label = f"round {r}" + (" (kept)" if r == kept else "")
+                axes[0, col].text((first + last) / 2, 1.0, label, fontsize=7, ha="center",
+                                  va="bottom", transform=axes[0, col].get_xaxis_transform())
+            name += "\n"   # room for the round labels
+        # one line per round: a new round starts from another G, not from the last epoch
+        pieces = [(first, last) for _, first, last in spans] or [(1, len(rows))]
+        loss = [float(r["loss"]) for r in rows]
+        for first, last in pieces:
+            axes[0, col].plot(epochs[first - 1:last], loss[first - 1:last], color="C0")
         axes[0, col].set_title(name, fontsize=10)
         axes[0, col].set_ylabel("training loss")
-        for key in [k for k in (rows[0] if rows else {}) if k.startswith("valid_P@")]:
+        keys = [k for k in (rows[0] if rows else {}) if k.startswith("valid_P@")]
+        for n_key, key in enumerate(keys):
             values = [float(r[key]) if r[key] != "" else float("nan") for r in rows]
-            axes[1, col].plot(epochs, values, label=key.removeprefix("valid_"))
+            for n_piece, (first, last) in enumerate(pieces):
+                axes[1, col].plot(epochs[first - 1:last], values[first - 1:last],
+                                  color=f"C{n_key}",
+                                  label=key.removeprefix("valid_") if n_piece == 0 else None)
         axes[1, col].set_xlabel("epoch")
         axes[1, col].set_ylabel("validation precision")
         if rows and any(k.startswith("valid_P@") for k in rows[0]):

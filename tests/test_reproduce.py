@@ -115,3 +115,12 @@ def test_a_directory_without_test_names_what_is_missing(tmp_path, split_dir):
     shutil.copytree(split_dir / "train", partial / "train")
     result = invoke("reproduce", "--dataset", partial, "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 2 and "no test" in result.output, result.output
+
+
+def test_round_spans_mark_each_stage3_round():
+    from awe.reproduce import round_spans
+
+    rows = [{"round": "1"}] * 3 + [{"round": "2"}] * 2
+    assert round_spans(rows) == [(1, 1, 3), (2, 4, 5)]
+    assert round_spans([{"loss": "1"}] * 2) == [(1, 1, 2)]     # stage 1: no round column
+    assert round_spans([]) == []
