@@ -391,6 +391,44 @@ def test_knn_rows_keep_their_spaces_when_g_is_built_in_input_space(trained, tmp_
     assert not np.allclose(scores["input"]["knn-input"], scores["input"]["knn-wsabie"])
 
 
+def test_knn_rows_search_exactly_whatever_the_stage2_index(trained, tmp_path, monkeypatch):
+    """The baselines are exact kNN: with the stage-2 G on an IVF index, the other space's
+    baseline asks for a flat index (not `auto`, which picks IVF beyond 100k rows), and its vote
+    equals that of an exact stage-2 G there."""
+    import shutil
+
+    from awe.neighbours import NeighbourIndex
+    from awe.score import Predictor
+
+    asked = []
+    real_build = NeighbourIndex.build.__func__
+
+    def build(cls, vectors, config=None, progress=None):
+        asked.append(config.kind)
+        return real_build(cls, vectors, config, progress)
+
+    root, train, test = trained
+    votes = {}
+    for space, index in (("wsabie", "ivf"), ("input", "ivf"), ("input", "flat")):
+        model = tmp_path / f"{space}-{index}"
+        shutil.copytree(root / "m", model)
+        build_g(train, model, AffinityConfig(neighbors=5, space=space, index=index,
+                                             nprobe=1 if index == "ivf" else None))
+        predictor = Predictor(model)
+        assert predictor.affinity.index.kind == index
+        monkeypatch.setattr(NeighbourIndex, "build", classmethod(build))
+        asked.clear()
+        other = (predictor.input_affinity() if space == "wsabie"
+                 else predictor.wsabie_affinity())
+        monkeypatch.undo()
+        assert other.index.kind == "flat" and asked == ["flat"]
+        examples = load_examples(test, predictor.schema, predictor.vocab)
+        votes[space, index] = predictor.scores(examples, np.arange(len(examples)),
+                                               "knn-input").numpy()
+    np.testing.assert_allclose(votes["wsabie", "ivf"], votes["input", "flat"], rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("task, neighbors, normalize, stage3_max_norm", [
     ("annotation", 20, "none", None), ("recommendation", 100, "max", 3.0)])
 def test_auto_defaults_follow_the_task(tmp_path, task, neighbors, normalize, stage3_max_norm):
