@@ -26,6 +26,7 @@ import torch
 
 from . import artifacts
 from . import distributed as dist_lib
+from .affinity import AFFINITY_FILE, INDEX_FILE
 from .checkpoint import Checkpoint, FitState
 from .data import TASKS, Columns, Examples, load_examples, scan
 from .distributed import World, rank_share
@@ -989,7 +990,7 @@ STAGE3_RECOMMENDATION_MAX_NORM = 3.0
 # -0.001, at ~20 s a round against the 2-minute pipeline; docs/decisions.md)
 AUTO_MAX_ROUNDS = 2
 _KEPT_ROUND = ".kept-round"  # the last kept round's files while a further round is tried
-_ROUND_FILES = ("index.faiss", "affinity.safetensors", artifacts.AWE_WEIGHTS, artifacts.CONFIG,
+_ROUND_FILES = (INDEX_FILE, AFFINITY_FILE, artifacts.AWE_WEIGHTS, artifacts.CONFIG,
                 artifacts.METRICS)
 
 
