@@ -229,7 +229,7 @@ def test_auto_falls_back_to_exact_search_when_ivf_would_probe_most_lists():
     index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
     assert index.kind == "flat" and isinstance(index.index, faiss.IndexFlatL2)
     fallback = index.params["auto_fallback_from_ivf"]
-    assert fallback["nprobe"] > fallback["nlist"] / 6, fallback
+    assert fallback["nprobe"] > fallback["nlist"] * neighbours._IVF_MAX_PROBED, fallback
     assert "nlist" not in index.params and index.measure_recall(x, 10) == 1.0
     d, ids = index.search(x[:50], 10, exclude_ids=np.arange(50))
     np.testing.assert_array_equal(ids, brute_force(x[:50], x, 10, np.arange(50))[1])
