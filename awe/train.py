@@ -1013,10 +1013,8 @@ def _keep_round_files(model_dir: Path, round_no: int) -> None:
     kept = model_dir / f"{_KEPT_ROUND}-{round_no}"
     if kept.is_dir():
         return
-    for old in model_dir.glob(f"{_KEPT_ROUND}-*"):
-        shutil.rmtree(old)
+    _drop_kept_rounds(model_dir)  # another round's, or a half-made copy
     tmp = model_dir / f"{_KEPT_ROUND}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name in _ROUND_FILES:
         if (model_dir / name).exists():
@@ -1118,7 +1116,6 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     start = {k: v.clone() for k, v in saved.model.state_tensors().items() if k != "label_bias"}
     history: list[dict] = []
     written: list[Path] = []
-    metrics: dict = {}
     ck = None
     first_round = 1
     if checkpoints:
@@ -1200,14 +1197,15 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                     report(f"round {round_no}: valid {selection} {_fmt(score)} is not above "
                            f"round {best['round']}'s {_fmt(best['score'])}; kept round "
                            f"{best['round']}")
-            result, metrics = kept_result or result, best["metrics"]
+            result = kept_result or result
             break
         if world.is_main:
             written += save_awe(model_dir, model, config.to_dict(),
                                 {"init": init, "rounds": str(rounds), "round": round_no,
                                  "label_bias_init": label_bias})
-        metrics = _stage_metrics(result, fitted, validated, ck)
-        best, kept_result = {"round": round_no, "score": score, "metrics": metrics}, result
+        best = {"round": round_no, "score": score,
+                "metrics": _stage_metrics(result, fitted, validated, ck)}
+        kept_result = result
         start = {k: v.clone() for k, v in model.state_tensors().items()}
     if not world.is_main:
         return result, []
@@ -1216,7 +1214,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     artifacts.write_csv(history_path, history)
     metrics_path = model_dir / artifacts.METRICS
     all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
-    all_metrics["awe"] = {**metrics, "rounds": str(rounds), "round": best["round"],
+    all_metrics["awe"] = {**best["metrics"], "rounds": str(rounds), "round": best["round"],
                           "rounds_run": max(row["round"] for row in history)}
     artifacts.write_json(metrics_path, all_metrics)
     if ck is not None:

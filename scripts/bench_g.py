@@ -116,39 +116,40 @@ def run_kind(kind: str, x: np.ndarray, n: int, args) -> dict:
             "estimated": bool(searched < len(x))}
 
 
-def run_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
-    """Flat all-vs-all time extrapolated from ``probe`` queries (exact, so recall 1)."""
+def _probe_exhaustive(kind: str, build, search, x: np.ndarray, probe: int, seed: int) -> dict:
+    """An exhaustive search's all-vs-all time, extrapolated from ``probe`` seeded queries
+    (exact, so recall 1): ``build()`` makes the index, ``search(index, rows)`` searches them."""
     t0 = time.perf_counter()
-    index = NeighbourIndex.build(x, IndexConfig(kind="flat"))
+    index = build()
     build_s = time.perf_counter() - t0
     rows = np.sort(np.random.default_rng(seed).choice(len(x), size=probe, replace=False))
     t0 = time.perf_counter()
-    index.search(x[rows], n, exclude_ids=rows)
+    search(index, rows)
     probe_s = time.perf_counter() - t0
     search_s = probe_s * len(x) / probe
-    return {"kind": "flat", "resolved": "flat", "build_s": build_s, "search_s": search_s,
+    return {"kind": kind, "resolved": kind, "build_s": build_s, "search_s": search_s,
             "total_s": build_s + search_s, "recall": 1.0, "recall_s": 0.0,
             "params": {"probe_queries": probe, "probe_s": probe_s}, "estimated": True}
 
 
+def run_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
+    """awe's flat kind (exact_knn), leave-one-out like build-g."""
+    return _probe_exhaustive(
+        "flat", lambda: NeighbourIndex.build(x, IndexConfig(kind="flat")),
+        lambda index, rows: index.search(x[rows], n, exclude_ids=rows), x, probe, seed)
+
+
 def run_faiss_flat_probe(x: np.ndarray, n: int, probe: int, seed: int) -> dict:
     """The anchor: faiss's own exhaustive search (IndexFlatL2.search, which awe's flat kind
-    replaced by exact_knn), timed on ``probe`` queries and extrapolated to all rows."""
+    replaced by exact_knn), n + 1 neighbours as leave-one-out searches."""
     import faiss
 
-    t0 = time.perf_counter()
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    build_s = time.perf_counter() - t0
-    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=probe, replace=False))
-    t0 = time.perf_counter()
-    index.search(x[rows], n + 1)
-    probe_s = time.perf_counter() - t0
-    search_s = probe_s * len(x) / probe
-    return {"kind": "faiss-flat", "resolved": "faiss-flat", "build_s": build_s,
-            "search_s": search_s, "total_s": build_s + search_s, "recall": 1.0,
-            "recall_s": 0.0, "params": {"probe_queries": probe, "probe_s": probe_s},
-            "estimated": True}
+    def build():
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(x)
+        return index
+    return _probe_exhaustive("faiss-flat", build,
+                             lambda index, rows: index.search(x[rows], n + 1), x, probe, seed)
 
 
 def breadth(row: dict) -> str:
