@@ -21,6 +21,9 @@ METRICS = ("P", "R", "NDCG", "MAP")
 # streaming, `awe score`): 8M float32 scores, 32 MB a [rows, labels] temporary (21k labels: 399
 # rows instead of ~900 MB of temporaries at 2048)
 SCORES_PER_BATCH = 1 << 23
+# k up to which the top k + 1 come from FAISS's heaps on CPU (faster than torch.topk: 1.5x at
+# L = 1000, 2.7x at L = 21,000 for k = 10; 1.4x at k = 30)
+HEAP_MAX_K = 32
 
 
 def parse_ks(text: str | Sequence[int]) -> list[int]:
@@ -46,17 +49,19 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     the remaining slots hold id -1 and score -inf. NaN scores rank last: they count as -inf
     (never chosen, never a hit), whatever produced them (an overflow, a damaged model).
 
-    One ``torch.topk`` of k + 1 per row: where the k-th score is above the (k + 1)-th, the top k
-    are that set whatever the order topk found them in, and only their order (score, then id) is
-    settled here. Rows with a tie across the cut, rare with float scores, take the exact path.
+    The k + 1 largest of each row in one pass (:func:`_largest`): where the k-th score is above
+    the (k + 1)-th, the top k are that set whatever order it was found in, and only their order
+    (score, then id) is settled here. Rows with a tie across the cut (rare with float scores)
+    or with fewer than k scores above -inf take the exact path.
     """
     n_rows, n_labels = scores.shape
     k_eff = min(k, n_labels)
     if k_eff == n_labels or n_rows == 0:
         ids, vals = _top_k_exact(_without_nan(scores), k_eff)
     else:
-        vals, ids = torch.topk(scores, k_eff + 1, dim=1)
+        vals, ids = _largest(scores, k_eff + 1)
         # topk ranks NaN above everything: a row with a NaN has one in its top k + 1
+        # (a row with fewer than k scores above -inf ties at the cut: -inf == -inf)
         unsettled = (vals[:, k_eff - 1] == vals[:, k_eff]) | torch.isnan(vals).any(1)
         ids, vals = _by_score_then_id(ids[:, :k_eff], vals[:, :k_eff])
         if bool(unsettled.any()):
@@ -68,6 +73,34 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.cat([ids, ids.new_full((n_rows, pad), -1)], dim=1)
         vals = torch.cat([vals, vals.new_full((n_rows, pad), float("-inf"))], dim=1)
     return ids, vals
+
+
+def _largest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the k largest scores of every row, largest first, in any order among
+    equal values; ids -1 fill rows with fewer than k scores above -inf.
+
+    On CPU, FAISS's k-heaps (one pass per row, comparing each score with the heap's least;
+    NaN never enters): 3.4 µs a row at L = 1000, k = 11, where ``torch.topk`` takes 5-6 µs
+    (1 thread); the kernel releases the GIL, as `awe score`'s threads need. Elsewhere
+    ``torch.topk`` (which ranks NaN first: :func:`top_k` sends such rows to the exact path),
+    also for k > ``HEAP_MAX_K``, where the heaps' insertions cost more than topk (k = 100:
+    26 vs 15 µs a row).
+    """
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or k > HEAP_MAX_K:
+        return torch.topk(scores, k, dim=1)
+    import faiss
+
+    values = np.empty((scores.shape[0], k), dtype=np.float32)
+    ids = np.empty((scores.shape[0], k), dtype=np.int64)
+    source = np.ascontiguousarray(scores.numpy())
+    heaps = faiss.float_minheap_array_t()
+    heaps.nh, heaps.k = scores.shape[0], k
+    heaps.val, heaps.ids = faiss.swig_ptr(values), faiss.swig_ptr(ids)
+    heaps.heapify()
+    heaps.addn(scores.shape[1], faiss.swig_ptr(source), 0, 0, scores.shape[0])
+    heaps.reorder()
+    values[ids < 0] = -np.inf  # an empty slot holds -FLT_MAX
+    return torch.from_numpy(values), torch.from_numpy(ids)
 
 
 def _without_nan(scores: torch.Tensor) -> torch.Tensor:

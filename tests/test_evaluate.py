@@ -10,7 +10,15 @@ import torch
 
 from awe.csr import Csr
 from awe.data import Examples, InputSchema
-from awe.evaluate import RankingMetrics, evaluate, mask_excluded, parse_ks, top_k
+from awe.evaluate import (
+    HEAP_MAX_K,
+    RankingMetrics,
+    _largest,
+    evaluate,
+    mask_excluded,
+    parse_ks,
+    top_k,
+)
 
 NEG = float("-inf")
 
@@ -62,6 +70,47 @@ def test_top_k_matches_sorting_by_score_then_id():
             expected = order + [-1] * (k - len(order))
             assert ids[i].tolist() == expected
             assert vals[i].tolist() == [float(s[i, j]) for j in order] + [NEG] * (k - len(order))
+
+
+def _reference_top_k(s: np.ndarray, k: int) -> tuple[list, list]:
+    """Brute force: by score then id, NaN and -inf never ranked, -1 / -inf padding."""
+    ids, vals = [], []
+    for row in s:
+        order = sorted((j for j in range(len(row)) if not np.isnan(row[j]) and row[j] != NEG),
+                       key=lambda j, row=row: (-row[j], j))[:k]
+        ids.append(order + [-1] * (k - len(order)))
+        vals.append([float(row[j]) for j in order] + [NEG] * (k - len(order)))
+    return ids, vals
+
+
+@pytest.mark.parametrize("k", [1, 10, HEAP_MAX_K - 1, HEAP_MAX_K + 5])  # heaps, then torch.topk
+@pytest.mark.parametrize("n_labels", [7, 60, 1000])
+def test_top_k_both_selection_paths_match_brute_force(k, n_labels):
+    rng = np.random.default_rng(k * 1000 + n_labels)
+    s = np.round(rng.normal(size=(40, n_labels)) * 3, 0).astype(np.float32)  # many ties
+    s[rng.random(s.shape) < 0.1] = NEG
+    s[rng.random(s.shape) < 0.05] = np.nan
+    s[0] = NEG  # no label to rank
+    s[1, :] = NEG
+    s[1, 2] = -np.finfo(np.float32).max  # finite: ranked, though it equals a heap's empty slot
+    s[2] = np.nan
+    s[3] = 1.0  # one tie over the whole row
+    ids, vals = top_k(torch.from_numpy(s.copy()), k)
+    want_ids, want_vals = _reference_top_k(s, k)
+    assert ids.tolist() == want_ids
+    assert vals.tolist() == want_vals
+
+
+def test_largest_equals_torch_topk_on_distinct_scores():
+    s = torch.from_numpy(np.random.default_rng(0).permutation(5000).reshape(5, 1000)
+                         .astype(np.float32))
+    for k in (1, 11, HEAP_MAX_K):
+        got, want = _largest(s, k), torch.topk(s, k, dim=1)
+        assert torch.equal(got[0], want.values) and torch.equal(got[1], want.indices)
+    sparse = torch.tensor([[NEG, 2.0, NEG, 1.0], [NEG] * 4])
+    values, ids = _largest(sparse, 3)  # slots beyond the scores above -inf: id -1, -inf
+    assert ids.tolist() == [[1, 3, -1], [-1, -1, -1]]
+    assert values.tolist() == [[2.0, 1.0, NEG], [NEG, NEG, NEG]]
 
 
 def test_mask_excluded():
