@@ -172,8 +172,11 @@ class Wsabie(nn.Module):
 
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """f against every label: [B, L]."""
-        scores = e @ self.V.weight.T
-        return scores if self.label_bias is None else scores + self.label_bias
+        if self.label_bias is None:
+            return e @ self.V.weight.T
+        # one pass: adding beta to the [B, L] product afterwards cost more than the product
+        # (L = 1000, 4096 rows: 4.5-5.5 vs 2.0-2.6 µs a row, 1 thread)
+        return torch.addmm(self.label_bias, e, self.V.weight.T)
 
     def pair_score_table(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``pair_scores`` of each row of ``e`` against every label, [B, L]: the scores training

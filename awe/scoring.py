@@ -181,6 +181,9 @@ class RowGroupScorer:
     def __init__(self, predictor, stage: str, options: ScoreOptions):
         import torch
 
+        from .memory import keep_freed_memory
+
+        keep_freed_memory()  # the batches' [rows, L] scores are allocated again and again
         self.predictor, self.stage, self.options = predictor, stage, options
         self.schema = predictor.schema
         self.threads = options.threads or torch.get_num_threads()
@@ -496,7 +499,13 @@ class JobWriter:
         self.job, self.schema, self.rejected, self.rows = job, schema, 0, 0
         remove_stale_temporaries(job.target)
         self._out = self._temporary(job.target)
-        self._writer = pq.ParquetWriter(self._out, schema, write_page_checksum=True)
+        # a dictionary for the label names only (they repeat; ids and float scores do not, and
+        # trying one for them cost more than the rest of the write), the scores split by byte
+        # (they compress): 200k rows x top-10 written in 0.15 s instead of 0.37, 40% smaller
+        self._writer = pq.ParquetWriter(
+            self._out, schema, write_page_checksum=True,
+            use_dictionary=["labels.list.element"],
+            column_encoding={"scores.list.element": "BYTE_STREAM_SPLIT"})
         self._rejects_tmp: Path | None = None
         self._rejects_writer = None
 
@@ -588,7 +597,8 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
         return summary
     if cluster is None:
         def results(tasks):
-            return (scorer.row_group(*task) for task in tasks)
+            groups = (scorer.row_group(*task) for task in tasks)
+            return _ahead(groups) if scorer.threads > 1 else groups
         _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
     else:
         with dask_cluster.dask_client(cluster) as client:
@@ -601,6 +611,51 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
                     [(str(model_dir), fingerprint, task_options, *t) for t in tasks])
             _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
     return summary
+
+
+def _ahead(items: Iterator) -> Iterator:
+    """``items``, produced one ahead of the consumer by a thread of their own: the next row
+    group is scored while the last one is written (else the scoring threads wait for every
+    write: 1.5 of 2 cores busy). Errors reach the consumer in order; closing the iterator
+    stops the producer."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((end, exc))
+
+    producer = threading.Thread(target=produce, name="awe-score-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _run_jobs(jobs: list[Job], scorer: RowGroupScorer, results: RowGroupResults,

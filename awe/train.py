@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass, fields, replace
@@ -32,6 +30,7 @@ from .data import TASKS, Columns, Examples, load_examples, scan
 from .distributed import World, rank_share
 from .errors import AweError, TrainingDiverged
 from .evaluate import SCORES_PER_BATCH, evaluate
+from .memory import keep_freed_memory
 from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
 from .optim import OPTIMIZERS, RowOptimizer
 from .stream import ShuffleStream
@@ -659,29 +658,6 @@ def _small_problem_threads(batch_elements: int, device: torch.device):
         torch.set_num_threads(threads)
 
 
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory() -> None:
-    """Keep freed memory in the process instead of handing it back to the OS (glibc only).
-
-    A training step allocates and frees a few MiB of tensors; with glibc's defaults the top of
-    the heap is trimmed and large blocks are mmapped, so every step page-faults its temporaries
-    in again (ML100K, 1 thread: 58-100 ms an epoch, 37 ms without the faults). Raising the mmap
-    and trim thresholds keeps them mapped; the cost is that the process keeps up to 256 MiB of
-    freed memory. Once per process.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 64 << 20)
-    mallopt(m_trim_threshold, 256 << 20)
 
 
 def _batches(train: Examples, rows: torch.Tensor, labels: torch.Tensor, batch_size: int,

@@ -418,3 +418,34 @@ def test_top_k_matches_a_plain_sort():
             want += [-1] * (k - len(want))
             assert got_ids == want, (trial, row)
             assert got_vals[:len(ranked)] == [float(clean[y]) for y in ranked]
+
+
+def test_ahead_keeps_order_hands_over_errors_and_stops_when_closed():
+    import threading
+
+    from awe.scoring import _ahead
+
+    assert list(_ahead(iter(range(20)))) == list(range(20))
+
+    def failing():
+        yield from (1, 2)
+        raise ValueError("row group 3 is damaged")
+
+    got = []
+    with pytest.raises(ValueError, match="damaged"):
+        for item in _ahead(failing()):
+            got.append(item)
+    assert got == [1, 2]  # the items before the error arrive, in order
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    stream = _ahead(endless())
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # the producer stops: at most a queue's worth past what was taken
+    assert not any(t.name == "awe-score-ahead" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 4
