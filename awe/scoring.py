@@ -181,9 +181,6 @@ class RowGroupScorer:
     def __init__(self, predictor, stage: str, options: ScoreOptions):
         import torch
 
-        from .memory import keep_freed_memory
-
-        keep_freed_memory()  # the batches' [rows, L] scores are allocated again and again
         self.predictor, self.stage, self.options = predictor, stage, options
         self.schema = predictor.schema
         self.threads = options.threads or torch.get_num_threads()
