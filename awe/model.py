@@ -23,6 +23,7 @@ from .csr import Csr
 from .data import Examples, InputSchema, LabelVocab
 from .errors import AweError
 from .optim import renorm_rows
+from .warp import PaddedRows
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,6 @@ class AffinityWsabie(Wsabie):
                                     self.V.weight.device)
 
     def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if labels.dim() == 2:
-            rows = rows.unsqueeze(1).expand_as(labels)
         return self._table.lookup(rows, labels) + self.bias
 
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,8 +291,9 @@ def awe_ranking_scores(weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor
 class AffinityTable:
     """G of a set of rows, looked up per (row, label) pair in one vectorised call.
 
-    A dense rows x labels matrix while it is small, else sorted keys row * L + label with their
-    weights, searched with ``searchsorted`` (absent pairs weigh 0).
+    A dense rows x labels matrix while it is small, else :class:`~awe.warp.PaddedRows` while
+    rows hold about the same number of labels (max aggregation: at most n), else sorted keys
+    row * L + label with their weights, searched with ``searchsorted``; absent pairs weigh 0.
     """
 
     DENSE_LIMIT = 1 << 25  # floats of dense G we are glad to hold (128 MiB)
@@ -301,22 +301,26 @@ class AffinityTable:
     def __init__(self, g: Csr, n_labels: int, device: torch.device | str = "cpu"):
         self.n_labels = n_labels
         self.g = g
-        rows = torch.from_numpy(g.row_of_entry())
-        ids = torch.from_numpy(g.indices)
-        values = torch.from_numpy(g.values.astype(np.float32))
+        self.dense = self.padded = self.keys = self.values = None
         if g.n_rows * n_labels <= self.DENSE_LIMIT:
+            rows = torch.from_numpy(g.row_of_entry())
+            ids = torch.from_numpy(g.indices)
             self.dense = torch.zeros(g.n_rows, n_labels)
-            self.dense[rows, ids] = values
+            self.dense[rows, ids] = torch.from_numpy(g.values.astype(np.float32))
             self.dense = self.dense.to(device)
-            self.keys = self.values = None
+        elif PaddedRows.fits(g, n_labels):
+            self.padded = PaddedRows(g, device)
         else:
-            self.dense = None
             self.keys = torch.from_numpy(g.keys(n_labels)).to(device)
-            self.values = values.to(device)
+            self.values = torch.from_numpy(g.values.astype(np.float32)).to(device)
         self.device = device
 
     def lookup(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """G at (rows[i], labels[i]), any matching shapes."""
+        """G at (rows[i], labels[i]) for rows [B] and labels [B] or [B, K]."""
+        if self.padded is not None:
+            return self.padded.value(rows, labels)
+        if labels.dim() == 2:
+            rows = rows.unsqueeze(1).expand_as(labels)
         if self.dense is not None:
             return torch.take(self.dense, rows * self.n_labels + labels)
         if self.keys.numel() == 0:

@@ -552,7 +552,6 @@ class _WarpStep:
         model, config = self.model, self.config
         n = rows.numel()
         e = model.embed(inputs)
-        keys = rows * self.n_labels
 
         if self.n_labels <= config.negatives * FULL_TABLE_LABELS_PER_DRAW:
             # few labels: every pair's score against every label is one GEMM, cheaper than
@@ -572,8 +571,8 @@ class _WarpStep:
             positive_scores = model.pair_scores(e, positives, rows)
 
         def is_positive(active, labels):
-            k = keys if active.numel() == n else keys.index_select(0, active)
-            return self.positive_set.contains_keys(k.unsqueeze(1) + labels)
+            return self.positive_set.contains(rows if active.numel() == n
+                                              else rows.index_select(0, active), labels)
 
         found, negatives, n_draws = sample_violators(
             positive_scores, self.draw, score, is_positive,

@@ -301,3 +301,42 @@ def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
             torch.testing.assert_close(x, y)
     for name, got in table_model.state_tensors().items():
         torch.testing.assert_close(got, gathered_model.state_tensors()[name])
+
+
+def test_lookup_layouts_train_the_same_model():
+    """Positives and G found through a bitmap / dense G, padded rows or sorted keys: the same
+    draws, weights and trained stage-3 model (the layouts differ in speed only)."""
+    from awe.model import AffinityTable, AffinityWsabie
+    from awe.warp import PaddedRows, PositiveSet
+
+    examples = _examples(False, n_rows=40)
+    shape = ModelShape(examples.schema.n_features, 15, 4, False)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(3, 8, len(examples))
+    g = Csr.from_lengths(lengths, np.concatenate(
+        [np.sort(rng.choice(15, k, replace=False)) for k in lengths]),
+        rng.uniform(0.2, 2.0, lengths.sum()).astype(np.float32))
+    examples = examples.with_affinity(g)
+
+    def trained(layout):
+        with pytest.MonkeyPatch.context() as patch:
+            if layout != "dense":
+                patch.setattr(PositiveSet, "DENSE_LIMIT", 0)
+                patch.setattr(AffinityTable, "DENSE_LIMIT", 0)
+                patch.setattr(PaddedRows, "MAX_PADDING", 100.0)
+            if layout == "keys":
+                patch.setattr(PaddedRows, "MAX_WIDTH", 0)
+            patch.setattr(train_module, "FULL_TABLE_LABELS_PER_DRAW", 0)  # draws looked up
+            model = AffinityWsabie(shape, bias=0.2, init_scale=3.0,
+                                   generator=torch.Generator().manual_seed(0), label_bias=0.5)
+            fit(model, examples, TrainConfig(epochs=3, batch_size=16, negatives=20, lr=0.1,
+                                             margin=0.05))
+        table = model._table
+        assert {"dense": table.dense, "padded": table.padded, "keys": table.keys}[layout] \
+            is not None
+        return model.state_tensors()
+
+    reference = trained("dense")
+    for layout in ("padded", "keys"):
+        for name, got in trained(layout).items():
+            assert torch.equal(got, reference[name]), (layout, name)

@@ -7,6 +7,7 @@ import torch
 
 from awe.csr import Csr
 from awe.warp import (
+    PaddedRows,
     PositiveSet,
     estimate_rank,
     first_violator,
@@ -117,7 +118,7 @@ def test_blockwise_sampler_equals_sequential_reference(first_block, growth):
             assert int(n_draws[i]) == 0
 
 
-def test_positive_set_dense_and_sorted_agree(monkeypatch):
+def test_positive_set_bitmap_padded_and_sorted_agree(monkeypatch):
     rng = np.random.default_rng(0)
     lengths = rng.integers(0, 5, size=50)
     ids = np.concatenate([np.sort(rng.choice(40, size=n, replace=False)) for n in lengths])
@@ -126,9 +127,51 @@ def test_positive_set_dense_and_sorted_agree(monkeypatch):
     queries = torch.from_numpy(rng.integers(0, 40, size=(300, 7)))
     dense = PositiveSet(labels, 40).contains(rows, queries)
     monkeypatch.setattr(PositiveSet, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(PaddedRows, "MAX_PADDING", 100.0)
+    padded_set = PositiveSet(labels, 40)
+    assert padded_set.bitmap is None and padded_set.padded is not None
+    assert torch.equal(dense, padded_set.contains(rows, queries))
+    monkeypatch.setattr(PaddedRows, "MAX_WIDTH", 0)
     sparse_set = PositiveSet(labels, 40)
-    assert sparse_set.bitmap is None
+    assert sparse_set.bitmap is None and sparse_set.padded is None
     assert torch.equal(dense, sparse_set.contains(rows, queries))
     truth = {(r, int(y)) for r in range(50) for y in ids[labels.indptr[r]:labels.indptr[r + 1]]}
     expected = [[(int(r), int(y)) in truth for y in q] for r, q in zip(rows, queries, strict=True)]
     assert dense.tolist() == expected
+
+
+def test_padded_rows_fit_rows_of_about_one_width():
+    one_each = Csr.from_lengths(np.ones(10, dtype=np.int64), np.arange(10))
+    assert PaddedRows.fits(one_each, 10)
+    skewed = Csr.from_lengths(np.array([1] * 9 + [30]), np.r_[np.zeros(9, np.int64),
+                                                               np.arange(30)])
+    assert not PaddedRows.fits(skewed, 40)  # 10 x 30 cells for 39 entries
+    assert not PaddedRows.fits(Csr.empty(5), 10)
+
+
+@pytest.mark.parametrize("layout", ["dense", "padded", "keys"])
+def test_affinity_table_layouts_match_brute_force(monkeypatch, layout):
+    from awe.model import AffinityTable
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, 6, size=30)
+    ids = np.concatenate([np.sort(rng.choice(25, size=n, replace=False)) for n in lengths])
+    g = Csr.from_lengths(lengths, ids, rng.uniform(0.1, 3.0, len(ids)).astype(np.float32))
+    if layout != "dense":
+        monkeypatch.setattr(AffinityTable, "DENSE_LIMIT", 0)
+        monkeypatch.setattr(PaddedRows, "MAX_PADDING", 100.0)
+    if layout == "keys":
+        monkeypatch.setattr(PaddedRows, "MAX_WIDTH", 0)
+    table = AffinityTable(g, 25)
+    assert {"dense": table.dense, "padded": table.padded, "keys": table.keys}[layout] is not None
+    weight = {(r, int(y)): float(v) for r in range(30)
+              for y, v in zip(ids[g.indptr[r]:g.indptr[r + 1]],
+                              g.values[g.indptr[r]:g.indptr[r + 1]], strict=True)}
+    rows = torch.from_numpy(rng.integers(0, 30, size=200))
+    queries = torch.from_numpy(rng.integers(0, 25, size=(200, 6)))
+    got = table.lookup(rows, queries)  # [B, K] labels of rows [B]
+    want = [[weight.get((int(r), int(y)), 0.0) for y in q] for r, q in zip(rows, queries,
+                                                                         strict=True)]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=0)
+    torch.testing.assert_close(table.lookup(rows, queries[:, 0]), torch.tensor(want)[:, 0],
+                               rtol=0, atol=0)
