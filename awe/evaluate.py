@@ -9,6 +9,7 @@ label id, so results never depend on the sort's whim.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +32,50 @@ def parse_ks(text: str | Sequence[int]) -> list[int]:
     if not ks or min(ks) < 1:
         raise ValueError("k must be positive integers, e.g. 1,3,10")
     return sorted(set(ks))
+
+
+@dataclass
+class CandidateScores:
+    """A batch's ranking given by a few candidate labels a row that outrank all its other
+    labels (stage 3 with b = 0: the labels G weighs, scored (G + 0) * s), so that its top k
+    needs no [B, L] scores: ``ids`` [B, W] ascending within a row (-1: padding), ``values``
+    [B, W]; ``dense(positions)`` gives the full [n, L] scores of those batch rows, for the rows
+    with fewer than k candidates left (after their exclusions)."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    dense: Callable[[torch.Tensor], torch.Tensor]
+
+
+def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
+                 exclude: Csr | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k` of a batch's scores without its rows' ``exclude`` labels: dense [B, L]
+    scores (masked in place), or :class:`CandidateScores` (the same ranking: a row whose
+    candidates leave k takes their top k, ties by lower id; the others are ranked dense)."""
+    if not isinstance(scores, CandidateScores):
+        scores = scores.float()
+        if exclude is not None:
+            mask_excluded(scores, exclude)
+        return top_k(scores, k)
+    ids = scores.ids
+    values = scores.values.float()
+    dropped = (ids < 0) | torch.isnan(values)
+    if exclude is not None and exclude.nnz:
+        n_cols = int(max(ids.max(), exclude.indices.max())) + 1
+        keys = (np.arange(len(ids), dtype=np.int64)[:, None] * n_cols
+                + ids.clamp(min=0).cpu().numpy())
+        dropped |= torch.from_numpy(contains(exclude.keys(n_cols), keys)).to(ids.device)
+    values = values.masked_fill(dropped, float("-inf"))
+    top_ids, top_vals = top_k(values, k)
+    found = top_ids >= 0
+    top_ids = torch.where(found, ids.gather(1, top_ids.clamp(min=0)), top_ids)
+    short = (~found).any(1).nonzero()[:, 0]
+    if short.numel():  # fewer than k candidates: the row's other labels come next
+        dense = scores.dense(short).float()
+        if exclude is not None:
+            mask_excluded(dense, exclude.take(short.cpu().numpy()))
+        top_ids[short], top_vals[short] = top_k(dense, k)
+    return top_ids, top_vals
 
 
 def mask_excluded(scores: torch.Tensor, exclude: Csr | None) -> torch.Tensor:
@@ -92,7 +137,7 @@ def _largest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     values = np.empty((scores.shape[0], k), dtype=np.float32)
     ids = np.empty((scores.shape[0], k), dtype=np.int64)
-    source = np.ascontiguousarray(scores.numpy())
+    source = np.ascontiguousarray(scores.detach().numpy())
     heaps = faiss.float_minheap_array_t()
     heaps.nh, heaps.k = scores.shape[0], k
     heaps.val, heaps.ids = faiss.swig_ptr(values), faiss.swig_ptr(ids)
@@ -179,15 +224,15 @@ ScoreFn = Callable[[Examples, np.ndarray], torch.Tensor]
 @torch.no_grad()
 def evaluate(score_rows: ScoreFn, examples: Examples, ks: Sequence[int],
              batch_rows: int = 2048) -> dict[str, float]:
-    """Rank every label for every row with ``score_rows(examples, rows) -> [B, L]`` and score it."""
+    """Rank every label for every row with ``score_rows(examples, rows)`` (-> [B, L] scores or
+    :class:`CandidateScores`) and score it."""
     metrics = RankingMetrics(ks)
     kmax = max(metrics.ks)
     for start in range(0, len(examples), batch_rows):
         rows = np.arange(start, min(start + batch_rows, len(examples)))
-        scores = score_rows(examples, rows).float()
-        if examples.exclude is not None:
-            mask_excluded(scores, examples.exclude.take(rows))
-        ids, _ = top_k(scores, kmax)
+        scores = score_rows(examples, rows)
+        exclude = None if examples.exclude is None else examples.exclude.take(rows)
+        ids, _ = ranked_top_k(scores, kmax, exclude)
         metrics.update(ids.cpu().numpy(), examples.labels.take(rows), examples.n_unknown[rows])
     return metrics.result()
 
@@ -212,6 +257,6 @@ def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] 
     batch_rows = max(1, min(batch_rows, SCORES_PER_BATCH // predictor.n_labels))
     results = {}
     for row in rows:
-        results[row] = evaluate(lambda ex, b, row=row: predictor.scores(ex, b, row), test, ks,
-                                batch_rows)
+        results[row] = evaluate(lambda ex, b, row=row: predictor.ranking_scores(ex, b, row),
+                                test, ks, batch_rows)
     return results

@@ -22,8 +22,9 @@ from . import artifacts
 from .csr import Csr
 from .data import Examples, InputSchema, LabelVocab
 from .errors import AweError
+from .evaluate import CandidateScores
 from .optim import renorm_rows
-from .warp import PaddedRows
+from .warp import PaddedRows, pad_rows
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,31 @@ class AffinityWsabie(Wsabie):
     def all_scores(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         return awe_ranking_scores(self._table.dense_rows(rows) + self.bias,
                                   self.all_scores_plain(e))
+
+    def candidate_scores(self, e: torch.Tensor, rows: torch.Tensor,
+                         g: Csr | None = None) -> CandidateScores | None:
+        """The ranking of :meth:`all_scores` from G's labels alone, when they outrank every
+        other label (b = 0: the others score 0 * s and follow): (G x s) at G's entries,
+        ``g`` (those rows' G) or the bound rows' G. None when b != 0 (every label weighs)."""
+        if self.bias != 0:
+            return None
+        if g is None:
+            g = self._table.g.take(rows.cpu().numpy())
+        ids, weights = pad_rows(g, torch.int64, e.device)
+        # ascending ids within a row: top_k's ties (by position) are then ties by label id
+        order = torch.argsort(ids.masked_fill(ids < 0, self.shape.n_labels), dim=1)
+        ids, weights = ids.gather(1, order), weights.gather(1, order)
+        base = gathered_dots(e, self.V.weight, ids.clamp(min=0))
+        offset = self.pair_offset(ids.clamp(min=0))
+        if offset is not None:
+            base = base + offset
+        # a weight of 0 makes no candidate (awe_ranking_scores): dropped like the padding
+        ids = ids.masked_fill(weights == 0, -1)
+
+        @torch.no_grad()
+        def dense(at: torch.Tensor) -> torch.Tensor:
+            return self.all_scores(e.index_select(0, at), rows.index_select(0, at))
+        return CandidateScores(ids, weights * base, dense)
 
     def all_scores_plain(self, e: torch.Tensor) -> torch.Tensor:
         """(x U') . V'_y + beta_y for every label, before the G weighting: [B, L]."""

@@ -86,6 +86,23 @@ class Predictor:
             return awe_ranking_scores(self._dense(g, len(rows)) + self.awe.bias, base)
         raise AweError(f"unknown row {kind!r}: choose from {', '.join(ROWS)}")
 
+    @torch.no_grad()
+    def ranking_scores(self, examples: Examples, rows: np.ndarray, kind: str):
+        """What ranks ``rows`` under ``kind``: :meth:`scores`, or for ``awe`` with b = 0 the
+        :class:`~awe.evaluate.CandidateScores` of G's labels (the same ranking, from the few
+        labels the neighbours carry instead of all L)."""
+        if kind == "awe":
+            e = self.awe.embed(batch_inputs(examples, rows, self.device))
+            g = self.affinity_rows(examples, rows)
+            candidates = self.awe.candidate_scores(
+                e, torch.from_numpy(np.asarray(rows)), g)
+            if candidates is not None:
+                positions = np.asarray(rows)
+                candidates.dense = lambda at: self.scores(
+                    examples, positions[at.cpu().numpy()], "awe")
+                return candidates
+        return self.scores(examples, rows, kind)
+
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
         """G of a batch (the last batch is cached: knn-wsabie and awe share it)."""
         cached = self._g_cache
@@ -149,7 +166,7 @@ class Predictor:
         ``scores`` (list<float32>, best first). The row's ``exclude`` labels are never ranked."""
         import pyarrow as pa
 
-        from .evaluate import mask_excluded, top_k
+        from .evaluate import ranked_top_k
 
         kind = kind or self.newest()
         self.check_rows([kind])
@@ -158,10 +175,9 @@ class Predictor:
         id_parts, score_parts, lengths = [], [], []
         for start in range(0, len(examples), batch_rows):
             rows = np.arange(start, min(start + batch_rows, len(examples)))
-            scores = self.scores(examples, rows, kind).float()
-            if examples.exclude is not None:
-                mask_excluded(scores, examples.exclude.take(rows))
-            ids, values = (t.cpu().numpy() for t in top_k(scores, k))
+            scores = self.ranking_scores(examples, rows, kind)
+            exclude = None if examples.exclude is None else examples.exclude.take(rows)
+            ids, values = (t.cpu().numpy() for t in ranked_top_k(scores, k, exclude))
             found = ids >= 0
             id_parts.append(ids[found])
             score_parts.append(values[found].astype(np.float32))

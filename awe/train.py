@@ -31,7 +31,7 @@ from .distributed import World, rank_share
 from .errors import AweError, TrainingDiverged
 from .evaluate import SCORES_PER_BATCH, evaluate
 from .memory import keep_freed_memory
-from .model import Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
+from .model import AffinityWsabie, Inputs, ModelShape, Wsabie, batch_inputs, save_wsabie
 from .optim import OPTIMIZERS, RowOptimizer
 from .stream import ShuffleStream
 from .warp import (
@@ -434,11 +434,18 @@ def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Scores of every label for ``rows`` of ``examples``: [B, L]."""
+    """Scores of every label for ``rows`` of ``examples``, [B, L], or for stage 3 the
+    :class:`~awe.evaluate.CandidateScores` that rank them (G's labels first: 20 of 21k labels
+    scored instead of all)."""
     model.eval()
     with torch.no_grad():
         e = model.embed(batch_inputs(examples, rows, device))
-        return model.all_scores(e, torch.from_numpy(np.asarray(rows)).to(device))
+        rows = torch.from_numpy(np.asarray(rows)).to(device)
+        if isinstance(model, AffinityWsabie):
+            candidates = model.candidate_scores(e, rows)
+            if candidates is not None:
+                return candidates
+        return model.all_scores(e, rows)
 
 
 # WARP's draws per positive come in blocks of 8, then x growth (see docs/decisions.md)
@@ -1055,7 +1062,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                  checkpoints: bool, checkpoint_every: int, resume: bool,
                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
     from .affinity import Affinity, build_affinity, build_affinity_streamed, write_stage2
-    from .model import AffinityWsabie, load_wsabie, save_awe
+    from .model import load_wsabie, save_awe
 
     if init not in INITS:
         raise AweError(f"--init must be one of {', '.join(INITS)}")

@@ -112,6 +112,23 @@ def warp_gradients(e: torch.Tensor, v: torch.Tensor, rank_weights: torch.Tensor,
     return loss, grad_e, a * e, grad_offsets
 
 
+def pad_rows(rows: Csr, id_dtype: torch.dtype = torch.int64,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of ids as (ids [rows, widest], -1 padding; their values, 0 padding, or None)."""
+    width = max(1, int(rows.lengths.max(initial=0)))
+    row_of = torch.from_numpy(rows.row_of_entry())
+    slot = torch.from_numpy(np.arange(len(rows.indices)) - np.repeat(rows.indptr[:-1],
+                                                                      rows.lengths))
+    ids = torch.full((rows.n_rows, width), -1, dtype=id_dtype)
+    ids[row_of, slot] = torch.from_numpy(rows.indices).to(id_dtype)
+    values = None
+    if rows.values is not None:
+        values = torch.zeros(rows.n_rows, width)
+        values[row_of, slot] = torch.from_numpy(rows.values.astype(np.float32))
+        values = values.to(device)
+    return ids.to(device), values
+
+
 class PaddedRows:
     """Rows of a few ids each as one [rows, width] table padded with -1 (and their values, if
     any): whether (row, id) is an entry is a gather of the row and a compare of its ids, where
@@ -125,19 +142,7 @@ class PaddedRows:
     MAX_PADDING = 1.5  # table cells per entry
 
     def __init__(self, rows: Csr, device: torch.device | str = "cpu"):
-        n_rows, lengths = rows.n_rows, rows.lengths
-        width = max(1, int(lengths.max(initial=0)))
-        row_of = torch.from_numpy(rows.row_of_entry())
-        slot = torch.from_numpy(np.arange(len(rows.indices)) - np.repeat(rows.indptr[:-1],
-                                                                          lengths))
-        self.ids = torch.full((n_rows, width), -1, dtype=torch.int32)
-        self.ids[row_of, slot] = torch.from_numpy(rows.indices.astype(np.int32))
-        self.ids = self.ids.to(device)
-        self.values = None
-        if rows.values is not None:
-            self.values = torch.zeros(n_rows, width)
-            self.values[row_of, slot] = torch.from_numpy(rows.values.astype(np.float32))
-            self.values = self.values.to(device)
+        self.ids, self.values = pad_rows(rows, torch.int32, device)
 
     @classmethod
     def fits(cls, rows: Csr, n_cols: int) -> bool:

@@ -17,6 +17,7 @@ from awe.evaluate import (
     evaluate,
     mask_excluded,
     parse_ks,
+    ranked_top_k,
     top_k,
 )
 
@@ -296,3 +297,43 @@ def test_evaluate_matches_brute_force_reference():
         assert set(got) == set(expected)
         for name, value in expected.items():
             assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), (case, name)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 12])
+def test_candidate_scores_rank_like_the_dense_awe_scores(k):
+    """Stage 3's ranking from G's labels alone (rows with fewer than k left fall back to the
+    dense scores) equals the dense ranking: ids, scores, ties, exclusions, empty rows."""
+    from awe.model import AffinityWsabie, ModelShape, batch_inputs
+
+    rng = np.random.default_rng(k)
+    n_rows, n_labels, n_features, dim = 30, 12, 5, 3
+    model = AffinityWsabie(ModelShape(n_features, n_labels, dim, False), bias=0.0,
+                           label_bias=0.0)
+    with torch.no_grad():  # small integers: every score exact in float32, so ties are real
+        model.U.weight.copy_(torch.from_numpy(rng.integers(-2, 3, (dim, n_features))).float())
+        model.V.weight.copy_(torch.from_numpy(rng.integers(-2, 3, (n_labels, dim))).float())
+        model.label_bias.copy_(torch.from_numpy(rng.integers(-1, 2, n_labels)).float())
+    lengths = rng.integers(0, 7, n_rows)
+    lengths[0] = 0
+    ids = np.concatenate([np.sort(rng.choice(n_labels, n, replace=False)) for n in lengths])
+    weights = rng.integers(0, 4, len(ids)).astype(np.float32) / 2  # some 0: no candidate
+    g = Csr.from_lengths(lengths, ids, weights)
+    x = rng.integers(-2, 3, (n_rows, n_features)).astype(np.float32)
+    examples = Examples(InputSchema("dense", n_features), x, None, Csr.empty(n_rows),
+                        np.zeros(n_rows, dtype=np.int64)).with_affinity(g)
+    model.bind(examples)
+    exclude_lengths = rng.integers(0, 4, n_rows)
+    exclude_lengths[1] = lengths[1]
+    exclude = Csr.from_lengths(exclude_lengths, np.concatenate(
+        [ids[g.indptr[1]:g.indptr[2]] if r == 1 else np.sort(rng.choice(n_labels, n,
+                                                                          replace=False))
+         for r, n in enumerate(exclude_lengths)]))  # row 1: all its candidates excluded
+    rows = torch.arange(n_rows)
+    with torch.no_grad():
+        e = model.embed(batch_inputs(examples, np.arange(n_rows)))
+        dense = model.all_scores(e, rows)
+        candidates = model.candidate_scores(e, rows)
+    want_ids, want_vals = ranked_top_k(dense.clone(), k, exclude)
+    got_ids, got_vals = ranked_top_k(candidates, k, exclude)
+    assert got_ids.tolist() == want_ids.tolist()
+    assert got_vals.tolist() == want_vals.tolist()
