@@ -287,15 +287,32 @@ class AffinityWsabie(Wsabie):
             base = base + offset
         # a weight of 0 makes no candidate (awe_ranking_scores): dropped like the padding
         ids = ids.masked_fill(weights == 0, -1)
+        values = weights * base
 
         @torch.no_grad()
         def dense(at: torch.Tensor) -> torch.Tensor:
-            return self.all_scores(e.index_select(0, at), rows.index_select(0, at))
-        return CandidateScores(ids, weights * base, dense)
+            return awe_scores_around(self.all_scores_plain(e.index_select(0, at)),
+                                     ids.index_select(0, at), values.index_select(0, at))
+        return CandidateScores(ids, values, dense)
 
     def all_scores_plain(self, e: torch.Tensor) -> torch.Tensor:
         """(x U') . V'_y + beta_y for every label, before the G weighting: [B, L]."""
         return super().all_scores(e)
+
+
+def awe_scores_around(base: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
+                      ) -> torch.Tensor:
+    """:func:`awe_ranking_scores` of rows given as their base scores [B, L] (overwritten) and
+    their candidates (``ids`` [B, W], -1 padding; ``values`` = weight x base there): the
+    non-candidates shifted below the lowest candidate, the candidates' values put in. Three
+    passes over [B, L] where the weight matrix took eight."""
+    valid = ids >= 0
+    lowest = torch.where(valid, values, torch.inf).amin(1, keepdim=True)
+    lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
+    out = base.sub_(base.amax(1, keepdim=True)).add_(lowest).sub_(1)
+    at = valid.nonzero()
+    out[at[:, 0], ids[at[:, 0], at[:, 1]]] = values[at[:, 0], at[:, 1]].to(out.dtype)
+    return out
 
 
 def awe_ranking_scores(weight: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -97,9 +97,6 @@ class Predictor:
             candidates = self.awe.candidate_scores(
                 e, torch.from_numpy(np.asarray(rows)), g)
             if candidates is not None:
-                positions = np.asarray(rows)
-                candidates.dense = lambda at: self.scores(
-                    examples, positions[at.cpu().numpy()], "awe")
                 return candidates
         return self.scores(examples, rows, kind)
 
