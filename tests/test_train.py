@@ -255,6 +255,15 @@ def test_stage1_step_equals_autograd_with_label_bias(monkeypatch, sparse, optimi
     assert not torch.equal(model.label_bias, torch.zeros(15))
 
 
+def _random_g(n_rows: int, n_labels: int, seed: int) -> Csr:
+    """A G of 3-7 labels a row (sorted), weights in [0.2, 2)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 8, n_rows)
+    return Csr.from_lengths(lengths, np.concatenate(
+        [np.sort(rng.choice(n_labels, k, replace=False)) for k in lengths]),
+        rng.uniform(0.2, 2.0, lengths.sum()).astype(np.float32))
+
+
 @pytest.mark.parametrize("kind", ["wsabie", "weighted", "awe"])
 def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
     """With few labels the sampler reads each pair's scores from one [B, L] table: the same
@@ -263,11 +272,7 @@ def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
 
     examples = _examples(False, n_rows=40)
     shape = ModelShape(examples.schema.n_features, 15, 4, False)
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(3, 8, len(examples))
-    g = Csr.from_lengths(lengths, np.concatenate(
-        [np.sort(rng.choice(15, k, replace=False)) for k in lengths]),
-        rng.uniform(0.2, 2.0, lengths.sum()).astype(np.float32))
+    g = _random_g(len(examples), 15, seed=3)
     table = torch.rand(len(examples), 15, generator=torch.Generator().manual_seed(1)) + 0.5
     if kind == "awe":
         examples = examples.with_affinity(g)
@@ -311,12 +316,7 @@ def test_lookup_layouts_train_the_same_model():
 
     examples = _examples(False, n_rows=40)
     shape = ModelShape(examples.schema.n_features, 15, 4, False)
-    rng = np.random.default_rng(5)
-    lengths = rng.integers(3, 8, len(examples))
-    g = Csr.from_lengths(lengths, np.concatenate(
-        [np.sort(rng.choice(15, k, replace=False)) for k in lengths]),
-        rng.uniform(0.2, 2.0, lengths.sum()).astype(np.float32))
-    examples = examples.with_affinity(g)
+    examples = examples.with_affinity(_random_g(len(examples), 15, seed=5))
 
     def trained(layout):
         with pytest.MonkeyPatch.context() as patch:
