@@ -300,10 +300,13 @@ def test_evaluate_matches_brute_force_reference():
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 12])
-def test_candidate_scores_rank_like_the_dense_awe_scores(k):
+def test_candidate_scores_rank_like_the_dense_awe_scores(monkeypatch, k):
     """Stage 3's ranking from G's labels alone (rows with fewer than k left fall back to the
     dense scores) equals the dense ranking: ids, scores, ties, exclusions, empty rows."""
+    from awe import model as model_module
     from awe.model import AffinityWsabie, ModelShape, batch_inputs
+
+    monkeypatch.setattr(model_module, "CANDIDATES_MAX_SHARE", 1.0)  # 6 of 12 labels a row
 
     rng = np.random.default_rng(k)
     n_rows, n_labels, n_features, dim = 30, 12, 5, 3
@@ -337,3 +340,6 @@ def test_candidate_scores_rank_like_the_dense_awe_scores(k):
     got_ids, got_vals = ranked_top_k(candidates, k, exclude)
     assert got_ids.tolist() == want_ids.tolist()
     assert got_vals.tolist() == want_vals.tolist()
+    monkeypatch.setattr(model_module, "CANDIDATES_MAX_SHARE", 0.25)  # 3 of 12: rows too wide
+    with torch.no_grad():
+        assert model.candidate_scores(e, rows) is None
