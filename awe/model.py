@@ -180,6 +180,12 @@ class Wsabie(nn.Module):
         # (L = 1000, 4096 rows: 4.5-5.5 vs 2.0-2.6 µs a row, 1 thread)
         return torch.addmm(self.label_bias, e, self.V.weight.T)
 
+    def candidate_scores(self, e: torch.Tensor, rows: torch.Tensor,
+                         g: Csr | None = None) -> CandidateScores | None:
+        """A ranking from a few labels a row instead of :meth:`all_scores`; None: there is
+        none here, every label must be scored (stage 3 has one)."""
+        return None
+
     def pair_score_table(self, e: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``pair_scores`` of each row of ``e`` against every label, [B, L]: the scores training
         compares (:meth:`all_scores` may reorder labels for ranking), from one GEMM."""

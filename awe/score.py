@@ -79,26 +79,26 @@ class Predictor:
             return self._dense(self.wsabie_affinity().rows_affinity(examples, rows), len(rows))
         if kind == "knn-wsabie":
             return self._dense(self.affinity_rows(examples, rows), len(rows))
-        g = self.affinity_rows(examples, rows)
         if kind == "awe":
-            base = self.awe.all_scores_plain(self.awe.embed(batch_inputs(examples, rows,
-                                                                         self.device)))
-            return awe_ranking_scores(self._dense(g, len(rows)) + self.awe.bias, base)
+            return self._awe_scores(self.affinity_rows(examples, rows),
+                                    self.awe.embed(batch_inputs(examples, rows, self.device)))
         raise AweError(f"unknown row {kind!r}: choose from {', '.join(ROWS)}")
+
+    def _awe_scores(self, g: Csr, e: torch.Tensor) -> torch.Tensor:
+        return awe_ranking_scores(self._dense(g, g.n_rows) + self.awe.bias,
+                                  self.awe.all_scores_plain(e))
 
     @torch.no_grad()
     def ranking_scores(self, examples: Examples, rows: np.ndarray, kind: str):
         """What ranks ``rows`` under ``kind``: :meth:`scores`, or for ``awe`` with b = 0 the
         :class:`~awe.evaluate.CandidateScores` of G's labels (the same ranking, from the few
         labels the neighbours carry instead of all L)."""
-        if kind == "awe":
-            e = self.awe.embed(batch_inputs(examples, rows, self.device))
-            g = self.affinity_rows(examples, rows)
-            candidates = self.awe.candidate_scores(
-                e, torch.from_numpy(np.asarray(rows)), g)
-            if candidates is not None:
-                return candidates
-        return self.scores(examples, rows, kind)
+        if kind != "awe":
+            return self.scores(examples, rows, kind)
+        e = self.awe.embed(batch_inputs(examples, rows, self.device))
+        g = self.affinity_rows(examples, rows)
+        candidates = self.awe.candidate_scores(e, torch.from_numpy(np.asarray(rows)), g)
+        return self._awe_scores(g, e) if candidates is None else candidates
 
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
         """G of a batch (the last batch is cached: knn-wsabie and awe share it)."""
