@@ -28,6 +28,7 @@ from . import artifacts
 from .csr import Csr
 from .data import Examples
 from .errors import AweError
+from .neighbours import DEFAULT_TARGET_RECALL
 
 KERNELS = ("gaussian", "embedded-gaussian", "cosine", "dot", "uniform")
 AGGREGATES = ("sum", "max")
@@ -63,6 +64,9 @@ class AffinityConfig:
     index: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
+    # IVF / HNSW calibration: the recall@n (2-SE lower bound on a sample) nprobe or efSearch
+    # must reach; lower trades neighbours for speed at scale (docs/decisions.md)
+    target_recall: float = DEFAULT_TARGET_RECALL
     batch_rows: int = 4096
     seed: int = 0
     threads: int | None = None
@@ -85,6 +89,8 @@ class AffinityConfig:
             (self.label_top >= 1, "--label-top must be >= 1"),
             (self.normalize in (*NORMALIZE, "auto"), "--normalize must be none, max or auto"),
             (self.batch_rows >= 1, "--batch-rows must be >= 1"),
+            (not isinstance(self.target_recall, bool) and 0.0 < self.target_recall <= 1.0,
+             "--target-recall must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,7 +111,7 @@ class AffinityConfig:
         from .neighbours import IndexConfig
 
         return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
-                           seed=self.seed)
+                           target_recall=self.target_recall, seed=self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -307,7 +313,10 @@ class Affinity:
 
     # -- persistence
     def fingerprint(self) -> str:
-        text = json.dumps(self.config.to_dict(), sort_keys=True) + str(self.index.n_rows)
+        config = self.config.to_dict()
+        if config["target_recall"] == DEFAULT_TARGET_RECALL:
+            del config["target_recall"]  # G built before the option keeps its fingerprint
+        text = json.dumps(config, sort_keys=True) + str(self.index.n_rows)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def save(self, model_dir: Path, g_train: Csr) -> dict:
@@ -469,7 +478,12 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     set_threads(config.threads)
     t0 = time.perf_counter() if t0 is None else t0
     n = len(vectors)
-    index = NeighbourIndex.build(vectors, config.index_config())
+    if not train_g and config.index == "flat":
+        # a baseline that is searched, never saved: exact search over the vectors themselves,
+        # without FAISS's copy of them (knn-input at 1M x 474 features: 1.9 GB less)
+        index = NeighbourIndex.exact_over(vectors, config.index_config())
+    else:
+        index = NeighbourIndex.build(vectors, config.index_config())
     t_index = time.perf_counter() - t0
     searched = np.arange(n, dtype=np.int64)
     if not train_g and n > LAMBDA_SAMPLE:
@@ -526,6 +540,8 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
     than ``budget`` bytes are written to a memory-mapped float32 file in ``scratch_dir`` (returned,
     for the caller to delete).
     """
+    import pyarrow as pa
+
     from .data import (
         DataError,
         _input_kind,
@@ -578,6 +594,7 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
             pending.append(training_block(batch, schema, vocab, file, offset, None))
             if sum(len(b) for b in pending) >= batch_rows:
                 flush(False)
+                pa.default_memory_pool().release_unused()
         flush(True)
     except BaseException:
         if mapped is not None:
@@ -586,6 +603,9 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
         raise
     if done != n_rows:
         raise AweError(f"{path}: read {done} rows, the files' metadata says {n_rows}")
+    # arrow's allocator keeps the freed record batches mapped: 186 MB after reading 100k x 474
+    # features, held through the search that follows
+    pa.default_memory_pool().release_unused()
     return vectors, Csr.concat(labels), mapped
 
 

@@ -43,6 +43,7 @@ from .artifacts import atomic_path
 from .errors import AweError
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+DEFAULT_TARGET_RECALL = 0.95
 
 _REBUILD = "rebuild it with `awe build-g`"
 # IVF k-means: training rows per list (faiss warns below 39) and iterations.
@@ -82,7 +83,8 @@ class IndexConfig:
     ef_construction: int = 80
     ef_search: int | None = None    # None -> calibrated to target_recall
     recall_sample: int = 1000       # queries used to measure (and calibrate) recall
-    target_recall: float = 0.95     # calibration: recall's 2-SE lower bound must reach it
+    # calibration: the recall's 2-SE lower bound must reach it
+    target_recall: float = DEFAULT_TARGET_RECALL
     calibrate_n: int = 20           # recall@n used for calibration (G's n); 0 = no calibration
     seed: int = 0
 
@@ -293,6 +295,18 @@ def _faiss_reason(exc: Exception) -> str:
     return reason if len(reason) <= 120 else reason[:117] + "..."
 
 
+def _rows_to_index(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` as a float32 matrix (no copy when they are one), checked for indexing."""
+    x = _as_matrix(vectors, "embeddings")
+    n_rows, dim = x.shape
+    if n_rows == 0 or dim == 0:
+        raise AweError(f"cannot build a neighbour index over {n_rows} rows of dimension {dim}")
+    if not all(np.isfinite(x[i:i + 65536]).all() for i in range(0, n_rows, 65536)):
+        raise AweError("embeddings contain NaN or infinite values; the stage-1 model diverged, "
+                       "retrain it")
+    return x
+
+
 class NeighbourIndex:
     """A faiss index over N rows (ids 0..N-1), squared-L2 metric."""
 
@@ -305,6 +319,25 @@ class NeighbourIndex:
         self.timings: dict[str, float] = {}   # seconds of this process's build steps (not saved)
         # flat: a view of the index's vectors and their squared norms, made on first search
         self._flat: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def exact_over(cls, vectors: np.ndarray, config: IndexConfig | None = None,
+                   ) -> NeighbourIndex:
+        """Exact search over ``vectors`` themselves, with no FAISS copy of them: for an index
+        that is searched but never saved (the knn baselines of ``awe eval``). The caller keeps
+        ``vectors`` unchanged while the index is used (a memory map stays valid after its file
+        is unlinked, on POSIX). The same results as :meth:`build` with ``kind="flat"``."""
+        config = config or IndexConfig()
+        x = _rows_to_index(vectors)
+        built = cls.__new__(cls)
+        built.index, built.kind = None, "flat"
+        built.n_rows, built.dim = int(x.shape[0]), int(x.shape[1])
+        built.params = {"kind": "flat", "n_rows": built.n_rows, "dim": built.dim,
+                        "metric": "l2", "seed": config.seed,
+                        "recall_sample": config.recall_sample}
+        built.timings = {"build_s": 0.0, "calibrate_s": 0.0}
+        built._flat = x, squared_norms(x)
+        return built
 
     def _flat_view(self) -> tuple[np.ndarray, np.ndarray]:
         """The flat index's vectors (a view of faiss's memory, no copy) and their squared norms.
@@ -326,13 +359,8 @@ class NeighbourIndex:
         import faiss
 
         config = config or IndexConfig()
-        x = _as_matrix(vectors, "embeddings")
+        x = _rows_to_index(vectors)
         n_rows, dim = x.shape
-        if n_rows == 0 or dim == 0:
-            raise AweError(f"cannot build a neighbour index over {n_rows} rows of dimension {dim}")
-        if not all(np.isfinite(x[i:i + 65536]).all() for i in range(0, n_rows, 65536)):
-            raise AweError("embeddings contain NaN or infinite values; the stage-1 model diverged, "
-                           "retrain it")
         kind = config.kind
         if kind == "auto":
             kind = "flat" if n_rows <= config.flat_max_rows else "ivf"
@@ -511,6 +539,8 @@ class NeighbourIndex:
         """Write the index with faiss (atomic: a temporary name, then renamed)."""
         import faiss
 
+        if self.index is None:
+            raise ValueError("an index made by exact_over holds no FAISS index to save")
         with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
 

@@ -282,6 +282,10 @@ def build_g(
     index: Annotated[str, typer.Option(help="auto | flat | ivf | hnsw.")] = "auto",
     nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
+    target_recall: Annotated[float, typer.Option(
+        help="Recall@n that the IVF/HNSW search breadth is calibrated to reach (on a "
+             "sample); lower is faster at scale. --index auto falls back to exact search "
+             "when reaching it needs more than 1/12 of the IVF lists.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Random seed (IVF clustering).")] = 0,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for FAISS (per Dask worker with --workers / --scheduler).")] = None,
@@ -298,7 +302,8 @@ def build_g(
                                 bias=bias, space=space, label_kernel=label_kernel,
                                 label_lambda=label_lambda, label_top=label_top,
                                 normalize=normalize, index=index,
-                                nprobe=nprobe, ef_search=ef_search, seed=seed, threads=threads)
+                                nprobe=nprobe, ef_search=ef_search,
+                                target_recall=target_recall, seed=seed, threads=threads)
         stats, paths = build_g_lib(train_path, model, config,
                                    cluster=ClusterOptions.from_options(scheduler, workers))
         out.print(f"G over {stats['rows']} rows: {stats['index']} index, "

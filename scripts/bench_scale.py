@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--valid-fraction", type=float, default=0.1)
     parser.add_argument("--stages", default="train,build-g,retrain,eval",
                         help="which stages to run (eval includes knn-input's)")
+    parser.add_argument("--index", default="auto", help="build-g --index")
+    parser.add_argument("--target-recall", type=float, default=0.95,
+                        help="build-g --target-recall (IVF/HNSW calibration)")
     parser.add_argument("--neighbors", type=int, default=20)
     parser.add_argument("--rounds", default="1",
                         help="retrain --rounds (1: one G per run, so the stages' costs add up; "
@@ -101,7 +104,8 @@ def main() -> None:
             ("train", ["train", train, "--model", str(model), "--dim", str(args.dim),
                        "--seed", str(args.seed), *fit]),
             ("build-g", ["build-g", train, "--model", str(model), "--neighbors",
-                         str(args.neighbors), "--aggregate", "max", *threads]),
+                         str(args.neighbors), "--aggregate", "max", "--index", args.index,
+                         "--target-recall", str(args.target_recall), *threads]),
             ("retrain", ["retrain", train, "--model", str(model), "--rounds", args.rounds,
                          *fit]),
             ("eval", ["eval", test, "--model", str(model), "--k", "1,5", "--rows",

@@ -1,5 +1,6 @@
 """Contract tests of the AWE stages through the CLI and the Python API."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -40,6 +41,7 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert "recall@7 1.0000" in result.output
     config = json.loads((model / "config.json").read_text())["stage2"]["config"]
     assert (config["neighbors"], config["kernel"], config["aggregate"]) == (7, "cosine", "max")
+    assert config["target_recall"] == 0.95
     result = invoke("retrain", train, "--model", model, "--epochs", 2, "--quiet",
                     "--label-bias", 2.0, "--lr", 0.02)
     assert result.exit_code == 0, result.output
@@ -58,6 +60,30 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert metrics["knn-wsabie"]["P@1"] > metrics["wsabie"]["P@1"]
     result = invoke("eval", test, "--model", model, "--rows", "awe,wsabie", "--k", "1")
     assert result.exit_code == 0
+    # stage-3 weights record G's fingerprint; one built before --target-recall existed was
+    # the hash of the config without that key, and a default G still hashes the same
+    from awe.affinity import Affinity
+
+    section = json.loads((model / "config.json").read_text())["stage2"]
+    before = {k: v for k, v in section["config"].items() if k != "target_recall"}
+    n_rows = Affinity.load(model, section).index.n_rows
+    old_style = hashlib.sha256((json.dumps(before, sort_keys=True) + str(n_rows)).encode())
+    assert Affinity.load(model, section).fingerprint() == old_style.hexdigest()[:16]
+
+
+def test_target_recall_calibrates_the_ivf_search(tmp_path, data):
+    train, _ = data
+    model = tmp_path / "m"
+    invoke("train", train, "--model", model, "--epochs", 1, "--dim", 8, "--quiet")
+    result = invoke("build-g", train, "--model", model, "--index", "ivf", "--target-recall", 0.6)
+    assert result.exit_code == 0, result.output
+    stage2 = json.loads((model / "config.json").read_text())["stage2"]
+    assert stage2["config"]["target_recall"] == 0.6
+    assert stage2["index"]["calibration"]["target_recall"] == 0.6
+    assert stage2["index"]["calibration"]["recall_lower_bound"] >= 0.6
+    for bad in (0, 1.5):
+        result = invoke("build-g", train, "--model", model, "--target-recall", bad)
+        assert result.exit_code == 2 and "--target-recall must be in (0, 1]" in result.output
 
 
 def test_user_errors_exit_2(tmp_path, data):

@@ -94,6 +94,25 @@ def test_batches_give_the_same_answer(data):
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_exact_over_searches_the_vectors_themselves_like_flat(data, tmp_path):
+    rows = np.arange(0, 3000, 29, dtype=np.int64)
+    flat = NeighbourIndex.build(data, IndexConfig(kind="flat"))
+    view = NeighbourIndex.exact_over(data)
+    assert view.index is None and view.kind == "flat" and (view.n_rows, view.dim) == (3000, 16)
+    assert np.shares_memory(view._flat_view()[0], data)      # no copy of the rows
+    for exclude in (rows, None):
+        got, want = view.search(data[rows], 12, exclude), flat.search(data[rows], 12, exclude)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    assert view.measure_recall(data, 20) == 1.0
+    with pytest.raises(ValueError, match="no FAISS index"):
+        view.save(tmp_path / "index.faiss")
+    bad = data.copy()
+    bad[5, 1] = np.inf
+    with pytest.raises(AweError, match="NaN or infinite"):
+        NeighbourIndex.exact_over(bad)
+
+
 @pytest.mark.parametrize("blocks", [(1024, 16384, 64), (7, 98, 4), (64, 130, 8), (5, 40, 16)])
 def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, monkeypatch):
     """Small blocks reach every path of the blocked search: several query and base blocks, the
@@ -241,6 +260,17 @@ def test_auto_keeps_ivf_on_clustered_rows(data):
     index = NeighbourIndex.build(data, IndexConfig(flat_max_rows=1000))
     assert index.kind == "ivf" and "auto_fallback_from_ivf" not in index.params
     assert index.params["nprobe"] <= index.params["nlist"] / 6
+
+
+def test_lower_target_recall_probes_fewer_lists(data):
+    breadth = {}
+    for target in (0.5, 0.99):
+        index = NeighbourIndex.build(data, IndexConfig(kind="ivf", nlist=60, target_recall=target))
+        calibration = index.params["calibration"]
+        assert calibration["target_recall"] == target and calibration["reached"] is True
+        assert calibration["recall_lower_bound"] >= target
+        breadth[target] = index.params["nprobe"]
+    assert breadth[0.5] < breadth[0.99]
 
 
 def test_given_search_breadth_is_used(data):
