@@ -310,15 +310,17 @@ def _rows_to_index(vectors: np.ndarray) -> np.ndarray:
 class NeighbourIndex:
     """A faiss index over N rows (ids 0..N-1), squared-L2 metric."""
 
-    def __init__(self, index, kind: str, params: dict):
+    def __init__(self, index, kind: str, params: dict, rows: np.ndarray | None = None):
+        """``index``: the faiss index; or None, and ``rows`` are searched exactly in place."""
         self.index = index
         self.kind = kind
-        self.n_rows = int(index.ntotal)
-        self.dim = int(index.d)
+        self.n_rows, self.dim = (int(index.ntotal), int(index.d)) if index is not None else (
+            int(rows.shape[0]), int(rows.shape[1]))
         self.params = params
         self.timings: dict[str, float] = {}   # seconds of this process's build steps (not saved)
         # flat: a view of the index's vectors and their squared norms, made on first search
-        self._flat: tuple[np.ndarray, np.ndarray] | None = None
+        self._flat: tuple[np.ndarray, np.ndarray] | None = (
+            None if rows is None else (rows, squared_norms(rows)))
 
     @classmethod
     def exact_over(cls, vectors: np.ndarray, config: IndexConfig | None = None,
@@ -329,15 +331,9 @@ class NeighbourIndex:
         is unlinked, on POSIX). The same results as :meth:`build` with ``kind="flat"``."""
         config = config or IndexConfig()
         x = _rows_to_index(vectors)
-        built = cls.__new__(cls)
-        built.index, built.kind = None, "flat"
-        built.n_rows, built.dim = int(x.shape[0]), int(x.shape[1])
-        built.params = {"kind": "flat", "n_rows": built.n_rows, "dim": built.dim,
-                        "metric": "l2", "seed": config.seed,
-                        "recall_sample": config.recall_sample}
-        built.timings = {"build_s": 0.0, "calibrate_s": 0.0}
-        built._flat = x, squared_norms(x)
-        return built
+        params = {"kind": "flat", "n_rows": int(x.shape[0]), "dim": int(x.shape[1]),
+                  "metric": "l2", "seed": config.seed, "recall_sample": config.recall_sample}
+        return cls(None, "flat", params, rows=x)
 
     def _flat_view(self) -> tuple[np.ndarray, np.ndarray]:
         """The flat index's vectors (a view of faiss's memory, no copy) and their squared norms.
