@@ -4,7 +4,7 @@
   python scripts/bench_scale.py --sizes 100000,300000,1000000 [--classes 21000] [--threads 2]
                                 [--shuffle-buffer 65536] [--epochs 10] [--out runs/scale.json]
                                 [--stages train,build-g,retrain,eval] [--valid-fraction 0.1]
-                                [--rounds 1]
+                                [--rounds 1] [--merge EARLIER.json,...]
 
 For every N: `awe data synthetic --preset imagenet --rows N --classes C --shards S` (474 dense
 features; S = N / 100k shards, at least 2; kept and reused under --root), then `awe train` (stage
@@ -13,8 +13,9 @@ aggregation, the paper's ImageNet choice; the index kind `auto` picks), `awe ret
 streamed; --rounds 1 unless given), and `awe eval` of the paper's four rows on --test-rows rows:
 knn-input in its own eval process (it indexes the raw training features), the other three together.
 Every stage runs as its own process: its wall time and peak RSS (the process's ru_maxrss) are
-recorded, with P@1 of every row. The JSON is rewritten after each stage. With several sizes, a
-linear fit of each stage's time against N projects 10M rows.
+recorded, with P@1 of every row. The JSON is rewritten after each stage. With several sizes
+(this run's and those of earlier results JSONs given to --merge), a power law t = c N^e per
+stage (least squares on logs) gives the stage's growth exponent and a projection to 10M rows.
 """
 
 from __future__ import annotations
@@ -47,6 +48,37 @@ def run_stage(args: list[str], env: dict, log: Path) -> dict:
             "status": proc.returncode}
 
 
+COST_STAGES = ("train", "build-g", "retrain", "eval", "eval-knn-input")
+
+
+def merged_stages(files: list[Path], runs: list[dict]) -> dict[str, dict[int, float]]:
+    """Seconds of every stage at every N: from ``files`` (earlier results JSONs, in order, a
+    later one replacing an earlier one's stage at the same N), then from this run's ``runs``."""
+    curve: dict[str, dict[int, float]] = {stage: {} for stage in COST_STAGES}
+    for run in [r for f in files for r in json.loads(f.read_text())["runs"]] + runs:
+        for stage, measured in run.get("stages", {}).items():
+            if stage in curve and measured.get("status") == 0:
+                curve[stage][int(run["rows"])] = measured["seconds"]
+    return {stage: points for stage, points in curve.items() if points}
+
+
+def project(curve: dict[str, dict[int, float]], n: int) -> dict[str, dict]:
+    """A power law t = c N^e per stage with >= 2 sizes (least squares on logs), at ``n`` rows:
+    the exponent says how the stage grows (1: linear, 2: quadratic)."""
+    out = {}
+    for stage, points in curve.items():
+        if len(points) < 2:
+            continue
+        xs = [math.log(k) for k in points]
+        ys = [math.log(t) for t in points.values()]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        e = (sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+             / sum((x - mx) ** 2 for x in xs))
+        out[stage] = {"exponent": round(e, 2),
+                      "seconds": round(math.exp(my + e * (math.log(n) - mx)), 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000", help="comma-separated N (training rows)")
@@ -68,12 +100,15 @@ def main() -> None:
                              "auto would add a second build-g and retrain)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", default="",
+                        help="comma-separated earlier results JSONs whose stage times join this "
+                             "run's in the cost curve and the 10M projection (later ones win)")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "scale",
                         help="datasets and models go here")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: ROOT/"
                                                                "results.json)")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     args.root.mkdir(parents=True, exist_ok=True)
     out = args.out or args.root / "results.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -138,20 +173,15 @@ def main() -> None:
         run["peak_rss_mib"] = max((s["peak_rss_mib"] for k, s in run["stages"].items()
                                    if k != "data"), default=None)
         out.write_text(json.dumps(results, indent=2) + "\n")
-    if len(sizes) >= 2:  # least squares t = a + b N per stage, projected to 10M rows
-        projection = {}
-        for stage in ("train", "build-g", "retrain", "eval"):
-            points = [(r["rows"], r["stages"][stage]["seconds"]) for r in results["runs"]
-                      if stage in r["stages"]]
-            if len(points) < 2:
-                continue
-            mean_n = sum(p[0] for p in points) / len(points)
-            mean_t = sum(p[1] for p in points) / len(points)
-            slope = (sum((p[0] - mean_n) * (p[1] - mean_t) for p in points)
-                     / sum((p[0] - mean_n) ** 2 for p in points))
-            projection[stage] = round(mean_t + slope * (10_000_000 - mean_n), 1)
-        results["projection_10M_seconds"] = projection
+    curve = merged_stages([Path(f) for f in args.merge.split(",") if f], results["runs"])
+    if len({n for stages in curve.values() for n in stages}) >= 2:
+        results["cost_curve"] = {stage: {str(n): t for n, t in sorted(points.items())}
+                                 for stage, points in curve.items()}
+        results["projection_10M"] = project(curve, 10_000_000)
         out.write_text(json.dumps(results, indent=2) + "\n")
+        for stage, fit in results["projection_10M"].items():
+            print(f"{stage}: time ~ N^{fit['exponent']:.2f}, 10M rows ~{fit['seconds']:,.0f} s",
+                  flush=True)
     print(json.dumps(results["runs"], indent=2))
     print(f"wrote {out}")
 
