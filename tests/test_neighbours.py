@@ -94,6 +94,14 @@ def test_batches_give_the_same_answer(data):
     np.testing.assert_array_equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("block", [7, 16384])
+def test_squared_norms_in_blocks_are_the_bits_of_one_pass(data, block, monkeypatch):
+    monkeypatch.setattr(neighbours, "_NORM_BLOCK", block)
+    x = np.vstack([data, 10.0 * clustered(97, seed=4)])
+    whole = torch.from_numpy(x)
+    np.testing.assert_array_equal(neighbours.squared_norms(x), (whole * whole).sum(dim=1).numpy())
+
+
 def test_exact_over_searches_the_vectors_themselves_like_flat(data, tmp_path):
     rows = np.arange(0, 3000, 29, dtype=np.int64)
     flat = NeighbourIndex.build(data, IndexConfig(kind="flat"))
