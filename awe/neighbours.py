@@ -326,7 +326,8 @@ class NeighbourIndex:
             int(rows.shape[0]), int(rows.shape[1]))
         self.params = params
         self.timings: dict[str, float] = {}   # seconds of this process's build steps (not saved)
-        # flat: a view of the index's vectors and their squared norms, made on first search
+        # flat: the rows searched and their squared norms; for a faiss index a view of its
+        # vectors, made on first search
         self._flat: tuple[np.ndarray, np.ndarray] | None = (
             None if rows is None else (rows, squared_norms(rows)))
 

@@ -17,6 +17,7 @@ from awe import datasets as datasets_lib
 from awe.cluster import ClusterOptions
 from awe.data import Columns
 from awe.errors import AweError
+from awe.neighbours import DEFAULT_TARGET_RECALL
 from awe.train import AUTO_MAX_ROUNDS, LABEL_BIAS_DEFAULT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -285,7 +286,7 @@ def build_g(
     target_recall: Annotated[float, typer.Option(
         help="Recall@n that the IVF/HNSW search breadth is calibrated to reach (on a "
              "sample); lower is faster at scale. --index auto falls back to exact search "
-             "when reaching it needs more than 1/12 of the IVF lists.")] = 0.95,
+             "when reaching it needs more than 1/12 of the IVF lists.")] = DEFAULT_TARGET_RECALL,
     seed: Annotated[int, typer.Option(help="Random seed (IVF clustering).")] = 0,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for FAISS (per Dask worker with --workers / --scheduler).")] = None,
