@@ -64,7 +64,8 @@ class AffinityConfig:
     index: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
-    # IVF / HNSW calibration: the recall@n (2-SE lower bound on a sample) nprobe or efSearch
+    rerank: int | None = None  # bf16 index: candidates beyond n re-ranked; None: calibrated
+    # IVF / HNSW / bf16 calibration: the recall@n (2-SE lower bound on a sample) nprobe or efSearch
     # must reach; lower trades neighbours for speed at scale (docs/decisions.md)
     target_recall: float = DEFAULT_TARGET_RECALL
     batch_rows: int = 4096
@@ -89,6 +90,9 @@ class AffinityConfig:
             (self.label_top >= 1, "--label-top must be >= 1"),
             (self.normalize in (*NORMALIZE, "auto"), "--normalize must be none, max or auto"),
             (self.batch_rows >= 1, "--batch-rows must be >= 1"),
+            (self.rerank is None or (not isinstance(self.rerank, bool)
+                                     and int(self.rerank) == self.rerank and self.rerank >= 0),
+             "--rerank must be an integer >= 0"),
             (not isinstance(self.target_recall, bool) and 0.0 < self.target_recall <= 1.0,
              "--target-recall must be in (0, 1]"),
         ]
@@ -111,7 +115,7 @@ class AffinityConfig:
         from .neighbours import IndexConfig
 
         return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
-                           target_recall=self.target_recall, seed=self.seed)
+                           rerank=self.rerank, target_recall=self.target_recall, seed=self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -316,6 +320,8 @@ class Affinity:
         config = self.config.to_dict()
         if config["target_recall"] == DEFAULT_TARGET_RECALL:
             del config["target_recall"]  # G built before the option keeps its fingerprint
+        if config["rerank"] is None:
+            del config["rerank"]  # likewise
         text = json.dumps(config, sort_keys=True) + str(self.index.n_rows)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -9,10 +9,15 @@ query's n nearest training rows by squared L2 distance. The index kind follows t
   GEMM rate on the same cores (measured: 46 vs 180 GFLOP/s, 2 threads, D = 784);
 * ``ivf`` — inverted lists over a k-means coarse quantizer (faiss ``IndexIVFFlat``): only the
   ``nprobe`` lists nearest the query are scanned, with exact distances to the rows found (no PQ);
-* ``hnsw`` — a navigable small-world graph (faiss ``IndexHNSWFlat``), an option.
+* ``hnsw`` — a navigable small-world graph (faiss ``IndexHNSWFlat``), an option;
+* ``bf16`` — every row scored, but from bfloat16 copies of the vectors (:func:`bf16_knn`: ~4x the
+  float32 GEMM rate on CPUs with AMX or AVX512-BF16), the ``rerank`` best candidates beyond n
+  re-ranked by exact float32 distance. The vectors are saved as for ``flat``.
 
-``auto`` picks flat up to ``flat_max_rows`` rows and IVF beyond. For the approximate kinds, the
-search breadth (IVF ``nprobe``, HNSW ``efSearch``) is *calibrated* at build time unless given: the
+``auto`` picks flat up to ``flat_max_rows`` rows and IVF beyond; an IVF index that would probe
+more than a twelfth of its lists becomes ``bf16`` on CPUs with native bfloat16 products (flat
+elsewhere, or when bf16 misses the recall target). For the approximate kinds, the search breadth
+(IVF ``nprobe``, HNSW ``efSearch``, bf16 ``rerank``) is *calibrated* at build time unless given: the
 smallest value on a fixed ladder whose recall@``calibrate_n`` against exact search, on a seeded
 sample of ``recall_sample`` indexed rows queried leave-one-out, reaches ``target_recall`` with
 margin (the mean minus two standard errors of the per-query recall must reach it). So the recall
@@ -30,6 +35,7 @@ distance +inf (too few rows indexed, or, for IVF, too few rows in the lists prob
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -42,7 +48,7 @@ import numpy as np
 from .artifacts import atomic_path
 from .errors import AweError
 
-INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+INDEX_KINDS = ("auto", "flat", "bf16", "ivf", "hnsw")
 DEFAULT_TARGET_RECALL = 0.95
 
 _REBUILD = "rebuild it with `awe build-g`"
@@ -53,6 +59,7 @@ _KMEANS_ITER = 10
 _NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
                   1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 _EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+_RERANK_LADDER = (0, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Rows added to the index per call, between progress reports.
 _ADD_CHUNK = 65536
 # Defaults when calibration is switched off (calibrate_n=0) and nothing is given.
@@ -64,6 +71,7 @@ _DEFAULT_NPROBE = 16
 # (lists hold N / nlist rows), so the share does not depend on N.
 _IVF_MAX_PROBED = 1 / 12
 _DEFAULT_EF = 128
+_DEFAULT_RERANK = 16
 # exact_knn: queries and indexed rows per distance block (a 64 MB float32 block), and the group
 # width of its first-level top-k (the maxima of groups of this many columns).
 _QUERY_BLOCK = 1024
@@ -71,6 +79,12 @@ _BASE_BLOCK = 16384
 _GROUP = 64
 # squared_norms: rows per block
 _NORM_BLOCK = 16384
+# bf16_knn: queries and rows per product block (16 MB of bf16 scores), and the members of each
+# strided group whose maximum screens the block (measured on 1M x 128, 2 threads: 1024 x 8192
+# blocks beat 512 or 2048 queries and 4096 or 16384 rows)
+_BF16_QUERY_BLOCK = 1024
+_BF16_BASE_BLOCK = 8192
+_BF16_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int | None = None    # None -> calibrated to target_recall
+    rerank: int | None = None       # bf16: candidates beyond n re-ranked; None -> calibrated
     recall_sample: int = 1000       # queries used to measure (and calibrate) recall
     # calibration: the recall's 2-SE lower bound must reach it
     target_recall: float = DEFAULT_TARGET_RECALL
@@ -101,6 +116,7 @@ class IndexConfig:
         _check_int("--hnsw-m", self.hnsw_m, 2)
         _check_int("--ef-construction", self.ef_construction, 1)
         _check_int("--ef-search", self.ef_search, 1, optional=True)
+        _check_int("--rerank", self.rerank, 0, optional=True)
         _check_int("--recall-sample", self.recall_sample, 1)
         _check_int("--calibrate-n", self.calibrate_n, 0)
         _check_int("--seed", self.seed, 0)
@@ -226,6 +242,168 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
     return out_d, out_i
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16, from
+    Linux's /proc/cpuinfo flags). Elsewhere torch emulates bf16 products, slower than float32,
+    so ``auto`` does not choose the ``bf16`` index there."""
+    try:
+        return _cpuinfo_has_bf16(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def _cpuinfo_has_bf16(text: str) -> bool:
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def bf16_rows(base: np.ndarray):
+    """The bfloat16 copy of ``base`` that :func:`bf16_knn` scores, and the rows' mean c.
+
+    Row i is [x_i - c, -hi_i, -lo_i, 1] with hi + lo = |x_i - c|^2 split over two bfloat16
+    values: the norm in one would carry 8 bits, the largest error of the scores. Centring keeps
+    the norms, and so the scores' rounding, small where the rows lie far from the origin."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32))
+    n, dim = x.shape
+    total = torch.zeros(dim, dtype=torch.float64)
+    for start in range(0, n, _NORM_BLOCK):
+        total += x[start:start + _NORM_BLOCK].sum(0, dtype=torch.float64)
+    center = (total / max(n, 1)).float()
+    rows = torch.empty(n, dim + 4, dtype=torch.bfloat16)
+    for start in range(0, n, _NORM_BLOCK):
+        block = x[start:start + _NORM_BLOCK] - center
+        sq = (block * block).sum(1)
+        hi = sq.bfloat16()
+        out = rows[start:start + _NORM_BLOCK]
+        out[:, :dim] = block
+        out[:, dim] = -hi
+        out[:, dim + 1] = -(sq - hi.float())
+        out[:, dim + 2] = 1.0
+        out[:, dim + 3] = 0.0     # an even width: AMX multiplies pairs of bf16 values
+    return rows, center
+
+
+def _merge_top(top_v, top_i, rows, values, ids) -> None:
+    """Merge candidates (rows ascending, values, ids) into each row's running top
+    (``top_v``/``top_i`` [m, depth], in place)."""
+    import torch
+
+    m, depth = top_v.shape
+    counts = torch.bincount(rows, minlength=m)
+    touched = counts.nonzero().squeeze(1)
+    width = int(counts.max())
+    slot = torch.arange(rows.shape[0]) - (torch.cumsum(counts, 0) - counts)[rows]
+    new_v = torch.full((m, width), -math.inf)
+    new_i = torch.full((m, width), -1, dtype=torch.int64)
+    new_v[rows, slot] = values
+    new_i[rows, slot] = ids
+    all_v = torch.cat([top_v[touched], new_v[touched]], dim=1)
+    all_i = torch.cat([top_i[touched], new_i[touched]], dim=1)
+    v, picked = torch.topk(all_v, depth, dim=1, sorted=False)
+    top_v[touched] = v
+    top_i[touched] = torch.gather(all_i, 1, picked)
+
+
+def _bf16_candidates(queries, rows, center, depth: int, buffer):
+    """Ids [m, depth] of the rows of largest approximate score 2 q.x - |x|^2 (centred), for
+    each query of ``queries`` (float32 [m, D]); ``rows, center`` from :func:`bf16_rows`.
+
+    The first block of rows gives each query's running top ``depth`` exactly (of the bf16
+    scores); each later block is screened: its scores are shifted per query (the product's
+    last column) so that the running threshold sits at a small positive value, where bf16's
+    bits compare as int16; the maxima of strided groups of ``_BF16_GROUP`` columns, taken as
+    int16, find the groups holding a score above the threshold (after a few blocks, about
+    depth / blocks seen a query), and only their scores are merged into the top."""
+    import torch
+
+    m, dim = queries.shape
+    n = rows.shape[0]
+    q = torch.zeros(m, dim + 4, dtype=torch.bfloat16)
+    q[:, :dim] = 2.0 * (queries - center)
+    q[:, dim] = 1.0
+    q[:, dim + 1] = 1.0
+    first = min(n, max(_BF16_BASE_BLOCK, depth))
+    scores = buffer[:m * first].view(m, first)
+    torch.mm(q, rows[:first].T, out=scores)
+    top_v, top_i = torch.topk(scores.float(), depth, dim=1, sorted=False)
+    members = torch.arange(_BF16_GROUP)
+    for start in range(first, n, _BF16_BASE_BLOCK):
+        tau = top_v.amin(dim=1)
+        # shift = bf16(delta - tau), delta = |tau| / 64: the shifted threshold tau + shift is
+        # positive whatever bf16's rounding of the shift (it errs by at most |shift| / 512)
+        shift = (tau.abs() / 64 + 1e-30 - tau).bfloat16()
+        q[:, dim + 2] = shift
+        beta = shift.float()
+        threshold = (tau + beta).bfloat16()          # rounded down: no score above is missed
+        bits = threshold.view(torch.int16) - (threshold.float() > tau + beta).to(torch.int16)
+        width = min(_BF16_BASE_BLOCK, n - start)
+        scores = buffer[:m * width].view(m, width)
+        torch.mm(q, rows[start:start + width].T, out=scores)
+        if width % _BF16_GROUP:      # the last, partial block: every score compared
+            values = scores.float() - beta[:, None]
+            hit = (values > tau[:, None]).nonzero()
+            r, c = hit[:, 0], hit[:, 1]
+            _merge_top(top_v, top_i, r, values[r, c], c + start)
+            continue
+        stride = width // _BF16_GROUP
+        maxima = scores.view(torch.int16).view(m, _BF16_GROUP, stride).amax(dim=1)
+        hit = (maxima > bits[:, None]).nonzero()
+        if hit.shape[0] == 0:
+            continue
+        r, c = hit[:, 0], hit[:, 1]
+        columns = c[:, None] + members * stride
+        values = scores[r[:, None], columns].float() - beta[r, None]
+        keep = (values > tau[r, None]).nonzero()
+        kr, kc = keep[:, 0], keep[:, 1]
+        _merge_top(top_v, top_i, r[kr], values[kr, kc], columns[kr, kc] + start)
+    return top_i
+
+
+def bf16_knn(queries: np.ndarray, base: np.ndarray, k: int, rerank: int,
+             prepared=None) -> tuple[np.ndarray, np.ndarray]:
+    """Squared-L2 k nearest rows of ``base`` for each query, as :func:`exact_knn` returns
+    them, with every row scored from bfloat16 products: the ``k + rerank`` rows of largest
+    approximate score (:func:`_bf16_candidates`) are re-ranked by their float32 distance
+    |x - q|^2 and the k nearest kept (nearest first, equal distances by id). Summed from the
+    differences, these distances can differ from :func:`exact_knn`'s (|q|^2 + |x|^2 - 2 q.x,
+    faiss's formula) in the last bits, more where the rows lie far from the origin.
+
+    Approximate: a neighbour is missed when rounding puts it outside the candidates (and of
+    more rows than candidates at one score, the top-k's choice are candidates), so the
+    index measures (and calibrates ``rerank`` to) the recall. ``prepared`` is
+    :func:`bf16_rows` of ``base``."""
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(base, dtype=np.float32))
+    n_base = x.shape[0]
+    k = min(int(k), n_base)
+    depth = min(k + int(rerank), n_base)
+    b = q.shape[0]
+    out_d = np.empty((b, k), dtype=np.float32)
+    out_i = np.empty((b, k), dtype=np.int64)
+    if b == 0 or k == 0:
+        return out_d, out_i
+    rows, center = prepared if prepared is not None else bf16_rows(base)
+    buffer = torch.empty(min(_BF16_QUERY_BLOCK, b) * min(max(_BF16_BASE_BLOCK, depth), n_base),
+                         dtype=torch.bfloat16)
+    for qa in range(0, b, _BF16_QUERY_BLOCK):
+        qq = q[qa:qa + _BF16_QUERY_BLOCK]
+        m = qq.shape[0]
+        ids = _bf16_candidates(qq, rows, center, depth, buffer)
+        # |x - q|^2 summed from the differences: no cancellation of large norms
+        diff = x[ids.reshape(-1)].view(m, depth, -1) - qq[:, None, :]
+        dist, cand = (diff * diff).sum(dim=2).numpy(), ids.numpy()
+        order = np.lexsort((cand, dist), axis=-1)[:, :k]
+        out_d[qa:qa + m] = np.take_along_axis(dist, order, axis=1)
+        out_i[qa:qa + m] = np.take_along_axis(cand, order, axis=1)
+    return out_d, out_i
+
+
 def default_nlist(n_rows: int) -> int:
     """IVF lists for N rows: 4*sqrt(N), at most N/40 so k-means has 40 rows per list, at least 1."""
     return int(max(1, min(round(4 * math.sqrt(n_rows)), n_rows // _TRAIN_ROWS_PER_LIST)))
@@ -330,6 +508,8 @@ class NeighbourIndex:
         # vectors, made on first search
         self._flat: tuple[np.ndarray, np.ndarray] | None = (
             None if rows is None else (rows, squared_norms(rows)))
+        self._bf16 = None   # bf16: bf16_rows of the flat rows, made on first search
+        self.rerank = int(params.get("rerank", _DEFAULT_RERANK))
 
     @classmethod
     def exact_over(cls, vectors: np.ndarray, config: IndexConfig | None = None,
@@ -354,6 +534,12 @@ class NeighbourIndex:
                 self.n_rows, self.dim)
             self._flat = rows, squared_norms(rows)
         return self._flat
+
+    def _bf16_view(self):
+        """:func:`bf16_rows` of the indexed rows (made once; set as one tuple)."""
+        if self._bf16 is None:
+            self._bf16 = bf16_rows(self._flat_view()[0])
+        return self._bf16
 
     # ----------------------------------------------------------------------------------- build
     @classmethod
@@ -380,7 +566,7 @@ class NeighbourIndex:
                 if progress is not None:
                     progress(stop, n_rows)
 
-        if kind == "flat":
+        if kind in ("flat", "bf16"):
             index = faiss.IndexFlatL2(dim)
             add_all(index)
         elif kind == "ivf":
@@ -420,12 +606,24 @@ class NeighbourIndex:
         if (config.kind == "auto" and kind == "ivf" and params.get("nprobe_calibrated")
                 and params["nprobe"] > params["nlist"] * _IVF_MAX_PROBED):
             # embeddings without cluster structure: the recall target makes IVF probe a large
-            # share of its lists, and exact search is then as fast or faster (and exact)
-            ivf = {name: params[name] for name in ("nlist", "nprobe", "calibration")}
+            # share of its lists, and scoring every row is then as fast or faster: from bf16
+            # products where the CPU has them (if they reach the target), else exactly
+            fallback = {"auto_fallback_from_ivf": {
+                name: params[name] for name in ("nlist", "nprobe", "calibration")}}
             del built, index  # free the IVF copy of the vectors before the flat one is made
+            t0 = time.perf_counter()
             flat = faiss.IndexFlatL2(dim)
             add_all(flat)
-            built = cls(flat, "flat", {"kind": "flat", **common, "auto_fallback_from_ivf": ivf})
+            built = None
+            if native_bf16():
+                built = cls(flat, "bf16", {"kind": "bf16", **common, **fallback})
+                built._calibrate(x, config)
+                if not built.params["calibration"]["reached"]:
+                    fallback["auto_fallback_from_bf16"] = {
+                        name: built.params[name] for name in ("rerank", "calibration")}
+                    built = None
+            if built is None:
+                built = cls(flat, "flat", {"kind": "flat", **common, **fallback})
             built.timings["build_s"] = time.perf_counter() - t0
         return built
 
@@ -433,12 +631,11 @@ class NeighbourIndex:
         """Choose nprobe / efSearch: given, else the smallest ladder value reaching the target."""
         if self.kind == "flat":
             return
-        name = "nprobe" if self.kind == "ivf" else "ef_search"
-        given = config.nprobe if self.kind == "ivf" else config.ef_search
+        name, given, default = {"ivf": ("nprobe", config.nprobe, _DEFAULT_NPROBE),
+                                "hnsw": ("ef_search", config.ef_search, _DEFAULT_EF),
+                                "bf16": ("rerank", config.rerank, _DEFAULT_RERANK)}[self.kind]
         if given is not None or config.calibrate_n == 0:
-            value = given if given is not None else (
-                _DEFAULT_NPROBE if self.kind == "ivf" else _DEFAULT_EF)
-            self._set_breadth(value)
+            self._set_breadth(given if given is not None else default)
             self.params[name] = self._breadth()
             self.params[f"{name}_calibrated"] = False
             return
@@ -446,8 +643,15 @@ class NeighbourIndex:
         if self.kind == "ivf":
             ladder = [v for v in _NPROBE_LADDER if v < self.params["nlist"]]
             ladder.append(self.params["nlist"])      # all lists: exact
-        else:
+            if config.kind == "auto":
+                # auto replaces an IVF index probing more than this share: the first value past
+                # it decides that as well as the full ladder would, at a fraction of its cost
+                limit = self.params["nlist"] * _IVF_MAX_PROBED
+                ladder = [v for v in ladder if v <= limit] + [v for v in ladder if v > limit][:1]
+        elif self.kind == "hnsw":
             ladder = [v for v in _EF_LADDER if v >= n + 1] or [n + 1]
+        else:
+            ladder = list(_RERANK_LADDER)
         # Another sample than measure_recall's default (seed): the reported recall stays unbiased.
         queries, qids, exact = self._exact_sample(x, n, config.recall_sample, config.seed + 1)
         recall = bound = 0.0
@@ -476,8 +680,12 @@ class NeighbourIndex:
             self.index.nprobe = int(min(value, self.index.nlist))
         elif self.kind == "hnsw":
             self.index.hnsw.efSearch = int(value)
+        elif self.kind == "bf16":
+            self.rerank = int(value)
 
     def _breadth(self) -> int:
+        if self.kind == "bf16":
+            return self.rerank
         return int(self.index.nprobe if self.kind == "ivf" else self.index.hnsw.efSearch)
 
     # ---------------------------------------------------------------------------------- search
@@ -506,6 +714,9 @@ class NeighbourIndex:
             if self.kind == "flat":
                 rows, sq_norms = self._flat_view()
                 dist, ids = exact_knn(q[start:stop], rows, k, sq_norms)
+            elif self.kind == "bf16":
+                dist, ids = bf16_knn(q[start:stop], self._flat_view()[0], k, self.rerank,
+                                     self._bf16_view())
             else:
                 dist, ids = self.index.search(q[start:stop], k)
             ex = exclude_ids[start:stop] if extra else None
@@ -565,6 +776,8 @@ class NeighbourIndex:
         types = {"flat": faiss.IndexFlatL2, "ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}
         kind = params.get("kind")
         found = next((k for k, t in types.items() if isinstance(index, t)), None)
+        if found == "flat" and kind == "bf16":     # the same vectors, searched from bf16 copies
+            found = "bf16"
         if found is None or (kind is not None and found != kind):
             raise AweError(f"{path}: holds a {type(index).__name__}, config.json says "
                            f"{kind!r}; {_REBUILD}")
@@ -579,5 +792,6 @@ class NeighbourIndex:
         return cls(index, found, dict(params, kind=found))
 
     def __repr__(self) -> str:
-        extra = {k: self.params[k] for k in ("nlist", "nprobe", "ef_search") if k in self.params}
+        extra = {k: self.params[k] for k in ("nlist", "nprobe", "ef_search", "rerank")
+                 if k in self.params}
         return f"NeighbourIndex(kind={self.kind!r}, n_rows={self.n_rows}, dim={self.dim}, {extra})"

@@ -280,13 +280,19 @@ def build_g(
     normalize: Annotated[str, typer.Option(
         help="none | max: divide each row of G by its largest weight; auto: max for "
              "recommendation, none for annotation.")] = "auto",
-    index: Annotated[str, typer.Option(help="auto | flat | ivf | hnsw.")] = "auto",
+    index: Annotated[str, typer.Option(
+        help="auto | flat | bf16 | ivf | hnsw. bf16 scores every row from bfloat16 copies "
+             "(fast on CPUs with AMX or AVX512-BF16) and re-ranks the best in float32.")]
+        = "auto",
     nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
+    rerank: Annotated[int | None, typer.Option(
+        help="bf16 index: candidates beyond --neighbors re-ranked in float32.")] = None,
     target_recall: Annotated[float, typer.Option(
-        help="Recall@n that the IVF/HNSW search breadth is calibrated to reach (on a "
-             "sample); lower is faster at scale. --index auto falls back to exact search "
-             "when reaching it needs more than 1/12 of the IVF lists.")] = DEFAULT_TARGET_RECALL,
+        help="Recall@n that the IVF/HNSW/bf16 search breadth is calibrated to reach (on a "
+             "sample); lower is faster at scale. --index auto goes from IVF to bf16 (or "
+             "exact) search when reaching it needs more than 1/12 of the IVF lists.")]
+        = DEFAULT_TARGET_RECALL,
     seed: Annotated[int, typer.Option(help="Random seed (IVF clustering).")] = 0,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for FAISS (per Dask worker with --workers / --scheduler).")] = None,
@@ -303,7 +309,7 @@ def build_g(
                                 bias=bias, space=space, label_kernel=label_kernel,
                                 label_lambda=label_lambda, label_top=label_top,
                                 normalize=normalize, index=index,
-                                nprobe=nprobe, ef_search=ef_search,
+                                nprobe=nprobe, ef_search=ef_search, rerank=rerank,
                                 target_recall=target_recall, seed=seed, threads=threads)
         stats, paths = build_g_lib(train_path, model, config,
                                    cluster=ClusterOptions.from_options(scheduler, workers))

@@ -60,12 +60,13 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert metrics["knn-wsabie"]["P@1"] > metrics["wsabie"]["P@1"]
     result = invoke("eval", test, "--model", model, "--rows", "awe,wsabie", "--k", "1")
     assert result.exit_code == 0
-    # stage-3 weights record G's fingerprint; one built before --target-recall existed was
-    # the hash of the config without that key, and a default G still hashes the same
+    # stage-3 weights record G's fingerprint; one built before --target-recall and --rerank
+    # existed was the hash of the config without those keys, and a default G still hashes
+    # the same
     from awe.affinity import Affinity
 
     section = json.loads((model / "config.json").read_text())["stage2"]
-    before = {k: v for k, v in section["config"].items() if k != "target_recall"}
+    before = {k: v for k, v in section["config"].items() if k not in ("target_recall", "rerank")}
     n_rows = Affinity.load(model, section).index.n_rows
     old_style = hashlib.sha256((json.dumps(before, sort_keys=True) + str(n_rows)).encode())
     assert Affinity.load(model, section).fingerprint() == old_style.hexdigest()[:16]
@@ -84,6 +85,29 @@ def test_target_recall_calibrates_the_ivf_search(tmp_path, data):
     for bad in (0, 1.5):
         result = invoke("build-g", train, "--model", model, "--target-recall", bad)
         assert result.exit_code == 2 and "--target-recall must be in (0, 1]" in result.output
+
+
+def test_bf16_index_through_the_cli(tmp_path, data):
+    """--index bf16 --rerank: recorded, saved as the flat vectors, loaded by eval, and the
+    knn-wsabie row close to exact search's on the same stage 1."""
+    train, test = data
+    model = tmp_path / "m"
+    invoke("train", train, "--model", model, "--epochs", 2, "--dim", 8, "--quiet")
+    rows = {}
+    for kind in ("flat", "bf16"):
+        result = invoke("build-g", train, "--model", model, "--index", kind, "--rerank", 4)
+        assert result.exit_code == 0, result.output
+        stage2 = json.loads((model / "config.json").read_text())["stage2"]
+        assert stage2["index"]["kind"] == kind and stage2["config"]["rerank"] == 4
+        out = tmp_path / f"{kind}.json"
+        result = invoke("eval", test, "--model", model, "--rows", "knn-wsabie", "--k", "1",
+                        "--json", out)
+        assert result.exit_code == 0, result.output
+        rows[kind] = json.loads(out.read_text())["knn-wsabie"]["P@1"]
+    assert stage2["index"]["rerank"] == 4 and stage2["index"]["rerank_calibrated"] is False
+    assert abs(rows["bf16"] - rows["flat"]) <= 0.02, rows
+    result = invoke("build-g", train, "--model", model, "--rerank", -1)
+    assert result.exit_code == 2 and "--rerank must be an integer >= 0" in result.output
 
 
 def test_user_errors_exit_2(tmp_path, data):

@@ -14,12 +14,13 @@ from awe.neighbours import (
     INDEX_KINDS,
     IndexConfig,
     NeighbourIndex,
+    bf16_knn,
     default_nlist,
     exact_knn,
     set_threads,
 )
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "bf16", "ivf", "hnsw")
 
 
 def clustered(n: int, dim: int = 16, clusters: int = 20, seed: int = 0) -> np.ndarray:
@@ -210,12 +211,12 @@ def test_padding_when_too_few_rows(kind):
 
 
 # ---------------------------------------------------------------------- approximate kinds
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "bf16"])
 def test_recall_with_defaults(kind):
     x = clustered(8000, dim=32, clusters=60, seed=5)
     index = NeighbourIndex.build(x, IndexConfig(kind=kind))
     assert index.kind == kind and index.n_rows == 8000 and index.dim == 32
-    name = "nprobe" if kind == "ivf" else "ef_search"
+    name = {"ivf": "nprobe", "hnsw": "ef_search", "bf16": "rerank"}[kind]
     assert index.params[f"{name}_calibrated"] and index.params[name] >= 1
     assert index.params["calibration"]["recall_lower_bound"] >= 0.95
     assert index.params["calibration"]["reached"] is True
@@ -249,19 +250,57 @@ def test_auto_kind_follows_size(data):
     assert default_nlist(1) == 1 and default_nlist(1_000_000) == 4000
 
 
-def test_auto_falls_back_to_exact_search_when_ivf_would_probe_most_lists():
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    monkeypatch.setattr(neighbours, "native_bf16", lambda: False)
+
+
+def test_auto_falls_back_to_exact_search_when_ivf_would_probe_most_lists(no_native_bf16):
     # isotropic 32-d rows have no clusters: recall 0.95 makes IVF probe a large share of its lists
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4000, 32)).astype(np.float32)
     index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
     assert index.kind == "flat" and isinstance(index.index, faiss.IndexFlatL2)
     fallback = index.params["auto_fallback_from_ivf"]
-    assert fallback["nprobe"] > fallback["nlist"] * neighbours._IVF_MAX_PROBED, fallback
+    limit = fallback["nlist"] * neighbours._IVF_MAX_PROBED
+    assert fallback["nprobe"] > limit, fallback
+    # the calibration stopped at the first nprobe past the limit: it decides the fallback
+    assert fallback["nprobe"] == min(v for v in neighbours._NPROBE_LADDER if v > limit)
     assert "nlist" not in index.params and index.measure_recall(x, 10) == 1.0
     d, ids = index.search(x[:50], 10, exclude_ids=np.arange(50))
     np.testing.assert_array_equal(ids, brute_force(x[:50], x, 10, np.arange(50))[1])
     # asked for by name, IVF stays IVF whatever its nprobe
     assert NeighbourIndex.build(x, IndexConfig(kind="ivf")).kind == "ivf"
+
+
+def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(neighbours, "native_bf16", lambda: True)
+    x = np.random.default_rng(3).normal(size=(4000, 32)).astype(np.float32)
+    index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
+    assert index.kind == "bf16" and isinstance(index.index, faiss.IndexFlatL2)
+    assert "auto_fallback_from_ivf" in index.params and index.params["rerank_calibrated"]
+    assert index.params["calibration"]["reached"]
+    rows = np.arange(0, 4000, 9)
+    _, ids = index.search(x[rows], 10, exclude_ids=rows)
+    _, exact = brute_force(x[rows], x, 10, rows)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)]) >= 0.95
+    # bf16 candidates that miss the target: exact search after all, and the record says why
+    monkeypatch.setattr(neighbours, "bf16_knn",
+                        lambda q, base, k, *args: exact_knn(q, base[::-1].copy(), k))
+    index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
+    assert index.kind == "flat" and not index.params["auto_fallback_from_bf16"]["calibration"][
+        "reached"]
+    assert index.params["auto_fallback_from_bf16"]["rerank"] == neighbours._RERANK_LADDER[-1]
+    _, ids = index.search(x[rows], 10, exclude_ids=rows)
+    np.testing.assert_array_equal(ids, exact)
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    assert isinstance(neighbours.native_bf16(), bool)
+    has = neighbours._cpuinfo_has_bf16
+    assert has("processor : 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert has("flags : sse avx512f avx512_bf16\n")
+    assert not has("flags : sse avx2 avx512f avx512_fp16\n") and not has("")
 
 
 def test_auto_keeps_ivf_on_clustered_rows(data):
@@ -286,6 +325,79 @@ def test_given_search_breadth_is_used(data):
     assert ivf.params["nprobe"] == 5 and ivf.params["nprobe_calibrated"] is False
     hnsw = NeighbourIndex.build(data, IndexConfig(kind="hnsw", ef_search=77))
     assert hnsw.params["ef_search"] == 77 and hnsw.index.hnsw.efSearch == 77
+    bf16 = NeighbourIndex.build(data, IndexConfig(kind="bf16", rerank=3))
+    assert bf16.params["rerank"] == 3 and bf16.rerank == 3
+
+
+# ------------------------------------------------------------------------------------ bf16
+@pytest.mark.parametrize("blocks", [(1024, 8192, 32), (7, 256, 8), (64, 100, 4), (5, 96, 32)])
+def test_bf16_knn_finds_the_brute_force_neighbours(blocks, monkeypatch):
+    """Small blocks put a few thousand rows through every path: the exact first block, the
+    screened blocks, a last block of partial groups, a partial block of queries. With enough
+    candidates re-ranked, the neighbours are brute force's, in its order, at its distances."""
+    names = ("_BF16_QUERY_BLOCK", "_BF16_BASE_BLOCK", "_BF16_GROUP")
+    for name, value in zip(names, blocks, strict=True):
+        monkeypatch.setattr(neighbours, name, value)
+    x = clustered(3000, dim=24, seed=8) + 40.0   # far from the origin: centring matters
+    q = clustered(300, dim=24, seed=9) + 40.0
+    dist, ids = bf16_knn(q, x, 15, rerank=32)
+    ref_d, ref_i = brute_force(q, x, 15)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
+    assert ids.shape == (300, 15) and dist.dtype == np.float32 and ids.dtype == np.int64
+    # without spare candidates, bf16 rounding costs few neighbours
+    _, ids = bf16_knn(q, x, 15, rerank=0)
+    assert np.mean([len(set(a) & set(b)) / 15 for a, b in zip(ids, ref_i, strict=True)]) > 0.97
+
+
+def test_bf16_knn_edges():
+    x = clustered(50, dim=6, seed=1)
+    dist, ids = bf16_knn(x[:4], x, 80, rerank=5)        # k beyond the rows is cut
+    assert ids.shape == (4, 50) and all(sorted(row) == list(range(50)) for row in ids)
+    assert (np.diff(dist, axis=1) >= 0).all() and (ids[:, 0] == np.arange(4)).all()
+    d, i = bf16_knn(x[:0], x, 3, rerank=2)
+    assert d.shape == i.shape == (0, 3)
+    # all at one point: which of the tied rows are candidates is the top-k's choice, but the
+    # ones returned are distinct, at distance 0, in id order
+    same = np.zeros((40, 3), dtype=np.float32)
+    dist, ids = bf16_knn(same[:2], same, 5, rerank=0)
+    assert (dist == 0).all() and (np.diff(ids, axis=1) > 0).all()
+
+
+def test_merge_top_keeps_each_rows_largest():
+    rng = np.random.default_rng(0)
+    top_v = torch.tensor(rng.normal(size=(6, 4)), dtype=torch.float32)
+    top_i = torch.arange(24).view(6, 4)
+    rows = torch.tensor([0, 0, 0, 2, 5, 5])
+    values = torch.tensor([9.0, -9.0, 8.0, 7.0, -9.0, 6.0])
+    ids = torch.tensor([100, 101, 102, 103, 104, 105])
+    expect = []
+    for r in range(6):
+        pairs = list(zip(top_v[r].tolist(), top_i[r].tolist(), strict=True))
+        pairs += [(v, i) for rr, v, i in zip(rows.tolist(), values.tolist(), ids.tolist(),
+                                             strict=True) if rr == r]
+        expect.append(sorted(pairs, reverse=True)[:4])
+    neighbours._merge_top(top_v, top_i, rows, values, ids)
+    for r in range(6):
+        got = sorted(zip(top_v[r].tolist(), top_i[r].tolist(), strict=True), reverse=True)
+        assert got == expect[r]
+
+
+def test_bf16_search_is_the_same_in_any_batches_and_threads(data):
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = NeighbourIndex.build(data, IndexConfig(kind="bf16", rerank=8))
+    assert index.params["rerank"] == 8 and index.params["rerank_calibrated"] is False
+    rows = np.arange(3000, dtype=np.int64)
+    whole = index.search(data, 20, exclude_ids=rows)
+    parts = index.search(data, 20, exclude_ids=rows, batch_rows=700)
+    np.testing.assert_array_equal(whole[1], parts[1])
+    np.testing.assert_array_equal(whole[0], parts[0])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: index.search(data[s:s + 750], 20,
+                                                   exclude_ids=rows[s:s + 750]),
+                            range(0, 3000, 750)))
+    np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), whole[1])
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -364,6 +476,7 @@ def test_load_rejects_index_that_does_not_match_params(data, tmp_path):
     ({"nlist": 8, "nprobe": 9}, "--nprobe"),
     ({"nprobe": 2.5}, "--nprobe"),
     ({"ef_search": 0}, "--ef-search"),
+    ({"rerank": -1}, "--rerank"),
     ({"ef_construction": 0}, "--ef-construction"),
     ({"hnsw_m": 1}, "--hnsw-m"),
     ({"flat_max_rows": -1}, "--flat-max-rows"),
@@ -379,7 +492,7 @@ def test_bad_config(kwargs, option):
 def test_config_dict_round_trip():
     config = IndexConfig(kind="hnsw", ef_search=50, seed=3)
     assert IndexConfig.from_dict(config.to_dict()) == config
-    assert set(INDEX_KINDS) == {"auto", "flat", "ivf", "hnsw"}
+    assert set(INDEX_KINDS) == {"auto", "flat", "bf16", "ivf", "hnsw"}
     with pytest.raises(AweError, match="bogus"):
         IndexConfig.from_dict({"bogus": 1})
 
