@@ -340,7 +340,8 @@ def _bf16_candidates(queries, rows, center, depth: int, buffer, float_buffer):
         shift = (tau.abs() / 64 + 1e-30 - tau).bfloat16()
         q[:, dim + 2] = shift
         beta = shift.float()
-        threshold = (tau + beta).bfloat16()          # rounded down: no score above is missed
+        # its bits, rounded down (a bf16 score above the threshold has larger int16 bits)
+        threshold = (tau + beta).bfloat16()
         bits = threshold.view(torch.int16) - (threshold.float() > tau + beta).to(torch.int16)
         width = min(_BF16_BASE_BLOCK, n - start)
         scores = buffer[:m * width].view(m, width)
@@ -621,7 +622,8 @@ class NeighbourIndex:
             if native_bf16():
                 built = cls(flat, "bf16", {"kind": "bf16", **common, **fallback})
                 built._calibrate(x, config)
-                if not built.params["calibration"]["reached"]:
+                # a given --rerank is not calibrated: it is used as given
+                if not built.params.get("calibration", {"reached": True})["reached"]:
                     fallback["auto_fallback_from_bf16"] = {
                         name: built.params[name] for name in ("rerank", "calibration")}
                     built = None

@@ -284,6 +284,8 @@ def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
     _, ids = index.search(x[rows], 10, exclude_ids=rows)
     _, exact = brute_force(x[rows], x, 10, rows)
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)]) >= 0.95
+    given = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000, rerank=3))
+    assert given.kind == "bf16" and given.rerank == 3 and not given.params["rerank_calibrated"]
     # bf16 candidates that miss the target: exact search after all, and the record says why
     monkeypatch.setattr(neighbours, "bf16_knn",
                         lambda q, base, k, *args: exact_knn(q, base[::-1].copy(), k))
