@@ -287,9 +287,21 @@ def bf16_rows(base: np.ndarray):
     return rows, center
 
 
+def _order_keys(values, ids):
+    """int64 keys ordering (value, id) pairs by value, then by smaller id: bf16 scores tie
+    often, and ``torch.topk``'s choice among equal values can change with the tensor's shape
+    (with the batch of queries), where the neighbours must not. ``ids`` >= -1, < 2**32 - 1."""
+    import torch
+
+    bits = values.contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)          # float order as signed int32
+    return (ordered.to(torch.int64) << 32) + ((1 << 32) - 2 - ids)
+
+
 def _merge_top(top_v, top_i, rows, values, ids) -> None:
     """Merge candidates (rows ascending, values, ids) into each row's running top
-    (``top_v``/``top_i`` [m, depth], in place)."""
+    (``top_v``/``top_i`` [m, depth], in place): the depth largest values, equal ones by
+    smaller id."""
     import torch
 
     m, depth = top_v.shape
@@ -303,8 +315,8 @@ def _merge_top(top_v, top_i, rows, values, ids) -> None:
     new_i[rows, slot] = ids
     all_v = torch.cat([top_v[touched], new_v[touched]], dim=1)
     all_i = torch.cat([top_i[touched], new_i[touched]], dim=1)
-    v, picked = torch.topk(all_v, depth, dim=1, sorted=False)
-    top_v[touched] = v
+    _, picked = torch.topk(_order_keys(all_v, all_i), depth, dim=1, sorted=False)
+    top_v[touched] = torch.gather(all_v, 1, picked)
     top_i[touched] = torch.gather(all_i, 1, picked)
 
 
@@ -331,7 +343,14 @@ def _bf16_candidates(queries, rows, center, depth: int, buffer, float_buffer):
     first = min(n, max(_BF16_BASE_BLOCK, depth))
     scores = buffer[:m * first].view(m, first)
     torch.mm(q, rows[:first].T, out=scores)
-    top_v, top_i = _block_top(float_buffer[:m * first].view(m, first).copy_(scores), depth)
+    values = float_buffer[:m * first].view(m, first).copy_(scores)
+    # the first block's top: every score at or above each query's depth-th, merged by
+    # (score, id) so that ties at the cut go to the smaller ids
+    cut = _block_top(values, depth)[0].amin(dim=1)
+    hit = (values >= cut[:, None]).nonzero()
+    top_v = torch.full((m, depth), -math.inf)
+    top_i = torch.full((m, depth), -1, dtype=torch.int64)
+    _merge_top(top_v, top_i, hit[:, 0], values[hit[:, 0], hit[:, 1]], hit[:, 1])
     members = torch.arange(_BF16_GROUP)
     for start in range(first, n, _BF16_BASE_BLOCK):
         tau = top_v.amin(dim=1)
@@ -375,8 +394,8 @@ def bf16_knn(queries: np.ndarray, base: np.ndarray, k: int, rerank: int,
     differences, these distances can differ from :func:`exact_knn`'s (|q|^2 + |x|^2 - 2 q.x,
     faiss's formula) in the last bits, more where the rows lie far from the origin.
 
-    Approximate: a neighbour is missed when rounding puts it outside the candidates (and of
-    more rows than candidates at one score, the top-k's choice are candidates), so the
+    Approximate: a neighbour is missed when rounding puts it outside the candidates (equal
+    bf16 scores at the cut: the smaller ids are candidates), so the
     index measures (and calibrates ``rerank`` to) the recall. ``prepared`` is
     :func:`bf16_rows` of ``base``."""
     import torch

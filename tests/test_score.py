@@ -375,25 +375,30 @@ def test_dask_local_workers_and_awe_stage_with_rejects(model, tmp_path):
     assert not (tmp_path / "fail" / "b.parquet").exists() and tmp_files(tmp_path / "fail") == []
 
 
-def test_dask_build_g_equals_local(model, tmp_path, cluster, monkeypatch):
+@pytest.mark.parametrize("index", ["auto", "bf16"])
+def test_dask_build_g_equals_local(index, model, tmp_path, cluster, monkeypatch):
     import shutil
 
     from awe import cluster as dask_cluster
 
-    monkeypatch.setattr(dask_cluster, "SEARCH_SHARD_ROWS", 64)  # 5 shards of query rows
+    # 5 shards of query rows (the workers, other processes, keep the real bf16 blocks)
+    monkeypatch.setattr(dask_cluster, "SEARCH_SHARD_ROWS", 64)
     address, client = cluster
-    train = write_clusters(tmp_path / "train.parquet", 300, 0)
+    # bf16: more rows than its first block (8192), so that the workers' searches screen too
+    train = write_clusters(tmp_path / "train.parquet", 300 if index == "auto" else 9000, 0)
     local, remote = tmp_path / "local", tmp_path / "dask"
     shutil.copytree(model, local)
     shutil.copytree(model, remote)
-    options = ("--neighbors", 6, "--kernel", "cosine", "--threads", 1)
+    options = ("--neighbors", 6, "--kernel", "cosine", "--threads", 1, "--index", index)
+    before = client.run(dask_cluster.loads)
     invoke("build-g", train, "--model", local, *options)
     invoke("build-g", train, "--model", remote, "--scheduler", address, *options)
     for name in ("index.faiss", "affinity.safetensors", "config.json"):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     assert not list(remote.glob(".build-g-*"))  # the scratch directory is removed
     loads = client.run(dask_cluster.loads)
-    assert sorted(w.get("index", 0) for w in loads.values()) == [1, 1]  # once per worker
+    added = [loads[w].get("index", 0) - before.get(w, {}).get("index", 0) for w in loads]
+    assert added == [1, 1]  # once per worker
 
 
 def test_top_k_matches_a_plain_sort():
