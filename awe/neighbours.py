@@ -652,7 +652,8 @@ class NeighbourIndex:
         return built
 
     def _calibrate(self, x: np.ndarray, config: IndexConfig) -> None:
-        """Choose nprobe / efSearch: given, else the smallest ladder value reaching the target."""
+        """Choose nprobe / efSearch / rerank: given, else the smallest ladder value reaching the
+        target."""
         if self.kind == "flat":
             return
         name, given, default = {"ivf": ("nprobe", config.nprobe, _DEFAULT_NPROBE),
