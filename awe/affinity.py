@@ -90,15 +90,11 @@ class AffinityConfig:
             (self.label_top >= 1, "--label-top must be >= 1"),
             (self.normalize in (*NORMALIZE, "auto"), "--normalize must be none, max or auto"),
             (self.batch_rows >= 1, "--batch-rows must be >= 1"),
-            (self.rerank is None or (not isinstance(self.rerank, bool)
-                                     and int(self.rerank) == self.rerank and self.rerank >= 0),
-             "--rerank must be an integer >= 0"),
-            (not isinstance(self.target_recall, bool) and 0.0 < self.target_recall <= 1.0,
-             "--target-recall must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise AweError(message)
+        self.index_config()  # the index options (--index, --rerank, --target-recall, ...)
 
     def resolved(self, task: str | None) -> AffinityConfig:
         """Fill the task-dependent defaults (``auto``) of neighbours and normalisation."""

@@ -234,12 +234,18 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
             ids.append(c + xa)
         v, c = torch.cat(values, dim=1), torch.cat(ids, dim=1)
         dist = ((qq * qq).sum(dim=1, keepdim=True) - v).clamp_(min=0.0).numpy()
-        cand = c.numpy()
         # nearest first, equal distances by id: the order does not depend on the block layout
-        order = np.lexsort((cand, dist), axis=-1)[:, :k]
-        out_d[qa:qa + qq.shape[0]] = np.take_along_axis(dist, order, axis=1)
-        out_i[qa:qa + qq.shape[0]] = np.take_along_axis(cand, order, axis=1)
+        _nearest_first(dist, c.numpy(), out_d[qa:qa + qq.shape[0]], out_i[qa:qa + qq.shape[0]])
     return out_d, out_i
+
+
+def _nearest_first(dist: np.ndarray, cand: np.ndarray, out_d: np.ndarray,
+                   out_i: np.ndarray) -> None:
+    """The out_d.shape[1] nearest of each row's candidates (dist, cand [B, M]) into out_d /
+    out_i, nearest first, equal distances by id."""
+    order = np.lexsort((cand, dist), axis=-1)[:, :out_d.shape[1]]
+    out_d[:] = np.take_along_axis(dist, order, axis=1)
+    out_i[:] = np.take_along_axis(cand, order, axis=1)
 
 
 @functools.cache
@@ -420,10 +426,8 @@ def bf16_knn(queries: np.ndarray, base: np.ndarray, k: int, rerank: int,
         ids = _bf16_candidates(qq, rows, center, depth, buffer, float_buffer)
         # |x - q|^2 summed from the differences: no cancellation of large norms
         diff = x[ids.reshape(-1)].view(m, depth, -1).sub_(qq[:, None, :])
-        dist, cand = diff.square_().sum(dim=2).numpy(), ids.numpy()
-        order = np.lexsort((cand, dist), axis=-1)[:, :k]
-        out_d[qa:qa + m] = np.take_along_axis(dist, order, axis=1)
-        out_i[qa:qa + m] = np.take_along_axis(cand, order, axis=1)
+        _nearest_first(diff.square_().sum(dim=2).numpy(), ids.numpy(), out_d[qa:qa + m],
+                       out_i[qa:qa + m])
     return out_d, out_i
 
 
