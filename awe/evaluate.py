@@ -25,6 +25,14 @@ SCORES_PER_BATCH = 1 << 23
 # k up to which the top k + 1 come from FAISS's heaps on CPU (faster than torch.topk: 1.5x at
 # L = 1000, 2.7x at L = 21,000 for k = 10; 1.4x at k = 30)
 HEAP_MAX_K = 32
+# `_threshold_top`: columns a strided group (whose maxima give the threshold), and at most this
+# many groups (at L = 21,000, partitioning 2,625 maxima cost as much as the comparison pass,
+# 4.3 µs a row); a row with more than THRESHOLD_MAX_SHARE x k scores at or above its
+# threshold (ties) goes to the heaps, as does L < 16 k (where they are as fast)
+THRESHOLD_GROUP = 8
+THRESHOLD_MAX_GROUPS = 256
+THRESHOLD_MAX_SHARE = 4
+THRESHOLD_MIN_LABELS_PER_K = 16
 
 
 def parse_ks(text: str | Sequence[int]) -> list[int]:
@@ -94,30 +102,88 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     the remaining slots hold id -1 and score -inf. NaN scores rank last: they count as -inf
     (never chosen, never a hit), whatever produced them (an overflow, a damaged model).
 
-    The k + 1 largest of each row in one pass (:func:`_largest`): where the k-th score is above
-    the (k + 1)-th, the top k are that set whatever order it was found in, and only their order
-    (score, then id) is settled here. Rows with a tie across the cut (rare with float scores)
-    or with fewer than k scores above -inf take the exact path.
+    On CPU with L >= 16 k (float32), most rows are settled by a threshold from their groups'
+    maxima (:func:`_threshold_top`: 1.3x faster than the heaps at L = 1000, k = 10). The others,
+    and other devices, take :func:`_top_k_settled` (the k + 1 largest, then an exact path for
+    ties across the cut).
     """
     n_rows, n_labels = scores.shape
     k_eff = min(k, n_labels)
     if k_eff == n_labels or n_rows == 0:
         ids, vals = _top_k_exact(_without_nan(scores), k_eff)
+    elif (scores.device.type == "cpu" and scores.dtype == torch.float32
+          and n_labels >= THRESHOLD_MIN_LABELS_PER_K * k_eff):
+        ids, vals, left = _threshold_top(scores, k_eff)
+        if len(left):
+            rows = torch.from_numpy(left)
+            ids[rows], vals[rows] = _top_k_settled(scores[rows], k_eff)
     else:
-        vals, ids = _largest(scores, k_eff + 1)
-        # topk ranks NaN above everything: a row with a NaN has one in its top k + 1
-        # (a row with fewer than k scores above -inf ties at the cut: -inf == -inf)
-        unsettled = (vals[:, k_eff - 1] == vals[:, k_eff]) | torch.isnan(vals).any(1)
-        ids, vals = _by_score_then_id(ids[:, :k_eff], vals[:, :k_eff])
-        if bool(unsettled.any()):
-            rows = unsettled.nonzero()[:, 0]
-            ids[rows], vals[rows] = _top_k_exact(_without_nan(scores[rows]), k_eff)
+        ids, vals = _top_k_settled(scores, k_eff)
     ids = torch.where(torch.isneginf(vals), torch.full_like(ids, -1), ids)
     if k_eff < k:
         pad = k - k_eff
         ids = torch.cat([ids, ids.new_full((n_rows, pad), -1)], dim=1)
         vals = torch.cat([vals, vals.new_full((n_rows, pad), float("-inf"))], dim=1)
     return ids, vals
+
+
+def _top_k_settled(scores: torch.Tensor, k_eff: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k_eff (< L) from the k_eff + 1 largest of each row (:func:`_largest`): where the
+    k-th is above the (k + 1)-th the set is settled and only its order is sorted; rows with a
+    tie across the cut or a NaN take :func:`_top_k_exact`."""
+    vals, ids = _largest(scores, k_eff + 1)
+    # topk ranks NaN above everything: a row with a NaN has one in its top k + 1
+    # (a row with fewer than k scores above -inf ties at the cut: -inf == -inf)
+    unsettled = (vals[:, k_eff - 1] == vals[:, k_eff]) | torch.isnan(vals).any(1)
+    ids, vals = _by_score_then_id(ids[:, :k_eff], vals[:, :k_eff])
+    if bool(unsettled.any()):
+        rows = unsettled.nonzero()[:, 0]
+        ids[rows], vals[rows] = _top_k_exact(_without_nan(scores[rows]), k_eff)
+    return ids, vals
+
+
+def _threshold_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The top k of the rows that a threshold settles, best first, ties by lower id:
+    (ids [B, k], values [B, k], rows left to the caller).
+
+    The threshold t of a row is the k-th largest maximum of its groups of columns (column c in
+    group c mod G): k groups hold a score >= t, so the k best scores are all >= t, and so is
+    every score equal to the k-th. Those few columns (about k + 1 at L = 1000, k = 10) are
+    found with one comparison and one ``flatnonzero`` over the block and sorted; no heap or
+    ``topk`` touches the other L - k. Rows whose threshold is -inf or NaN (NaN scores rank last
+    elsewhere) or that have more than ``THRESHOLD_MAX_SHARE`` x k columns at or above it
+    (ties) are left: their slots hold -1 and -inf.
+    """
+    values = scores.detach().numpy()
+    n_rows, n_labels = values.shape
+    n_groups = max(k, min(n_labels // THRESHOLD_GROUP, THRESHOLD_MAX_GROUPS))
+    per_group = n_labels // n_groups
+    bulk = n_groups * per_group
+    group_max = values[:, :bulk].reshape(n_rows, per_group, n_groups).max(axis=1)
+    if bulk < n_labels:  # the last columns join groups 0, 1, ... (still column c mod G)
+        tail = values[:, bulk:]
+        np.maximum(group_max[:, :tail.shape[1]], tail, out=group_max[:, :tail.shape[1]])
+    threshold = np.partition(group_max, n_groups - k, axis=1)[:, n_groups - k]
+    flat = np.flatnonzero(values >= threshold[:, None])  # row-major: ascending column
+    rows, cols = np.divmod(flat, n_labels)
+    counts = np.bincount(rows, minlength=n_rows)
+    left = (~np.isfinite(threshold) | np.isnan(group_max).any(axis=1)
+            | (counts > THRESHOLD_MAX_SHARE * k))
+    if left.any():
+        kept = ~left[rows]
+        flat, rows, cols = flat[kept], rows[kept], cols[kept]
+        counts[left] = 0
+    width = max(int(counts.max(initial=0)), k)
+    starts = np.cumsum(counts) - counts
+    slot = np.arange(len(flat)) - starts[rows]
+    top_vals = np.full((n_rows, width), -np.inf, dtype=np.float32)
+    top_ids = np.full((n_rows, width), -1, dtype=np.int64)
+    top_vals[rows, slot] = values.reshape(-1)[flat]
+    top_ids[rows, slot] = cols
+    # stable: among equal scores the lower column (found first) stays first
+    order = np.argsort(-top_vals, axis=1, kind="stable")[:, :k]
+    return (torch.from_numpy(np.take_along_axis(top_ids, order, 1)),
+            torch.from_numpy(np.take_along_axis(top_vals, order, 1)), np.flatnonzero(left))
 
 
 def _largest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

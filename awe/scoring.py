@@ -18,6 +18,7 @@ to the output (``<output stem>.rejects.parquet``: file, row, column, reason, the
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -204,20 +205,48 @@ class RowGroupScorer:
 
     def row_group(self, file: str, number: int, offset: int) -> tuple[pa.Table, pa.Table | None]:
         """Scores of row group ``number`` of ``file`` (rows from ``offset``), and its rejects."""
-        path = Path(file)
-        names = file_schema(path).names
-        wanted, ids, exclude = self.columns_of(names)
-        check_columns(path, names, ids, exclude, self.options)
+        with contextlib.closing(self.row_groups([(file, number, offset)])) as groups:
+            return next(groups)
+
+    def row_groups(self, tasks) -> Iterator[tuple[pa.Table, pa.Table | None]]:
+        """:meth:`row_group` of every (file, number, offset) task, in order. The batches of the
+        next row groups are scored while the last ones of a row group finish: the threads do
+        not wait at every row group's end (4 batches a row group of 16,384 rows). An error
+        (bad column, damaged page, invalid row) is raised where its batch comes in order, after
+        the row groups before it."""
+        end_of_group = object()
+
+        def failing(exc: BaseException):
+            def fail():
+                raise exc
+            return fail
+
+        def work():
+            for file, number, offset in tasks:
+                path = Path(file)
+                try:
+                    names = file_schema(path).names
+                    wanted, ids, exclude = self.columns_of(names)
+                    check_columns(path, names, ids, exclude, self.options)
+                    for _, start, batch in iter_row_group(path, number, offset, wanted,
+                                                          self.options.batch_rows):
+                        yield functools.partial(self.batch, batch, path, start, ids, exclude)
+                except Exception as exc:  # noqa: BLE001 - raised by the consumer, in order
+                    yield failing(exc)
+                    return
+                yield functools.partial(lambda *where: (end_of_group, where), path, ids)
+
         parts, rejects = [], []
-        batches = iter_row_group(path, number, offset, wanted, self.options.batch_rows)
         with single_threaded_kernels():
-            for table, bad in self._map(lambda item: self.batch(item[2], path, item[1], ids,
-                                                                exclude), batches):
+            for table, extra in self._map(lambda step: step(), work()):
+                if table is end_of_group:
+                    yield (pa.concat_tables(parts) if parts else self.empty(*extra),
+                           pa.concat_tables(rejects) if rejects else None)
+                    parts, rejects = [], []
+                    continue
                 parts.append(table)
-                if bad is not None:
-                    rejects.append(bad)
-        table = pa.concat_tables(parts) if parts else self.empty(path, ids)
-        return table, (pa.concat_tables(rejects) if rejects else None)
+                if extra is not None:
+                    rejects.append(extra)
 
     def _map(self, fn, items) -> Iterator:
         """``fn`` of every item, in order, ``threads`` at a time (at most twice that ahead)."""
@@ -594,7 +623,7 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
         return summary
     if cluster is None:
         def results(tasks):
-            groups = (scorer.row_group(*task) for task in tasks)
+            groups = scorer.row_groups(tasks)
             return _ahead(groups) if scorer.threads > 1 else groups
         _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
     else:
@@ -708,5 +737,5 @@ def score_table(model_dir, data, options: ScoreOptions = ScoreOptions(), predict
     tables = []
     for file in resolve_files(data):
         job = Job(file, file, row_group_sizes(file))
-        tables.extend(scorer.row_group(*task)[0] for task in job.tasks())
+        tables.extend(table for table, _ in scorer.row_groups(job.tasks()))
     return pa.concat_tables(tables)

@@ -12,8 +12,10 @@ from awe.csr import Csr
 from awe.data import Examples, InputSchema
 from awe.evaluate import (
     HEAP_MAX_K,
+    THRESHOLD_MIN_LABELS_PER_K,
     RankingMetrics,
     _largest,
+    _threshold_top,
     evaluate,
     mask_excluded,
     parse_ks,
@@ -84,9 +86,11 @@ def _reference_top_k(s: np.ndarray, k: int) -> tuple[list, list]:
     return ids, vals
 
 
-@pytest.mark.parametrize("k", [1, 10, HEAP_MAX_K - 1, HEAP_MAX_K + 5])  # heaps, then torch.topk
-@pytest.mark.parametrize("n_labels", [7, 60, 1000])
-def test_top_k_both_selection_paths_match_brute_force(k, n_labels):
+# thresholds where L >= 16 k (1000, 3001: a tail of columns, groups longer than 8), else heaps
+# (k <= 32), else torch.topk; the rows a threshold leaves (ties, NaN, -inf) take the others
+@pytest.mark.parametrize("k", [1, 10, HEAP_MAX_K - 1, HEAP_MAX_K + 5])
+@pytest.mark.parametrize("n_labels", [7, 60, 1000, 3001])
+def test_top_k_every_selection_path_matches_brute_force(k, n_labels):
     rng = np.random.default_rng(k * 1000 + n_labels)
     s = np.round(rng.normal(size=(40, n_labels)) * 3, 0).astype(np.float32)  # many ties
     s[rng.random(s.shape) < 0.1] = NEG
@@ -100,6 +104,35 @@ def test_top_k_both_selection_paths_match_brute_force(k, n_labels):
     want_ids, want_vals = _reference_top_k(s, k)
     assert ids.tolist() == want_ids
     assert vals.tolist() == want_vals
+
+
+@pytest.mark.parametrize("n_labels, k", [(160, 10), (1000, 1), (1001, 10), (3001, 10),
+                                           (5000, 40)])
+def test_threshold_top_settles_plain_rows_and_leaves_the_rest(n_labels, k):
+    """Rows a threshold settles equal the brute force; rows with a NaN, with fewer than k
+    scores above -inf or with many ties at the threshold are left (slots -1 / -inf)."""
+    assert n_labels >= THRESHOLD_MIN_LABELS_PER_K * k or n_labels == 160
+    rng = np.random.default_rng(n_labels + k)
+    s = rng.normal(size=(12, n_labels)).astype(np.float32)
+    s[1, 5] = np.nan
+    s[2, :] = NEG
+    s[2, : k - 1] = 1.0  # k - 1 finite scores
+    s[3, :] = 2.0  # every score ties
+    s[4, [0, 7, 9]] = np.sort(s[4])[-k]  # ties across the cut: the lower ids win
+    s[5, ::3] = NEG
+    s[6, -1] = 50.0  # the best score in the last (tail) column
+    s[7] = -(2.0 ** 100) * (1 + rng.random(n_labels))  # finite, far below zero
+    s[7, 3] = 0.0
+    ids, vals, left = _threshold_top(torch.from_numpy(s.copy()), k)
+    assert left.tolist() == [1, 2, 3]
+    want_ids, want_vals = _reference_top_k(s, k)
+    for row in range(len(s)):
+        if row in (1, 2, 3):
+            assert ids[row].tolist() == [-1] * k and vals[row].tolist() == [NEG] * k
+        else:
+            assert ids[row].tolist() == want_ids[row], row
+            assert vals[row].tolist() == want_vals[row], row
+    assert ids[6, 0] == n_labels - 1
 
 
 def test_largest_equals_torch_topk_on_distinct_scores():

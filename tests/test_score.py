@@ -401,6 +401,30 @@ def test_dask_build_g_equals_local(index, model, tmp_path, cluster, monkeypatch)
     assert added == [1, 1]  # once per worker
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_groups_score_across_groups_in_order_and_fail_in_order(model, tmp_path, threads):
+    """The batches of the next row groups are scored before the last ones finish; the row
+    groups come out as one at a time would give them, and an error comes in its place."""
+    from awe.errors import DataError
+    from awe.scoring import RowGroupScorer, ScoreOptions, load_predictor
+
+    a = rows(tmp_path / "a.parquet", 200, 1, ids=np.arange(200), row_group=50)
+    no_ids = rows(tmp_path / "b.parquet", 60, 2, row_group=50)
+    predictor, stage = load_predictor(model, None)
+    scorer = RowGroupScorer(predictor, stage, ScoreOptions(threads=threads, batch_rows=16,
+                                                           id_cols=("id",)))
+    tasks = [(str(a), number, 50 * number) for number in range(4)]
+    one_at_a_time = [scorer.row_group(*task)[0] for task in tasks]
+    assert [len(t) for t in one_at_a_time] == [50] * 4
+    together = [table for table, _ in scorer.row_groups(tasks)]
+    assert all(t.equals(u) for t, u in zip(one_at_a_time, together, strict=True))
+    stream = scorer.row_groups([tasks[0], tasks[1], (str(no_ids), 0, 0), tasks[2]])
+    assert next(stream)[0].equals(one_at_a_time[0])
+    assert next(stream)[0].equals(one_at_a_time[1])
+    with pytest.raises(DataError, match="b.parquet.*'id'"):
+        next(stream)
+
+
 def test_top_k_matches_a_plain_sort():
     """The one-topk fast path with its exact fallback (ties across the cut, -inf, NaN) equals
     ranking each row by (score descending, label id ascending)."""
