@@ -298,13 +298,18 @@ class ScanResult:
     vocab: LabelVocab
     n_rows: int
     task: str | None
+    # mean over rows of |x|^2 (finite values; sparse rows without values count 1 an id): the
+    # initial scale of U is set by its square root (model.Wsabie)
+    mean_sq_norm: float = 1.0
 
 
 def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROWS) -> ScanResult:
-    """One streaming pass: input kind and width, the label vocabulary, the row count, the task."""
+    """One streaming pass: input kind and width, the label vocabulary, the row count, the task,
+    the mean squared row norm."""
     files = resolve_files(path)
     kind = _input_kind(files[0], columns)
     width = 0
+    sq_norms = 0.0
     widths: dict[int, list] = {}  # dense: width -> [rows, file, first row]
     label_kind = None
     uniques: set = set()
@@ -312,11 +317,17 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
     for file, offset, batch in iter_batches(files, _wanted(columns, kind), batch_rows):
         n_rows += batch.num_rows
         if kind == "dense":
-            _count_widths(widths, batch, columns, file, offset)
+            sq_norms += _count_widths(widths, batch, columns, file, offset)
         else:
             ids = _sparse_ids(batch, columns, file, offset)
             if len(ids.indices):
                 width = max(width, int(ids.indices.max()) + 1)
+            if batch.schema.get_field_index(columns.feature_values) >= 0:
+                sq_norms += _sum_of_squares(_list_parts(
+                    batch.column(batch.schema.get_field_index(columns.feature_values)),
+                    columns.feature_values, file, offset, "float")[1])
+            else:
+                sq_norms += len(ids.indices)
         labels = _label_column(batch, columns.labels, file, offset, required=True)
         flat = labels.flatten() if _is_list(labels.type) else labels
         flat = flat.drop_null()
@@ -340,7 +351,7 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
         raise DataError("no labels in any row", file=str(path), column=columns.labels,
                         hint="name the label column with --labels-col")
     return ScanResult(InputSchema(kind, width, columns), LabelVocab(sorted(uniques)), n_rows,
-                      read_task(files))
+                      read_task(files), sq_norms / n_rows)
 
 
 def _input_kind(file: Path, columns: Columns) -> str:
@@ -410,16 +421,28 @@ def _list_parts(arr: pa.Array, name: str, file: Path, offset: int,
     return lengths, flat.to_numpy(zero_copy_only=False)
 
 
-def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> None:
-    """Tally the dense width of every row: width -> [rows, file, first row]."""
-    lengths, _ = _list_parts(_column(batch, columns.features, file, offset, "--features-col"),
-                             columns.features, file, offset, "float")
+def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> float:
+    """Tally the dense width of every row: width -> [rows, file, first row]; returns the batch's
+    sum of squared features."""
+    lengths, features = _list_parts(_column(batch, columns.features, file, offset,
+                                            "--features-col"),
+                                    columns.features, file, offset, "float")
     values, first, counts = np.unique(lengths, return_index=True, return_counts=True)
     for width, row, count in zip(values.tolist(), first.tolist(), counts.tolist(), strict=True):
         if width in widths:
             widths[width][0] += count
         else:
             widths[width] = [count, file, offset + row]
+    return _sum_of_squares(features)
+
+
+def _sum_of_squares(values: np.ndarray) -> float:
+    """Sum of v^2 over the finite values, in float64 (non-finite ones are reported at load)."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    if not finite.all():
+        v = v[finite]
+    return float(np.dot(v, v))
 
 
 def _common_width(widths: dict[int, list], n_rows: int, columns: Columns) -> int:

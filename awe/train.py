@@ -64,7 +64,7 @@ class TrainConfig:
     # positive pairs per step; "auto": 2048 for recommendation (many pairs per row, speed),
     # 1024 for annotation (fewer pairs per epoch: more steps measured better on Fashion-MNIST)
     batch_size: int | str = "auto"
-    init_scale: float = 0.1
+    init_scale: float = 0.1  # |x U| at the start, for x of the rows' RMS norm (model.Wsabie)
     task: str | None = None  # None: from the data's metadata (awe data), else annotation
     valid_fraction: float = 0.0
     valid_k: int | None = None  # P@k picking the best epoch: 1 (annotation), 10 (recommendation)
@@ -942,7 +942,7 @@ def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: Worl
     if valid_path is not None:
         valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
     shape = ModelShape(found.schema.n_features, len(found.vocab), config.dim,
-                       found.schema.kind == "sparse")
+                       found.schema.kind == "sparse", math.sqrt(found.mean_sq_norm))
     ck = None
     if checkpoints:
         from .checkpoint import tensor_digest

@@ -50,6 +50,7 @@ def test_dense_known_answer(tmp_path, write):
     assert found.schema.kind == "dense" and found.schema.n_features == 3
     assert found.vocab.labels == ["a", "b", "c"] and found.vocab.kind == "string"
     assert found.n_rows == 3 and found.task is None
+    assert found.mean_sq_norm == (14 + 77 + 49 + 64 + 9.5**2) / 3  # mean |x|^2
     ex = load_examples(f, found.schema, found.vocab)
     assert len(ex) == 3 and ex.sparse is None and ex.exclude is None and ex.ids is None
     assert ex.dense.dtype == np.float32
@@ -72,6 +73,7 @@ def test_sparse_known_answer(tmp_path, write):
                                        "labels": [["a"], ["b"], ["a", "b"]]}, SPARSE)
     found = scan(f)
     assert found.schema.kind == "sparse" and found.schema.n_features == 8  # max id + 1
+    assert found.mean_sq_norm == (0.25 + 4 + 0 + 1 + 9 + 16) / 3
     ex = load_examples(f, found.schema, found.vocab)
     assert ex.dense is None
     assert ex.sparse.indptr.tolist() == [0, 2, 2, 5]
@@ -85,6 +87,7 @@ def test_sparse_values_default_to_one(tmp_path, write):
     f = write(tmp_path / "s.parquet", {"feature_ids": [[3], [0, 1]], "labels": [["a"], ["a"]]},
               {"feature_ids": I32, "labels": STR})
     ex = read_train(f)
+    assert scan(f).mean_sq_norm == 1.5  # one and two ids of value 1
     assert ex.schema.n_features == 4
     assert csr_rows(ex.sparse) == [[3], [0, 1]]
     assert csr_values(ex.sparse) == [[1.0], [1.0, 1.0]]

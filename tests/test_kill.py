@@ -47,11 +47,12 @@ if what == "step":
     train._WarpStep.__call__ = step
 elif what == "row-group":
     import awe.scoring as scoring
-    real_group = scoring.RowGroupScorer.row_group
-    def row_group(self, *args):
-        time.sleep(pause)
-        return real_group(self, *args)
-    scoring.RowGroupScorer.row_group = row_group
+    real_groups = scoring.RowGroupScorer.row_groups
+    def row_groups(self, tasks):
+        for group in real_groups(self, tasks):
+            time.sleep(pause)
+            yield group
+    scoring.RowGroupScorer.row_groups = row_groups
 else:
     real_replace = os.replace
     def replace(src, dst, *args, **kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from awe.csr import Csr
 from awe.data import Examples, InputSchema
 from awe.model import ModelShape, Wsabie, gathered_dots
 from awe.optim import RowOptimizer
-from awe.train import TrainConfig, fit
+from awe.train import TrainConfig, fit, train_wsabie
 from awe.warp import estimate_rank, rank_weight_table, warp_gradients, warp_loss
+from tests.test_affinity import write_clusters
 
 
 class Weighted(Wsabie):
@@ -340,3 +342,32 @@ def test_lookup_layouts_train_the_same_model():
     for layout in ("padded", "keys"):
         for name, got in trained(layout).items():
             assert torch.equal(got, reference[name]), (layout, name)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_initial_embedding_scale_follows_the_rows_norm(sparse):
+    """U starts at init_scale / (sqrt(D) x the rows' RMS norm): x U starts at norm ~init_scale
+    for features of any scale, and ModelShape's default (1) is the unit-norm case."""
+    dim, init_scale = 64, 0.1
+    for input_norm in (1.0, 12.7):
+        shape = ModelShape(400, 10, dim, sparse, input_norm)
+        model = Wsabie(shape, init_scale, torch.Generator().manual_seed(0))
+        u = model.U.weight.detach()
+        u = u if sparse else u.T  # [features, D]
+        assert float(u.std()) == pytest.approx(init_scale / (np.sqrt(dim) * input_norm),
+                                               rel=0.05)
+        x = torch.randn(2000, 400, generator=torch.Generator().manual_seed(1))
+        x *= input_norm / x.norm(dim=1, keepdim=True)  # rows of norm input_norm
+        assert float((x @ u).norm(dim=1).mean()) == pytest.approx(init_scale, rel=0.05)
+    assert ModelShape(400, 10, dim, sparse).input_norm == 1.0
+
+
+def test_training_records_the_rows_norm(tmp_path):
+    from awe.data import scan
+
+    train = write_clusters(tmp_path / "train.parquet", 200, 0)
+    model = tmp_path / "model"
+    train_wsabie(train, model, TrainConfig(epochs=1, dim=4, threads=1), checkpoints=False)
+    saved = json.loads((model / "config.json").read_text())["stage1"]["model"]
+    assert saved["input_norm"] == pytest.approx(np.sqrt(scan(train).mean_sq_norm), rel=1e-12)
+    assert abs(saved["input_norm"] - 1) > 0.1  # the clusters are not unit-norm rows
