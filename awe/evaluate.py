@@ -113,10 +113,14 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, vals = _top_k_exact(_without_nan(scores), k_eff)
     elif (scores.device.type == "cpu" and scores.dtype == torch.float32
           and n_labels >= THRESHOLD_MIN_LABELS_PER_K * k_eff):
-        ids, vals, left = _threshold_top(scores, k_eff)
-        if len(left):
-            rows = torch.from_numpy(left)
-            ids[rows], vals[rows] = _top_k_settled(scores[rows], k_eff)
+        found = _threshold_top(scores, k_eff)
+        if found is None:
+            ids, vals = _top_k_settled(scores, k_eff)
+        else:
+            ids, vals, left = found
+            if len(left):
+                rows = torch.from_numpy(left)
+                ids[rows], vals[rows] = _top_k_settled(scores[rows], k_eff)
     else:
         ids, vals = _top_k_settled(scores, k_eff)
     ids = torch.where(torch.isneginf(vals), torch.full_like(ids, -1), ids)
@@ -142,7 +146,8 @@ def _top_k_settled(scores: torch.Tensor, k_eff: int) -> tuple[torch.Tensor, torc
     return ids, vals
 
 
-def _threshold_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def _threshold_top(scores: torch.Tensor, k: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:
     """The top k of the rows that a threshold settles, best first, ties by lower id:
     (ids [B, k], values [B, k], rows left to the caller).
 
@@ -152,7 +157,8 @@ def _threshold_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     found with one comparison and one ``flatnonzero`` over the block and sorted; no heap or
     ``topk`` touches the other L - k. Rows whose threshold is -inf or NaN (NaN scores rank last
     elsewhere) or that have more than ``THRESHOLD_MAX_SHARE`` x k columns at or above it
-    (ties) are left: their slots hold -1 and -inf.
+    (ties) are left: their slots hold -1 and -inf. None: most rows would be left (a knn row's
+    dense G is mostly zeros at its threshold), so none is taken.
     """
     values = scores.detach().numpy()
     n_rows, n_labels = values.shape
@@ -164,11 +170,19 @@ def _threshold_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         tail = values[:, bulk:]
         np.maximum(group_max[:, :tail.shape[1]], tail, out=group_max[:, :tail.shape[1]])
     threshold = np.partition(group_max, n_groups - k, axis=1)[:, n_groups - k]
-    flat = np.flatnonzero(values >= threshold[:, None])  # row-major: ascending column
+    # rows left before the pass over the block: a NaN, no finite threshold, or many groups
+    # reaching it (ties: a knn row's dense G is mostly zeros, threshold 0)
+    left = (~np.isfinite(threshold) | np.isnan(group_max).any(axis=1)
+            | (np.count_nonzero(group_max >= threshold[:, None], axis=1)
+               > THRESHOLD_MAX_SHARE * k))
+    if 2 * np.count_nonzero(left) > n_rows:  # mostly ties (knn rows): not worth a pass
+        return None
+    flat = np.flatnonzero(values >= np.where(left, np.inf, threshold)[:, None])  # row-major
     rows, cols = np.divmod(flat, n_labels)
     counts = np.bincount(rows, minlength=n_rows)
-    left = (~np.isfinite(threshold) | np.isnan(group_max).any(axis=1)
-            | (counts > THRESHOLD_MAX_SHARE * k))
+    left |= counts > THRESHOLD_MAX_SHARE * k
+    if 2 * np.count_nonzero(left) > n_rows:
+        return None
     if left.any():
         kept = ~left[rows]
         flat, rows, cols = flat[kept], rows[kept], cols[kept]

@@ -133,6 +133,11 @@ def test_threshold_top_settles_plain_rows_and_leaves_the_rest(n_labels, k):
             assert ids[row].tolist() == want_ids[row], row
             assert vals[row].tolist() == want_vals[row], row
     assert ids[6, 0] == n_labels - 1
+    # mostly ties (a knn row's dense G: zeros): no row is taken, top_k ranks them all elsewhere
+    sparse = np.zeros((4, n_labels), dtype=np.float32)
+    sparse[:, 3:3 + k - 1] = 1.0  # k - 1 positive scores: the k-th is a zero, tied with all
+    assert _threshold_top(torch.from_numpy(sparse), k) is None
+    assert top_k(torch.from_numpy(sparse), k)[0].tolist() == _reference_top_k(sparse, k)[0]
 
 
 def test_largest_equals_torch_topk_on_distinct_scores():
