@@ -317,7 +317,7 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
     for file, offset, batch in iter_batches(files, _wanted(columns, kind), batch_rows):
         n_rows += batch.num_rows
         if kind == "dense":
-            sq_norms += _count_widths(widths, batch, columns, file, offset)
+            sq_norms += _sum_of_squares(_count_widths(widths, batch, columns, file, offset))
         else:
             ids = _sparse_ids(batch, columns, file, offset)
             if len(ids.indices):
@@ -421,9 +421,9 @@ def _list_parts(arr: pa.Array, name: str, file: Path, offset: int,
     return lengths, flat.to_numpy(zero_copy_only=False)
 
 
-def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> float:
-    """Tally the dense width of every row: width -> [rows, file, first row]; returns the batch's
-    sum of squared features."""
+def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> np.ndarray:
+    """Tally the dense width of every row: width -> [rows, file, first row]; returns the
+    batch's feature values, flat."""
     lengths, features = _list_parts(_column(batch, columns.features, file, offset,
                                             "--features-col"),
                                     columns.features, file, offset, "float")
@@ -433,7 +433,7 @@ def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> floa
             widths[width][0] += count
         else:
             widths[width] = [count, file, offset + row]
-    return _sum_of_squares(features)
+    return features
 
 
 def _sum_of_squares(values: np.ndarray) -> float:

@@ -16,6 +16,7 @@ import torch
 
 from .csr import Csr, contains
 from .data import Examples
+from .warp import pad_rows
 
 METRICS = ("P", "R", "NDCG", "MAP")
 # rows x labels ranked at once where memory is bounded (`awe eval` at large L, validation when
@@ -185,19 +186,14 @@ def _threshold_top(scores: torch.Tensor, k: int,
         return None
     if left.any():
         kept = ~left[rows]
-        flat, rows, cols = flat[kept], rows[kept], cols[kept]
+        flat, cols = flat[kept], cols[kept]
         counts[left] = 0
-    width = max(int(counts.max(initial=0)), k)
-    starts = np.cumsum(counts) - counts
-    slot = np.arange(len(flat)) - starts[rows]
-    top_vals = np.full((n_rows, width), -np.inf, dtype=np.float32)
-    top_ids = np.full((n_rows, width), -1, dtype=np.int64)
-    top_vals[rows, slot] = values.reshape(-1)[flat]
-    top_ids[rows, slot] = cols
+    # at least one row is settled, so the widest row holds >= k columns
+    top_ids, top_vals = pad_rows(Csr.from_lengths(counts, cols, values.reshape(-1)[flat]))
+    top_vals[top_ids < 0] = -np.inf
     # stable: among equal scores the lower column (found first) stays first
-    order = np.argsort(-top_vals, axis=1, kind="stable")[:, :k]
-    return (torch.from_numpy(np.take_along_axis(top_ids, order, 1)),
-            torch.from_numpy(np.take_along_axis(top_vals, order, 1)), np.flatnonzero(left))
+    top_vals, order = torch.sort(top_vals, dim=1, descending=True, stable=True)
+    return top_ids.gather(1, order[:, :k]), top_vals[:, :k], np.flatnonzero(left)
 
 
 def _largest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
