@@ -58,9 +58,9 @@ class AffinityConfig:
     label_kernel: str = "exact"
     label_lambda: float | None = None  # None: 1 / median squared distance between label vectors
     label_top: int = 64  # labels kept per row with the soft label kernel (G is dense otherwise)
-    # "max": divide each row of G by its largest weight; "auto": max for recommendation, none
-    # for annotation
-    normalize: str = "auto"
+    # "max": divide each row of G by its largest weight, so stage 3 sees every row's G on one
+    # scale (docs/decisions.md: better on all three benchmark datasets); "none": the raw sums
+    normalize: str = "max"
     index: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
@@ -88,7 +88,7 @@ class AffinityConfig:
             (self.label_lambda is None or self.label_lambda > 0,
              "--label-lambda must be a positive number"),
             (self.label_top >= 1, "--label-top must be >= 1"),
-            (self.normalize in (*NORMALIZE, "auto"), "--normalize must be none, max or auto"),
+            (self.normalize in NORMALIZE, "--normalize must be none or max"),
             (self.batch_rows >= 1, "--batch-rows must be >= 1"),
         ]
         for ok, message in checks:
@@ -97,15 +97,11 @@ class AffinityConfig:
         self.index_config()  # the index options (--index, --rerank, --target-recall, ...)
 
     def resolved(self, task: str | None) -> AffinityConfig:
-        """Fill the task-dependent defaults (``auto``) of neighbours and normalisation."""
-        recommendation = task == "recommendation"
+        """Fill the task-dependent default (``auto``) of the neighbour count."""
         neighbors = self.neighbors
         if neighbors == "auto":
-            neighbors = 100 if recommendation else 20
-        normalize = self.normalize
-        if normalize == "auto":
-            normalize = "max" if recommendation else "none"
-        return replace(self, neighbors=int(neighbors), normalize=normalize)
+            neighbors = 100 if task == "recommendation" else 20
+        return replace(self, neighbors=int(neighbors))
 
     def index_config(self):
         from .neighbours import IndexConfig
@@ -476,7 +472,7 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result)."""
     from .neighbours import NeighbourIndex, set_threads
 
-    config = config.resolved(None) if "auto" in (config.neighbors, config.normalize) else config
+    config = config.resolved(None) if config.neighbors == "auto" else config
     set_threads(config.threads)
     t0 = time.perf_counter() if t0 is None else t0
     n = len(vectors)

@@ -278,8 +278,8 @@ def build_g(
     label_top: Annotated[int, typer.Option(help="Labels kept per row with --label-kernel "
                                                 "embedding.")] = 64,
     normalize: Annotated[str, typer.Option(
-        help="none | max: divide each row of G by its largest weight; auto: max for "
-             "recommendation, none for annotation.")] = "auto",
+        help="max | none: max divides each row of G by its largest weight, so stage 3 sees "
+             "every row on one scale.")] = "max",
     index: Annotated[str, typer.Option(
         help="auto | flat | bf16 | ivf | hnsw. bf16 scores every row from bfloat16 copies "
              "(fast on CPUs with AMX or AVX512-BF16) and re-ranks the best in float32.")]

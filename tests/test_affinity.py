@@ -31,8 +31,9 @@ from awe.warp import warp_loss
 
 
 def reference_g(vectors, queries, train_labels, n_labels, n, kernel, lam, aggregate,
-                leave_one_out):
-    """G by loops over queries, neighbours and labels: the definition in DESIGN.md §2."""
+                leave_one_out, normalize="max"):
+    """G by loops over queries, neighbours and labels: the definition in DESIGN.md §2, each row
+    then divided by its largest weight unless ``normalize`` is "none"."""
     g = np.zeros((len(queries), n_labels))
     for q, e in enumerate(queries):
         d2 = ((vectors - e) ** 2).sum(1)
@@ -50,6 +51,8 @@ def reference_g(vectors, queries, train_labels, n_labels, n, kernel, lam, aggreg
                  "uniform": 1.0}[kernel]
             for y in train_labels[i]:
                 g[q, y] = g[q, y] + k if aggregate == "sum" else max(g[q, y], k)
+        if normalize == "max" and g[q].max() > 0:
+            g[q] = g[q] / g[q].max()
     return g
 
 
@@ -106,22 +109,24 @@ def test_aggregate_labels_by_hand(aggregate):
     np.testing.assert_allclose(g, [want_row0, [0, 0, 1.0]])
 
 
+@pytest.mark.parametrize("normalize", ["max", "none"])
 @pytest.mark.parametrize("aggregate", ["sum", "max"])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("space", ["wsabie", "input"])
-def test_training_g_equals_brute_force(tmp_path, kernel, aggregate, space):
+def test_training_g_equals_brute_force(tmp_path, kernel, aggregate, space, normalize):
     examples, labels = small_examples(tmp_path)
     n_labels = 7
     u = torch.from_numpy(np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)) * 0.5
     config = AffinityConfig(neighbors=6, kernel=kernel, aggregate=aggregate, space=space,
-                            index="flat", lam=None if kernel == "gaussian" else 1.3)
+                            index="flat", lam=None if kernel == "gaussian" else 1.3,
+                            normalize=normalize)
     affinity, g, stats = build_affinity(examples, n_labels, config, u)
     vectors = examples.dense.astype(np.float64)
     if space == "wsabie":
         vectors = vectors @ u.numpy().astype(np.float64)
     lam = affinity.config.lam
     want = reference_g(vectors, vectors, labels, n_labels, 6, kernel, lam,
-                       aggregate, leave_one_out=True)
+                       aggregate, leave_one_out=True, normalize=normalize)
     np.testing.assert_allclose(dense(g, n_labels), want, rtol=1e-4, atol=1e-5)
     # the data-driven lambda is 1 / the median squared neighbour distance
     if kernel == "gaussian":
@@ -137,7 +142,7 @@ def test_training_g_equals_brute_force(tmp_path, kernel, aggregate, space):
     if space == "wsabie":
         qv = qv @ u.numpy().astype(np.float64)
     want = reference_g(vectors, qv, [np.array(r) for r in labels], n_labels, 6, kernel, lam,
-                       aggregate, leave_one_out=False)
+                       aggregate, leave_one_out=False, normalize=normalize)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -308,10 +313,10 @@ def test_build_g_and_retrain_write_every_option(trained, tmp_path):
     model = tmp_path / "m"
     shutil.copytree(root / "m", model)
     config = AffinityConfig(neighbors=7, kernel="cosine", aggregate="max", bias=0.1,
-                            index="flat", seed=3)
+                            normalize="none", index="flat", seed=3)
     stats, written = build_g(train, model, config)
     saved = json.loads((model / "config.json").read_text())
-    assert config.normalize == "auto"  # resolved from the task when G is built
+    assert saved["stage2"]["config"]["normalize"] == "none"
     for name, value in config.resolved("annotation").to_dict().items():
         assert name in saved["stage2"]["config"]
         if value is not None:
@@ -421,7 +426,7 @@ def test_knn_rows_search_exactly_whatever_the_stage2_index(trained, tmp_path):
 
 
 @pytest.mark.parametrize("task, neighbors, normalize, stage3_max_norm", [
-    ("annotation", 20, "none", None), ("recommendation", 100, "max", 3.0)])
+    ("annotation", 20, "max", None), ("recommendation", 100, "max", 3.0)])
 def test_auto_defaults_follow_the_task(tmp_path, task, neighbors, normalize, stage3_max_norm):
     rng = np.random.default_rng(0)
     n_rows = 150
