@@ -472,7 +472,7 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result)."""
     from .neighbours import NeighbourIndex, set_threads
 
-    config = config.resolved(None) if config.neighbors == "auto" else config
+    config = config.resolved(None)
     set_threads(config.threads)
     t0 = time.perf_counter() if t0 is None else t0
     n = len(vectors)
