@@ -54,6 +54,9 @@ class CandidateScores:
     ids: torch.Tensor
     values: torch.Tensor
     dense: Callable[[torch.Tensor], torch.Tensor]
+    # ids already best first (score descending, then id), padding last: the top k' are the
+    # first k' slots while no exclusion removes a candidate
+    ranked: bool = False
 
 
 def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
@@ -75,7 +78,10 @@ def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
                 + ids.clamp(min=0).cpu().numpy())
         dropped |= torch.from_numpy(contains(exclude.keys(n_cols), keys)).to(ids.device)
     values = values.masked_fill(dropped, float("-inf"))
-    top_ids, top_vals = top_k(values, k)
+    if scores.ranked and not bool((dropped & (ids >= 0)).any()):
+        top_ids, top_vals = _first_slots(ids, values, k)
+    else:
+        top_ids, top_vals = top_k(values, k)
     found = top_ids >= 0
     top_ids = torch.where(found, ids.gather(1, top_ids.clamp(min=0)), top_ids)
     short = (~found).any(1).nonzero()[:, 0]
@@ -85,6 +91,20 @@ def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
             mask_excluded(dense, exclude.take(short.cpu().numpy()))
         top_ids[short], top_vals[short] = top_k(dense, k)
     return top_ids, top_vals
+
+
+def _first_slots(ids: torch.Tensor, values: torch.Tensor, k: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k slots of ranked candidates as :func:`top_k` returns them (slot numbers into
+    ``ids``; -1 and -inf past a row's candidates)."""
+    width = min(k, ids.shape[1])
+    slots = torch.arange(width).expand(len(ids), width).clone()
+    vals = values[:, :width].clone()
+    slots[ids[:, :width] < 0] = -1
+    if width < k:
+        slots = torch.cat([slots, slots.new_full((len(ids), k - width), -1)], dim=1)
+        vals = torch.cat([vals, vals.new_full((len(ids), k - width), float("-inf"))], dim=1)
+    return slots, vals
 
 
 def mask_excluded(scores: torch.Tensor, exclude: Csr | None) -> torch.Tensor:
@@ -163,13 +183,7 @@ def _threshold_top(scores: torch.Tensor, k: int,
     """
     values = scores.detach().numpy()
     n_rows, n_labels = values.shape
-    n_groups = max(k, min(n_labels // THRESHOLD_GROUP, THRESHOLD_MAX_GROUPS))
-    per_group = n_labels // n_groups
-    bulk = n_groups * per_group
-    group_max = values[:, :bulk].reshape(n_rows, per_group, n_groups).max(axis=1)
-    if bulk < n_labels:  # the last columns join groups 0, 1, ... (still column c mod G)
-        tail = values[:, bulk:]
-        np.maximum(group_max[:, :tail.shape[1]], tail, out=group_max[:, :tail.shape[1]])
+    group_max, n_groups = group_maxima(values, k)
     threshold = np.partition(group_max, n_groups - k, axis=1)[:, n_groups - k]
     # rows left before the pass over the block: a NaN, no finite threshold, or many groups
     # reaching it (ties: a knn row's dense G is mostly zeros, threshold 0)
@@ -194,6 +208,21 @@ def _threshold_top(scores: torch.Tensor, k: int,
     # stable: among equal scores the lower column (found first) stays first
     top_vals, order = torch.sort(top_vals, dim=1, descending=True, stable=True)
     return top_ids.gather(1, order[:, :k]), top_vals[:, :k], np.flatnonzero(left)
+
+
+def group_maxima(values: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """(maxima [B, G], G) of the strided column groups of ``values`` [B, L] (column c in group
+    c mod G; G = L / ``THRESHOLD_GROUP``, at least k, at most ``THRESHOLD_MAX_GROUPS``): each of
+    G groups holds a maximum, so the k-th largest maximum is at most the k-th largest value."""
+    n_rows, n_labels = values.shape
+    n_groups = max(k, min(n_labels // THRESHOLD_GROUP, THRESHOLD_MAX_GROUPS))
+    per_group = n_labels // n_groups
+    bulk = n_groups * per_group
+    group_max = values[:, :bulk].reshape(n_rows, per_group, n_groups).max(axis=1)
+    if bulk < n_labels:  # the last columns join groups 0, 1, ... (still column c mod G)
+        tail = values[:, bulk:]
+        np.maximum(group_max[:, :tail.shape[1]], tail, out=group_max[:, :tail.shape[1]])
+    return group_max, n_groups
 
 
 def _largest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +362,7 @@ def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] 
     batch_rows = max(1, min(batch_rows, SCORES_PER_BATCH // predictor.n_labels))
     results = {}
     for row in rows:
-        results[row] = evaluate(lambda ex, b, row=row: predictor.ranking_scores(ex, b, row),
-                                test, ks, batch_rows)
+        results[row] = evaluate(
+            lambda ex, b, row=row: predictor.ranking_scores(ex, b, row, max(ks)),
+            test, ks, batch_rows)
     return results

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import screen
 from .csr import Csr
 from .data import Examples
 from .errors import AweError
@@ -41,6 +42,7 @@ class Predictor:
         self.train_path = train_path or (stage2 or {}).get("train_path")
         self._baselines: dict = {}  # knn rows built on demand: space -> Affinity
         self._g_cache: tuple | None = None
+        self._screen = None  # the bfloat16 copy of stage 1's labels (awe.screen), on demand
 
     @property
     def n_labels(self) -> int:
@@ -89,16 +91,30 @@ class Predictor:
                                   self.awe.all_scores_plain(e))
 
     @torch.no_grad()
-    def ranking_scores(self, examples: Examples, rows: np.ndarray, kind: str):
-        """What ranks ``rows`` under ``kind``: :meth:`scores`, or for ``awe`` with b = 0 the
-        :class:`~awe.evaluate.CandidateScores` of G's labels (the same ranking, from the few
-        labels the neighbours carry instead of all L)."""
+    def ranking_scores(self, examples: Examples, rows: np.ndarray, kind: str,
+                       k: int | None = None):
+        """What ranks ``rows`` under ``kind``: :meth:`scores`, or the
+        :class:`~awe.evaluate.CandidateScores` of the same ranking from a few labels a row:
+        for ``awe`` with b = 0 G's labels, for ``wsabie`` with ``k`` (on CPUs with bfloat16
+        products) the labels that can be in the top k (:mod:`awe.screen`; valid for any top k'
+        <= k, with ``examples``' exclusions)."""
+        if kind == "wsabie" and k is not None and self.device == "cpu" and screen.enabled():
+            e = self.wsabie.embed(batch_inputs(examples, rows, self.device))
+            exclude = None if examples.exclude is None else examples.exclude.take(rows)
+            found = screen.screened_scores(e, self._screen_table(), k, exclude,
+                                           lambda short: self.wsabie.all_scores(e[short]))
+            return self.wsabie.all_scores(e) if found is None else found
         if kind != "awe":
             return self.scores(examples, rows, kind)
         e = self.awe.embed(batch_inputs(examples, rows, self.device))
         g = self.affinity_rows(examples, rows)
         candidates = self.awe.candidate_scores(e, torch.from_numpy(np.asarray(rows)), g)
         return self._awe_scores(g, e) if candidates is None else candidates
+
+    def _screen_table(self) -> screen.ScreenTable:
+        if self._screen is None:
+            self._screen = screen.ScreenTable(self.wsabie.V.weight, self.wsabie.label_bias)
+        return self._screen
 
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
         """G of a batch (the last batch is cached: knn-wsabie and awe share it)."""
@@ -172,7 +188,7 @@ class Predictor:
         id_parts, score_parts, lengths = [], [], []
         for start in range(0, len(examples), batch_rows):
             rows = np.arange(start, min(start + batch_rows, len(examples)))
-            scores = self.ranking_scores(examples, rows, kind)
+            scores = self.ranking_scores(examples, rows, kind, k)
             exclude = None if examples.exclude is None else examples.exclude.take(rows)
             ids, values = (t.cpu().numpy() for t in ranked_top_k(scores, k, exclude))
             found = ids >= 0
