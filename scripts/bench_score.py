@@ -16,7 +16,9 @@ top-10, --threads threads, timed from the call to the rename of the output (mode
 fingerprint included) after a first, untimed call on 4,096 rows (imports and kernel set-up,
 reported as cold_first_call_s); rows/s is the median of --repeats runs. Dask: the child starts
 a local cluster of --workers processes first (not timed; reported) and scores through it, each
-worker with --threads / --workers threads. Peak RSS: the child's ru_maxrss while scoring
+worker with --threads / --workers threads. The Wsabie stage's local runs alternate with
+runs of the anchor, the float32 product for every label (AWE_BF16_SCREEN=0, the code before
+awe.screen), and report the ratio. Peak RSS: the child's ru_maxrss while scoring
 --rss-rows rows (Wsabie stage, the smallest L). The load average is recorded with every run:
 the development machine is shared, so times are upper bounds.
 """
@@ -145,13 +147,15 @@ def child(argv: list[str]) -> None:
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_child(args, model: Path, source: Path, stage: str, workers: int = 0) -> dict:
-    out = Path(args.root) / "scored" / f"{model.name}-{stage}-{source.stem}-w{workers}.parquet"
+def run_child(args, model: Path, source: Path, stage: str, workers: int = 0,
+              screen: bool = True) -> dict:
+    out = Path(args.root) / "scored" / (f"{model.name}-{stage}-{source.stem}-w{workers}"
+                                        f"{'' if screen else '-dense'}.parquet")
     cmd = [sys.executable, __file__, "child", "--model", str(model), "--input", str(source),
            "--out", str(out), "--stage", stage, "--threads", str(args.threads),
            "--workers", str(workers), "--batch-size", str(args.batch_size),
            "--warmup", str(Path(args.root) / "warmup.parquet")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWE_BF16_SCREEN": "1" if screen else "0"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"child failed: {result.stderr[-2000:]}")
@@ -175,6 +179,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="0: no Dask runs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-anchor", dest="anchor", action="store_false",
+                        help="skip the Wsabie stage's float32-product runs (AWE_BF16_SCREEN=0)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--root", default="runs/bench-score")
     parser.add_argument("--out", default="runs/bench-score.json")
@@ -202,20 +208,38 @@ def main() -> None:
         model = make_model(root, n_labels, args)
         for stage in ("wsabie", "awe"):
             for workers in (0, args.workers) if args.workers else (0,):
-                runs = [run_child(args, model, source, stage, workers)
-                        for _ in range(args.repeats)]
+                # the anchor: the float32 product for every label (AWE_BF16_SCREEN=0), its
+                # runs alternating with the screened ones
+                anchor = stage == "wsabie" and not workers and args.anchor
+                runs, dense = [], []
+                for _ in range(args.repeats):
+                    runs.append(run_child(args, model, source, stage, workers))
+                    if anchor:
+                        dense.append(run_child(args, model, source, stage, workers,
+                                               screen=False))
                 rates = [r["rows"] / r["seconds"] for r in runs]
                 row = {"labels": n_labels, "stage": stage, "workers": workers,
                        "rows": runs[0]["rows"], "rows_per_s_median": statistics.median(rates),
                        "rows_per_s": rates, "load": [r["load_before"] for r in runs],
                        "cluster_start_s": [r["cluster_seconds"] for r in runs],
                        "cold_first_call_s": [r["cold_seconds"] for r in runs]}
+                if dense:
+                    dense_rates = [r["rows"] / r["seconds"] for r in dense]
+                    row["dense_rows_per_s"] = dense_rates
+                    row["dense_rows_per_s_median"] = statistics.median(dense_rates)
+                    row["ratio_to_dense"] = (row["rows_per_s_median"]
+                                             / row["dense_rows_per_s_median"])
                 report["throughput"].append(row)
                 where = f"dask {workers} workers" if workers else f"{args.threads} threads"
                 print(f"L={n_labels} {stage:6s} {where}, {row['rows']:,} rows: "
                       f"{row['rows_per_s_median']:,.0f} rows/s "
                       f"(runs {', '.join(f'{r:,.0f}' for r in rates)}; load "
                       f"{', '.join(f'{x:.1f}' for x in row['load'])})", flush=True)
+                if dense:
+                    print(f"    float32 product for every label: "
+                          f"{row['dense_rows_per_s_median']:,.0f} rows/s (runs "
+                          f"{', '.join(f'{r:,.0f}' for r in row['dense_rows_per_s'])}); "
+                          f"screened / dense {row['ratio_to_dense']:.2f}x", flush=True)
                 save()
     rss_model = make_model(root, labels[0], args)
     for n_rows in (int(x) for x in args.rss_rows.split(",") if x):

@@ -245,3 +245,24 @@ def test_top_k_of_ranked_candidates_is_their_first_slots():
     assert got_ids.tolist() == [[7, 1], [2, 9]]
     assert got_vals.tolist() == [[3.0, 2.0], [5.0, 4.0]]
     assert torch.equal(*(t for t in (top_k(dense[1:], 2)[0][0], torch.tensor([2, 9]))))
+
+
+@pytest.mark.parametrize("n_labels", [1000, 1 << 26])  # keys of 64 bits, or the padded sort
+def test_best_first_sorts_by_score_then_id(n_labels):
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 30, 200)
+    counts[:3] = [0, 1, 29]
+    cols = np.concatenate([np.sort(rng.choice(1000, c, replace=False)) for c in counts])
+    # few distinct values: many ties; both zeros; negatives
+    values = rng.choice(np.array([-2.5, -0.0, 0.0, 1.0, 1.5, 3.25], dtype=np.float32),
+                        len(cols))
+    ids, vals = screen._best_first(counts, cols, values, 7, n_labels)
+    start = 0
+    for row, count in enumerate(counts):
+        pairs = sorted(zip(-values[start:start + count], cols[start:start + count],
+                           strict=True))[:7]
+        start += count
+        want_ids = [int(c) for _, c in pairs] + [-1] * (7 - len(pairs))
+        want_vals = [float(-v) for v, _ in pairs] + [float("-inf")] * (7 - len(pairs))
+        assert ids[row].tolist() == want_ids
+        assert vals[row].tolist() == want_vals
