@@ -62,6 +62,15 @@ def test_screened_top_k_is_the_float32_top_k(n_labels, dim, bias, k):
     assert (found.ids >= 0).sum(1)[settled].float().mean() < n_labels / 8
 
 
+@pytest.mark.parametrize("n_rows", [1, 77, 511])
+def test_row_counts_off_the_product_padding(n_rows):
+    e, v, beta = model(1000, 64)
+    table = screen.ScreenTable(v, beta)
+    ids, vals = screened_top(e[:n_rows], table, 10)[1]
+    ref_ids, ref_vals = expected_top(e[:n_rows], table, 10)
+    assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals)
+
+
 def test_planted_ties_go_to_the_lower_id():
     e, v, beta = model(1000, 64)
     # labels 900.. repeat the rows of labels 0..: equal float32 scores at every pair
