@@ -20,7 +20,9 @@ worker with --threads / --workers threads. The Wsabie stage's local runs alterna
 runs of the anchor, the float32 product for every label (AWE_BF16_SCREEN=0, the code before
 awe.screen), and report the ratio. Peak RSS: the child's ru_maxrss while scoring
 --rss-rows rows (Wsabie stage, the smallest L). The load average is recorded with every run:
-the development machine is shared, so times are upper bounds.
+the development machine is shared, so times are upper bounds. So is the share of CPU time the
+hypervisor took during each run (steal, from /proc/stat): 43% of it in one run of session 10,
+nearly one of the 2 cores.
 """
 
 from __future__ import annotations
@@ -96,6 +98,23 @@ def make_model(root: Path, n_labels: int, args) -> Path:
     return model
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (/proc/stat, jiffies: user nice system idle iowait irq
+    softirq steal), or [] where there is none."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+    """The share of the machine's CPU time a hypervisor took (steal) between two readings."""
+    if not before or not after:
+        return None
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return spent[7] / max(1, sum(spent))
+
+
 def child(argv: list[str]) -> None:
     """Score once in this process and print JSON: seconds, rows, peak RSS."""
     parser = argparse.ArgumentParser()
@@ -136,15 +155,21 @@ def child(argv: list[str]) -> None:
     score_files(a.warmup, a.model, a.out + ".warmup.parquet", options, cluster=cluster)
     cold_seconds = time.perf_counter() - t0
     load = os.getloadavg()[0]
+    before = cpu_times()
     t0 = time.perf_counter()
     summary = score_files(a.input, a.model, a.out, options, cluster=cluster)
     seconds = time.perf_counter() - t0
+    steal = steal_share(before, cpu_times())
     if stack is not None:
         stack.close()
     print(json.dumps({"seconds": seconds, "rows": summary.rows, "load_before": load,
                       "load_after": os.getloadavg()[0], "cluster_seconds": cluster_seconds,
-                      "cold_seconds": cold_seconds,
+                      "cold_seconds": cold_seconds, "steal": steal,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _percent(share: float | None) -> str:
+    return "?" if share is None else f"{100 * share:.0f}%"
 
 
 def run_child(args, model: Path, source: Path, stage: str, workers: int = 0,
@@ -221,11 +246,13 @@ def main() -> None:
                 row = {"labels": n_labels, "stage": stage, "workers": workers,
                        "rows": runs[0]["rows"], "rows_per_s_median": statistics.median(rates),
                        "rows_per_s": rates, "load": [r["load_before"] for r in runs],
+                       "steal": [r["steal"] for r in runs],
                        "cluster_start_s": [r["cluster_seconds"] for r in runs],
                        "cold_first_call_s": [r["cold_seconds"] for r in runs]}
                 if dense:
                     dense_rates = [r["rows"] / r["seconds"] for r in dense]
                     row["dense_rows_per_s"] = dense_rates
+                    row["dense_steal"] = [r["steal"] for r in dense]
                     row["dense_rows_per_s_median"] = statistics.median(dense_rates)
                     row["ratio_to_dense"] = (row["rows_per_s_median"]
                                              / row["dense_rows_per_s_median"])
@@ -234,11 +261,13 @@ def main() -> None:
                 print(f"L={n_labels} {stage:6s} {where}, {row['rows']:,} rows: "
                       f"{row['rows_per_s_median']:,.0f} rows/s "
                       f"(runs {', '.join(f'{r:,.0f}' for r in rates)}; load "
-                      f"{', '.join(f'{x:.1f}' for x in row['load'])})", flush=True)
+                      f"{', '.join(f'{x:.1f}' for x in row['load'])}; steal "
+                      f"{', '.join(_percent(x) for x in row['steal'])})", flush=True)
                 if dense:
                     print(f"    float32 product for every label: "
                           f"{row['dense_rows_per_s_median']:,.0f} rows/s (runs "
-                          f"{', '.join(f'{r:,.0f}' for r in row['dense_rows_per_s'])}); "
+                          f"{', '.join(f'{r:,.0f}' for r in row['dense_rows_per_s'])}; steal "
+                          f"{', '.join(_percent(x) for x in row['dense_steal'])}); "
                           f"screened / dense {row['ratio_to_dense']:.2f}x", flush=True)
                 save()
     rss_model = make_model(root, labels[0], args)
