@@ -83,6 +83,29 @@ class ScreenTable:
         self.usable = bool(np.isfinite([self.norm_low, self.norm_full]).all()
                            and self.norm_full < MAX_SAFE)
         self._scratch = threading.local()
+        self.usable = self.usable and self._bound_holds_on_probes()
+
+    def _bound_holds_on_probes(self, n_probes: int = 64) -> bool:
+        """The error bound checked on probe rows (the first labels' own vectors, which score
+        high, and gaussian rows of their size) against the float32 scores of every label: a
+        bfloat16 product that does not accumulate in float32, as the bound assumes, fails it
+        by far, and the screen stays off for the model."""
+        probes = self.table[:n_probes]
+        scale = float(probes.norm(dim=1).mean()) / max(1.0, self.dim ** 0.5)
+        noise = torch.randn(len(probes), self.dim,
+                            generator=torch.Generator().manual_seed(0)) * scale
+        e = torch.cat([probes, noise])
+        low = torch.zeros(len(e), self.width, dtype=torch.bfloat16)
+        low[:, :self.dim] = e
+        low[:, self.dim] = 1.0
+        approx = (low @ self.low_t).double()
+        exact = e @ self.table.T
+        if self.bias is not None:
+            exact = exact + self.bias
+        b0, u1, finite = _row_bounds(e, low, self)
+        slack = (torch.from_numpy(b0)[:, None] + u1 * approx.abs()
+                 - (approx - exact.double()).abs())
+        return bool(finite.all() and (slack >= 0).all())
 
     def scratch(self, n_rows: int) -> tuple[torch.Tensor, np.ndarray]:
         """This thread's [n_rows, L] product and mask buffers: allocated once, not every batch

@@ -275,3 +275,21 @@ def test_best_first_sorts_by_score_then_id(n_labels):
         want_vals = [float(-v) for v, _ in pairs] + [float("-inf")] * (7 - len(pairs))
         assert ids[row].tolist() == want_ids
         assert vals[row].tolist() == want_vals
+
+
+def test_a_product_that_breaks_the_bound_turns_the_screen_off(monkeypatch):
+    """A bfloat16 product accumulated in bfloat16 (not float32, as the bound assumes) fails
+    the probes at construction: the model is then ranked dense."""
+    _, v, beta = model(1000, 128)
+    assert screen.ScreenTable(v, beta).usable
+
+    real_matmul = torch.Tensor.__matmul__
+
+    def coarse(a, b):
+        out = real_matmul(a, b)
+        if out.dtype == torch.bfloat16:  # every score off by 3% of its size
+            out = (out.float() * 1.03).to(torch.bfloat16)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", coarse)
+    assert not screen.ScreenTable(v, beta).usable
