@@ -13,9 +13,10 @@ Inputs are dense parquet files of random rows of the same distribution with an i
 
 Throughput: `score_files` in a fresh child process (`awe score` without the interpreter start),
 top-10, --threads threads, timed from the call to the rename of the output (model load and
-fingerprint included) after a first, untimed call on 4,096 rows (imports and kernel set-up,
-reported as cold_first_call_s); rows/s is the median of --repeats runs. Dask: the child starts
-a local cluster of --workers processes first (not timed; reported) and scores through it, each
+fingerprint included) after a first, untimed call on 8 row groups of --batch-size rows (imports,
+kernel set-up for that shape, reported as cold_first_call_s); rows/s is the median of
+--repeats runs. Dask: the child starts a local cluster of --workers processes first (not timed;
+reported) and scores through it, each
 worker with --threads / --workers threads. The Wsabie stage's local runs alternate with
 runs of the anchor, the float32 product for every label (AWE_BF16_SCREEN=0, the code before
 awe.screen), and report the ratio. Peak RSS: the child's ru_maxrss while scoring
@@ -179,7 +180,7 @@ def run_child(args, model: Path, source: Path, stage: str, workers: int = 0,
     cmd = [sys.executable, __file__, "child", "--model", str(model), "--input", str(source),
            "--out", str(out), "--stage", stage, "--threads", str(args.threads),
            "--workers", str(workers), "--batch-size", str(args.batch_size),
-           "--warmup", str(Path(args.root) / "warmup.parquet")]
+           "--warmup", str(Path(args.root) / f"warmup-{args.batch_size}.parquet")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "AWE_BF16_SCREEN": "1" if screen else "0"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode:
@@ -222,9 +223,11 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
     labels = [int(x) for x in args.labels.split(",")]
-    # 8 row groups: every Dask worker takes a warm-up task
-    make_rows(root / "warmup.parquet", 4096, args.features, labels[0], seed=4,
-              with_labels=False, group_rows=512)
+    # 8 row groups, every Dask worker takes a warm-up task; of --batch-size rows each, the
+    # timed runs' batch shape (a first product of a new shape set up oneDNN kernels and page
+    # buffers in: the first 200k-row call after a 512-row warm-up ran ~20% slower than later)
+    make_rows(root / f"warmup-{args.batch_size}.parquet", 8 * args.batch_size, args.features,
+              labels[0], seed=4, with_labels=False, group_rows=args.batch_size)
     for n_labels in labels:
         n_rows = args.rows if n_labels <= 5000 else args.large_rows
         # 16,384-row groups: the Dask runs have a dozen tasks to share out
