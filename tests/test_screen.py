@@ -293,3 +293,15 @@ def test_a_product_that_breaks_the_bound_turns_the_screen_off(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", coarse)
     assert not screen.ScreenTable(v, beta).usable
+
+
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """`awe score` locally and on Dask batch rows differently: a row's top k and scores must be
+    the same whatever rows it is scored with (candidates' dot products are per entry)."""
+    e, v, beta = model(1000, 64)
+    e[7] = 0.0  # a row the screen leaves, in both splits
+    table = screen.ScreenTable(v, beta)
+    whole = screened_top(e, table, 10)[1]
+    parts = [screened_top(e[start:start + 100], table, 10)[1] for start in range(0, len(e), 100)]
+    assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
+    assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
