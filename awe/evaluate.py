@@ -57,6 +57,11 @@ class CandidateScores:
     # ids already best first (score descending, then id), padding last: the top k' are the
     # first k' slots while no exclusion removes a candidate
     ranked: bool = False
+    # the top k (ids, values) of the rows at ``positions`` with fewer than k candidates left,
+    # their exclusions given, without a [n, L] table: rest(positions, exclude, k); None, or
+    # None returned: ``dense``
+    rest: Callable[[torch.Tensor, Csr | None, int],
+                   tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
 
 def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
@@ -86,10 +91,14 @@ def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
     top_ids = torch.where(found, ids.gather(1, top_ids.clamp(min=0)), top_ids)
     short = (~found).any(1).nonzero()[:, 0]
     if short.numel():  # fewer than k candidates: the row's other labels come next
-        dense = scores.dense(short).float()
-        if exclude is not None:
-            mask_excluded(dense, exclude.take(short.cpu().numpy()))
-        top_ids[short], top_vals[short] = top_k(dense, k)
+        left_out = None if exclude is None else exclude.take(short.cpu().numpy())
+        found = None if scores.rest is None else scores.rest(short, left_out, k)
+        if found is None:
+            dense = scores.dense(short).float()
+            if left_out is not None:
+                mask_excluded(dense, left_out)
+            found = top_k(dense, k)
+        top_ids[short], top_vals[short] = found
     return top_ids, top_vals
 
 

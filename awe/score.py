@@ -42,7 +42,7 @@ class Predictor:
         self.train_path = train_path or (stage2 or {}).get("train_path")
         self._baselines: dict = {}  # knn rows built on demand: space -> Affinity
         self._g_cache: tuple | None = None
-        self._screen = None  # the bfloat16 copy of stage 1's labels (awe.screen), on demand
+        self._screens: dict = {}  # stage -> the bfloat16 copy of its labels (awe.screen)
 
     @property
     def n_labels(self) -> int:
@@ -109,12 +109,23 @@ class Predictor:
         e = self.awe.embed(batch_inputs(examples, rows, self.device))
         g = self.affinity_rows(examples, rows)
         candidates = self.awe.candidate_scores(e, torch.from_numpy(np.asarray(rows)), g)
-        return self._awe_scores(g, e) if candidates is None else candidates
+        if candidates is None:
+            return self._awe_scores(g, e)
+        if k is not None and self.device == "cpu" and screen.enabled():
+            # rows with fewer than k G labels: the others by stage 3's plain score, screened
+            table = self._screen_table("awe")
+            candidates.rest = lambda at, exclude, k_rest: screen.screened_after_candidates(
+                e.index_select(0, at), table, candidates.ids.index_select(0, at),
+                candidates.values.index_select(0, at), exclude, k_rest,
+                lambda where: candidates.dense(at.index_select(0, where)))
+        return candidates
 
-    def _screen_table(self) -> screen.ScreenTable:
-        if self._screen is None:
-            self._screen = screen.ScreenTable(self.wsabie.V.weight, self.wsabie.label_bias)
-        return self._screen
+    def _screen_table(self, stage: str = "wsabie") -> screen.ScreenTable:
+        """The bfloat16 copy of a stage's labels [V | beta] (:mod:`awe.screen`), once."""
+        if stage not in self._screens:
+            model = self.wsabie if stage == "wsabie" else self.awe
+            self._screens[stage] = screen.ScreenTable(model.V.weight, model.label_bias)
+        return self._screens[stage]
 
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
         """G of a batch (the last batch is cached: knn-wsabie and awe share it)."""

@@ -30,8 +30,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .csr import Csr
-from .evaluate import THRESHOLD_MIN_LABELS_PER_K, CandidateScores, group_maxima
+from .csr import Csr, contains
+from .evaluate import (
+    THRESHOLD_MIN_LABELS_PER_K,
+    CandidateScores,
+    group_maxima,
+    mask_excluded,
+    ranked_top_k,
+    top_k,
+)
 from .warp import pad_rows
 
 BF16_UNIT = 2.0 ** -8          # unit roundoff of bfloat16 (8 significand bits, nearest even)
@@ -169,6 +176,76 @@ def screened_scores(e: torch.Tensor, table: ScreenTable, k: int, exclude: Csr | 
     values = _float32_scores(e, table, counts, cols).numpy()
     ids, values = _best_first(counts, cols, values, k, n_labels)
     return CandidateScores(ids, values, dense, ranked=True)
+
+
+def screened_after_candidates(e: torch.Tensor, table: ScreenTable, ids: torch.Tensor,
+                              values: torch.Tensor, exclude: Csr | None, k: int,
+                              dense: Callable[[torch.Tensor], torch.Tensor],
+                              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The top k of rows ranked as :func:`awe.model.awe_scores_around` ranks them, without its
+    [n, L] table: the candidates (``ids`` [n, W] ascending, -1 padding, and their
+    ``values``) first, by value; then every other label by its score s = e . V_y + beta_y,
+    shown as s - max s + (the lowest candidate value) - 1. The rows' ``exclude`` labels are
+    never ranked. Rows the screen leaves, or whose shown scores tie across the cut, come
+    from ``dense(positions)`` (that table). None where the screen does not apply.
+
+    For AWE's rows with fewer than k G labels (b = 0): at L = 21,000 their dense table cost
+    the stage-3 product over every label, and its top k."""
+    n_rows = len(ids)
+    valid = ids >= 0
+    lowest = torch.where(valid, values, torch.inf).amin(1)
+    lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
+    apart = _joined(Csr.from_lengths(valid.sum(1).numpy(), ids[valid].numpy()), exclude)
+
+    def plain(at: torch.Tensor) -> torch.Tensor:
+        base = e.index_select(0, at) @ table.table.T
+        return base if table.bias is None else base + table.bias
+
+    found = screened_scores(e, table, k + 1, apart, plain)
+    if found is None:
+        return None
+
+    rest_ids, rest_base = ranked_top_k(found, k + 1, apart)
+    # max s over every label: the screened best, or one of the labels ranked apart
+    apart_base = _float32_scores(e, table, apart.lengths, apart.indices).numpy()
+    apart_max = np.full(n_rows, -np.inf, dtype=np.float32)
+    np.maximum.at(apart_max, apart.row_of_entry(), apart_base)
+    top = torch.maximum(rest_base[:, 0], torch.from_numpy(apart_max))
+    shown = rest_base.sub(top[:, None]).add_(lowest[:, None]).sub_(1)
+    shown[rest_ids < 0] = -torch.inf
+    # the ranking is by the shown scores: where rounding makes two of them equal, ties go by id,
+    # which the screen's order by s does not give
+    tied = ((shown[:, 1:] == shown[:, :-1]) & torch.isfinite(shown[:, 1:])).any(1)
+    kept = values.masked_fill(~valid, -torch.inf)
+    if exclude is not None and exclude.nnz:
+        n_cols = table.n_labels
+        keys = np.arange(n_rows, dtype=np.int64)[:, None] * n_cols + ids.clamp(min=0).numpy()
+        kept = kept.masked_fill(torch.from_numpy(contains(exclude.keys(n_cols), keys)),
+                                -torch.inf)
+    # candidates above every other label (shown <= lowest - 1): one stable sort keeps the
+    # candidates' ties by id and the rest in their order
+    merged_vals, order = torch.sort(torch.cat([kept, shown], dim=1), dim=1, descending=True,
+                                    stable=True)
+    merged_ids = torch.cat([ids, rest_ids], dim=1).gather(1, order)[:, :k]
+    merged_vals = merged_vals[:, :k]
+    merged_ids = merged_ids.masked_fill(torch.isneginf(merged_vals), -1)
+    if tied.any():
+        at = tied.nonzero()[:, 0]
+        table_rows = dense(at).float()
+        if exclude is not None:
+            mask_excluded(table_rows, exclude.take(at.numpy()))
+        merged_ids[at], merged_vals[at] = top_k(table_rows, k)
+    return merged_ids, merged_vals
+
+
+def _joined(first: Csr, second: Csr | None) -> Csr:
+    """Each row's entries of both (duplicates kept: the screen masks an entry twice)."""
+    if second is None or not second.nnz:
+        return first
+    rows = np.concatenate([first.row_of_entry(), second.row_of_entry()])
+    order = np.argsort(rows, kind="stable")
+    cols = np.concatenate([first.indices, second.indices])[order]
+    return Csr.from_lengths(np.bincount(rows, minlength=first.n_rows), cols)
 
 
 def _best_first(counts: np.ndarray, cols: np.ndarray, values: np.ndarray, k: int,

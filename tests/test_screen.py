@@ -189,20 +189,13 @@ def test_not_applicable_gives_none():
     assert not screen.ScreenTable(v, beta).usable
 
 
-def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
-    """Through awe: the Wsabie row's predictions (with exclusions) and metrics, with the screen
-    and without; the screen's candidates are float32 dot products and the dense path's a
-    GEMM, so their scores agree to rounding."""
+def labelled_rows(folder, n_labels=400, seed=0):
+    """train and test parquet files: 12 features around a centre per label, every label in
+    train, 3 random labels a row to exclude."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from awe.data import load_examples
-    from awe.evaluate import evaluate_model
-    from awe.score import Predictor
-    from awe.train import TrainConfig, train_wsabie
-
-    rng = np.random.default_rng(0)
-    n_labels = 400
+    rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_labels, 12)) * 2
 
     def write(path, n):
@@ -214,7 +207,21 @@ def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
             "exclude": [[f"l{c}" for c in rng.integers(0, n_labels, 3)] for _ in y]}), path)
         return path
 
-    train, test = write(tmp_path / "train.parquet", 3000), write(tmp_path / "test.parquet", 700)
+    return write(folder / "train.parquet", 3000), write(folder / "test.parquet", 700)
+
+
+def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
+    """Through awe: the Wsabie row's predictions (with exclusions) and metrics, with the screen
+    and without; the screen's candidates are float32 dot products and the dense path's a
+    GEMM, so their scores agree to rounding."""
+    import pyarrow as pa
+
+    from awe.data import load_examples
+    from awe.evaluate import evaluate_model
+    from awe.score import Predictor
+    from awe.train import TrainConfig, train_wsabie
+
+    train, test = labelled_rows(tmp_path)
     train_wsabie(train, tmp_path / "m", TrainConfig(dim=16, epochs=2, threads=1, seed=0,
                                                     valid_fraction=0.0), checkpoints=False)
     predictor = Predictor(tmp_path / "m")
@@ -305,3 +312,81 @@ def test_a_rows_result_does_not_depend_on_its_batch():
     parts = [screened_top(e[start:start + 100], table, 10)[1] for start in range(0, len(e), 100)]
     assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
     assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+def test_after_candidates_is_the_awe_ranking(with_exclude):
+    """Rows with fewer than k G candidates: candidates by value, then the other labels by
+    their plain score shown below the lowest candidate (awe_scores_around), exclusions
+    removed; against that dense table built from the same float32 scores."""
+    from awe.model import awe_scores_around
+
+    e, v, beta = model(1000, 64)
+    table = screen.ScreenTable(v, beta)
+    rng = np.random.default_rng(1)
+    base = reference_scores(e, table)
+    width = 6
+    ids = torch.full((len(e), width), -1)
+    for i in range(len(e)):
+        chosen = np.sort(rng.choice(1000, rng.integers(0, width + 1), replace=False))
+        ids[i, :len(chosen)] = torch.from_numpy(chosen)
+    weights = torch.from_numpy(rng.uniform(0.2, 1.0, ids.shape).astype(np.float32))
+    values = torch.where(ids >= 0, weights * base.gather(1, ids.clamp(min=0)), 0.0)
+    values[5, :2] = values[5, 0]  # a tie between candidates
+    exclude = None
+    if with_exclude:
+        lists = [sorted(set(ids[i, :1].clamp(min=0).tolist())
+                        | set(rng.choice(1000, 3).tolist())) for i in range(len(e))]
+        exclude = Csr.from_lengths(np.array([len(r) for r in lists]),
+                                   np.concatenate([np.array(r, dtype=np.int64) for r in lists]))
+
+    def dense(at):
+        return awe_scores_around(base[at].clone(), ids[at], values[at])
+
+    got = screen.screened_after_candidates(e, table, ids, values, exclude, 10, dense)
+    assert got is not None
+    want_table = dense(torch.arange(len(e)))
+    want = ranked_top_k(want_table, 10, exclude)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+def test_awe_rows_short_of_candidates_with_and_without_the_screen(tmp_path, monkeypatch):
+    """Through awe: stage 3's rows whose G holds fewer than k labels (20 neighbours of one
+    label each: most rows) ranked with the screen for the rest and densely agree."""
+    import pyarrow as pa
+
+    from awe.affinity import AffinityConfig, build_g
+    from awe.data import load_examples
+    from awe.evaluate import evaluate_model
+    from awe.score import Predictor
+    from awe.train import STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie, with_overrides
+
+    train, test = labelled_rows(tmp_path)
+    common = {"epochs": 1, "threads": 1, "seed": 0, "valid_fraction": 0.0}
+    train_wsabie(train, tmp_path / "m", TrainConfig(dim=16, **common), checkpoints=False)
+    build_g(train, tmp_path / "m", AffinityConfig(neighbors=20, index="flat", threads=1))
+    retrain_awe(train, tmp_path / "m", with_overrides(STAGE3_DEFAULTS, **common),
+                checkpoints=False)
+    predictor = Predictor(tmp_path / "m")
+    examples = load_examples(test, predictor.schema, predictor.vocab, require_labels=False)
+    calls = []
+    original = screen.screened_after_candidates
+    monkeypatch.setattr(screen, "screened_after_candidates",
+                        lambda *a, **kw: calls.append(len(a[2])) or original(*a, **kw))
+    monkeypatch.setattr(screen, "_ENABLED", True)
+    with_screen = predictor.predict_table(examples, k=10, kind="awe")
+    metrics_on = evaluate_model(tmp_path / "m", test, [1, 10], rows=["awe"])
+    assert sum(calls) > len(examples) // 2, "most rows are short of 10 G labels"
+    monkeypatch.setattr(screen, "_ENABLED", False)
+    dense = predictor.predict_table(examples, k=10, kind="awe")
+    metrics_off = evaluate_model(tmp_path / "m", test, [1, 10], rows=["awe"])
+    assert with_screen.column("labels").equals(dense.column("labels"))
+    on = np.concatenate(with_screen.column("scores").to_numpy(zero_copy_only=False))
+    off = np.concatenate(dense.column("scores").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
+    assert metrics_on == metrics_off
+    excluded = examples.exclude
+    for i, labels in enumerate(with_screen.column("labels").to_pylist()):
+        ids = set(predictor.vocab.lookup(pa.array(labels)).tolist())
+        assert not ids & set(excluded.indices[excluded.indptr[i]:excluded.indptr[i + 1]])
