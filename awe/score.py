@@ -113,9 +113,10 @@ class Predictor:
             return self._awe_scores(g, e)
         if k is not None and self.device == "cpu" and screen.enabled():
             # rows with fewer than k G labels: the others by stage 3's plain score, screened
-            table = self._screen_table("awe")
+            # (the table is built on the first short row: ~50 ms at L = 21,000)
             candidates.rest = lambda at, exclude, k_rest: screen.screened_after_candidates(
-                e.index_select(0, at), table, candidates.ids.index_select(0, at),
+                e.index_select(0, at), self._screen_table("awe"),
+                candidates.ids.index_select(0, at),
                 candidates.values.index_select(0, at), exclude, k_rest,
                 lambda where: candidates.dense(at.index_select(0, where)))
         return candidates
