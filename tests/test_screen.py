@@ -210,34 +210,30 @@ def labelled_rows(folder, n_labels=400, seed=0):
     return write(folder / "train.parquet", 3000), write(folder / "test.parquet", 700)
 
 
-def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
-    """Through awe: the Wsabie row's predictions (with exclusions) and metrics, with the screen
-    and without; the screen's candidates are float32 dot products and the dense path's a
-    GEMM, so their scores agree to rounding."""
+def compare_with_and_without_screen(monkeypatch, model_dir, test, kind, k, spied):
+    """Predictions (with the test rows' exclusions) and metrics of ``kind`` with the screen on
+    and off: the same labels and metrics, scores within 1e-5 (the screen's float32 scores are
+    dot products, the dense path's a GEMM), no excluded label. Returns the calls seen by the
+    spy on ``screen.<spied>`` (the number of rows a call)."""
     import pyarrow as pa
 
     from awe.data import load_examples
     from awe.evaluate import evaluate_model
     from awe.score import Predictor
-    from awe.train import TrainConfig, train_wsabie
 
-    train, test = labelled_rows(tmp_path)
-    train_wsabie(train, tmp_path / "m", TrainConfig(dim=16, epochs=2, threads=1, seed=0,
-                                                    valid_fraction=0.0), checkpoints=False)
-    predictor = Predictor(tmp_path / "m")
+    predictor = Predictor(model_dir)
     examples = load_examples(test, predictor.schema, predictor.vocab, require_labels=False)
     assert examples.exclude is not None and examples.exclude.nnz
     calls = []
-    original = screen.screened_scores
-    monkeypatch.setattr(screen, "screened_scores",
-                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = getattr(screen, spied)
+    monkeypatch.setattr(screen, spied,
+                        lambda *a, **kw: calls.append(len(a[0])) or original(*a, **kw))
     monkeypatch.setattr(screen, "_ENABLED", True)
-    with_screen = predictor.predict_table(examples, k=5, kind="wsabie")
-    metrics_on = evaluate_model(tmp_path / "m", test, [1, 5], rows=["wsabie"])
-    assert calls
+    with_screen = predictor.predict_table(examples, k=k, kind=kind)
+    metrics_on = evaluate_model(model_dir, test, [1, k], rows=[kind])
     monkeypatch.setattr(screen, "_ENABLED", False)
-    dense = predictor.predict_table(examples, k=5, kind="wsabie")
-    metrics_off = evaluate_model(tmp_path / "m", test, [1, 5], rows=["wsabie"])
+    dense = predictor.predict_table(examples, k=k, kind=kind)
+    metrics_off = evaluate_model(model_dir, test, [1, k], rows=[kind])
     assert with_screen.column("labels").equals(dense.column("labels"))
     on = np.concatenate(with_screen.column("scores").to_numpy(zero_copy_only=False))
     off = np.concatenate(dense.column("scores").to_numpy(zero_copy_only=False))
@@ -247,6 +243,20 @@ def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
     for i, labels in enumerate(with_screen.column("labels").to_pylist()):
         ids = set(predictor.vocab.lookup(pa.array(labels)).tolist())
         assert not ids & set(excluded.indices[excluded.indptr[i]:excluded.indptr[i + 1]])
+    return calls, len(examples)
+
+
+def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
+    """Through awe: the Wsabie row's predictions (with exclusions) and metrics, with the screen
+    and without."""
+    from awe.train import TrainConfig, train_wsabie
+
+    train, test = labelled_rows(tmp_path)
+    train_wsabie(train, tmp_path / "m", TrainConfig(dim=16, epochs=2, threads=1, seed=0,
+                                                    valid_fraction=0.0), checkpoints=False)
+    calls, _ = compare_with_and_without_screen(monkeypatch, tmp_path / "m", test, "wsabie", 5,
+                                               "screened_scores")
+    assert calls
 
 
 def test_top_k_of_ranked_candidates_is_their_first_slots():
@@ -354,12 +364,7 @@ def test_after_candidates_is_the_awe_ranking(with_exclude):
 def test_awe_rows_short_of_candidates_with_and_without_the_screen(tmp_path, monkeypatch):
     """Through awe: stage 3's rows whose G holds fewer than k labels (20 neighbours of one
     label each: most rows) ranked with the screen for the rest and densely agree."""
-    import pyarrow as pa
-
     from awe.affinity import AffinityConfig, build_g
-    from awe.data import load_examples
-    from awe.evaluate import evaluate_model
-    from awe.score import Predictor
     from awe.train import STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie, with_overrides
 
     train, test = labelled_rows(tmp_path)
@@ -368,25 +373,6 @@ def test_awe_rows_short_of_candidates_with_and_without_the_screen(tmp_path, monk
     build_g(train, tmp_path / "m", AffinityConfig(neighbors=20, index="flat", threads=1))
     retrain_awe(train, tmp_path / "m", with_overrides(STAGE3_DEFAULTS, **common),
                 checkpoints=False)
-    predictor = Predictor(tmp_path / "m")
-    examples = load_examples(test, predictor.schema, predictor.vocab, require_labels=False)
-    calls = []
-    original = screen.screened_after_candidates
-    monkeypatch.setattr(screen, "screened_after_candidates",
-                        lambda *a, **kw: calls.append(len(a[2])) or original(*a, **kw))
-    monkeypatch.setattr(screen, "_ENABLED", True)
-    with_screen = predictor.predict_table(examples, k=10, kind="awe")
-    metrics_on = evaluate_model(tmp_path / "m", test, [1, 10], rows=["awe"])
-    assert sum(calls) > len(examples) // 2, "most rows are short of 10 G labels"
-    monkeypatch.setattr(screen, "_ENABLED", False)
-    dense = predictor.predict_table(examples, k=10, kind="awe")
-    metrics_off = evaluate_model(tmp_path / "m", test, [1, 10], rows=["awe"])
-    assert with_screen.column("labels").equals(dense.column("labels"))
-    on = np.concatenate(with_screen.column("scores").to_numpy(zero_copy_only=False))
-    off = np.concatenate(dense.column("scores").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
-    assert metrics_on == metrics_off
-    excluded = examples.exclude
-    for i, labels in enumerate(with_screen.column("labels").to_pylist()):
-        ids = set(predictor.vocab.lookup(pa.array(labels)).tolist())
-        assert not ids & set(excluded.indices[excluded.indptr[i]:excluded.indptr[i + 1]])
+    calls, n_rows = compare_with_and_without_screen(monkeypatch, tmp_path / "m", test, "awe",
+                                                    10, "screened_after_candidates")
+    assert sum(calls) > n_rows // 2, "most rows are short of 10 G labels"
