@@ -1,10 +1,11 @@
 """The top k of f(x, y) = e . V_y + beta_y over every label from bfloat16 products, exactly.
 
-Scoring every label in float32 and selecting the top k costs ~8.5 µs a row at L = 1000 on
-one core. Here the [B, L] product is taken from bfloat16 copies of e and [V | beta] (native
-bfloat16 products on CPUs with AMX or AVX512-BF16: ~1 µs a row), its error bounded a row,
-and only the labels that the bound cannot rule out (~20 of 1000) are scored in float32. The
-result is the float32 top k itself, ties by lower label id, not an approximation of it:
+Scoring every label in float32 and selecting the top k cost ~10 µs a row at L = 1000 on
+one core (session 10's machine). Here the [B, L] product is taken from bfloat16 copies of e
+and [V | beta] (native bfloat16 products on CPUs with AMX or AVX512-BF16: 1.0-1.5 µs a row),
+its error bounded a row, and only the labels that the bound cannot rule out (~13 of 1000)
+are scored in float32: ~6 µs a row in all. The result is the float32 top k itself, ties by
+lower label id, not an approximation of it:
 
 * ``a(y)``, the bfloat16 score, is within ``b0 + u1 |a(y)|`` of ``r(y)``, the float32 score
   (:func:`_row_bounds`: the two inputs' rounding, which is known, float32 accumulation, the
@@ -19,6 +20,10 @@ result is the float32 top k itself, ties by lower label id, not an approximation
 A row whose cut is not positive, whose scores could overflow, whose features are not finite,
 or with more than a quarter of its labels at or above the cut, is left to the caller: its
 candidate slots hold -1, and :func:`awe.evaluate.ranked_top_k` scores it densely.
+
+The Wsabie stage ranks through :func:`screened_scores`, and the AWE stage's rows with fewer
+than k G labels through :func:`screened_after_candidates`. docs/decisions.md (session 10)
+has the measurements.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def enabled() -> bool:
 
 class ScreenTable:
     """The bfloat16 copy of [V | beta] that :func:`screened_scores` multiplies, with the
-    constants of its error bound. Built once a model (~0.1 s at 21,000 labels)."""
+    constants of its error bound. Built once a model (~45 ms at 21,000 labels)."""
 
     def __init__(self, table: torch.Tensor, bias: torch.Tensor | None):
         table = table.detach().float()
