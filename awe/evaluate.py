@@ -78,10 +78,7 @@ def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
     values = scores.values.float()
     dropped = (ids < 0) | torch.isnan(values)
     if exclude is not None and exclude.nnz:
-        n_cols = int(max(ids.max(), exclude.indices.max())) + 1
-        keys = (np.arange(len(ids), dtype=np.int64)[:, None] * n_cols
-                + ids.clamp(min=0).cpu().numpy())
-        dropped |= torch.from_numpy(contains(exclude.keys(n_cols), keys)).to(ids.device)
+        dropped |= excluded_ids(ids, exclude)
     values = values.masked_fill(dropped, float("-inf"))
     if scores.ranked and not bool((dropped & (ids >= 0)).any()):
         top_ids, top_vals = _first_slots(ids, values, k)
@@ -100,6 +97,13 @@ def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,
             found = top_k(dense, k)
         top_ids[short], top_vals[short] = found
     return top_ids, top_vals
+
+
+def excluded_ids(ids: torch.Tensor, exclude: Csr) -> torch.Tensor:
+    """Which entries of ``ids`` [B, W] (-1 padding: never) are in their row's ``exclude``."""
+    n_cols = int(max(ids.max(), exclude.indices.max())) + 1
+    keys = np.arange(len(ids), dtype=np.int64)[:, None] * n_cols + ids.clamp(min=0).cpu().numpy()
+    return torch.from_numpy(contains(exclude.keys(n_cols), keys)).to(ids.device) & (ids >= 0)
 
 
 def _first_slots(ids: torch.Tensor, values: torch.Tensor, k: int,

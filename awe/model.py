@@ -414,12 +414,19 @@ def gathered_dots(e: torch.Tensor, table: torch.Tensor, labels: torch.Tensor) ->
         v = table.index_select(0, labels.reshape(-1)).view(n, k, -1)
         return v.mul_(e.unsqueeze(1)).sum(-1)
     crow = torch.arange(0, n * k + 1, k, device=e.device)
+    return sampled_dots(e, table, crow, labels.reshape(-1)).view(n, k)
+
+
+def sampled_dots(e: torch.Tensor, table: torch.Tensor, crow: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """e[row] . table[col] for the entries of a CSR pattern (row pointers ``crow``, column ids
+    ``cols``), in entry order: torch's sampled product, one dot an entry (CPU)."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, labels.reshape(-1), e.new_zeros(n * k),
-                                          size=(n, table.shape[0]), check_invariants=False)
-        dots = torch.sparse.sampled_addmm(pattern, e, table.T, beta=0.0)
-    return dots.values().view(n, k)
+        pattern = torch.sparse_csr_tensor(crow, cols, e.new_zeros(len(cols)),
+                                          size=(e.shape[0], table.shape[0]),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, e, table.T, beta=0.0).values()
 
 
 # ----------------------------------------------------------------------------- persistence

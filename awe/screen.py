@@ -29,16 +29,16 @@ has the measurements.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .csr import Csr, contains
+from .csr import Csr
 from .evaluate import (
     THRESHOLD_MIN_LABELS_PER_K,
     CandidateScores,
+    excluded_ids,
     group_maxima,
     mask_excluded,
     ranked_top_k,
@@ -109,9 +109,7 @@ class ScreenTable:
         noise = torch.randn(len(probes), self.dim,
                             generator=torch.Generator().manual_seed(0)) * scale
         e = torch.cat([probes, noise])
-        low = torch.zeros(len(e), self.width, dtype=torch.bfloat16)
-        low[:, :self.dim] = e
-        low[:, self.dim] = 1.0
+        low = self.rows(e)
         approx = (low @ self.low_t).float()
         exact = e @ self.table.T
         if self.bias is not None:
@@ -121,6 +119,14 @@ class ScreenTable:
         # keeps the screen off
         allowed = approx.abs().mul_(u1).add_(torch.from_numpy(b0.astype(np.float32))[:, None])
         return bool(finite.all() and (approx.sub_(exact).abs_() <= allowed).all())
+
+    def rows(self, e: torch.Tensor, n_rows: int | None = None) -> torch.Tensor:
+        """[e | 1 | 0...] in bfloat16 (rounded to nearest even), [n_rows, width]: the product's
+        left side; rows past len(e) are zeros (padding)."""
+        low = torch.zeros(n_rows or len(e), self.width, dtype=torch.bfloat16)
+        low[:len(e), :self.dim] = e
+        low[:len(e), self.dim] = 1.0
+        return low
 
     def scratch(self, n_rows: int) -> tuple[torch.Tensor, np.ndarray]:
         """This thread's [n_rows, L] product and mask buffers: allocated once, not every batch
@@ -155,9 +161,7 @@ def screened_scores(e: torch.Tensor, table: ScreenTable, k: int, exclude: Csr | 
     # rows padded to a multiple of 32: oneDNN's bfloat16 product took 2-3x longer a row at
     # 399 or 799 rows than at 384, 416 or 768 (L = 21,000)
     padded = -(-n_rows // PAD_ROWS) * PAD_ROWS
-    low = torch.zeros(padded, table.width, dtype=torch.bfloat16)
-    low[:n_rows, :table.dim] = e  # rounded to nearest even
-    low[:n_rows, table.dim] = 1.0
+    low = table.rows(e, padded)
     product, mask = table.scratch(padded)
     torch.matmul(low, table.low_t, out=product)
     bits = product.view(torch.int16).numpy()[:n_rows]  # [B, L] bfloat16 as int16
@@ -226,10 +230,7 @@ def screened_after_candidates(e: torch.Tensor, table: ScreenTable, ids: torch.Te
     tied = ((shown[:, 1:] == shown[:, :-1]) & torch.isfinite(shown[:, 1:])).any(1)
     kept = values.masked_fill(~valid, -torch.inf)
     if exclude is not None and exclude.nnz:
-        n_cols = table.n_labels
-        keys = np.arange(n_rows, dtype=np.int64)[:, None] * n_cols + ids.clamp(min=0).numpy()
-        kept = kept.masked_fill(torch.from_numpy(contains(exclude.keys(n_cols), keys)),
-                                -torch.inf)
+        kept = kept.masked_fill(excluded_ids(ids, exclude), -torch.inf)
     # candidates above every other label (shown <= lowest - 1): one stable sort keeps the
     # candidates' ties by id and the rest in their order
     merged_vals, order = torch.sort(torch.cat([kept, shown], dim=1), dim=1, descending=True,
@@ -339,16 +340,12 @@ def _float32_scores(e: torch.Tensor, table: ScreenTable, counts: np.ndarray,
                     cols: np.ndarray) -> torch.Tensor:
     """e[row] . V[col] (+ beta[col]) in float32 at the CSR pattern (``counts`` a row, their
     ``cols``): one sampled product, one dot per candidate."""
+    from .model import sampled_dots
+
     cols_t = torch.from_numpy(cols)
     if len(cols) == 0:
         return torch.zeros(0)
-    crow = torch.from_numpy(np.r_[0, np.cumsum(counts)])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols_t, e.new_zeros(len(cols)),
-                                          size=(e.shape[0], table.n_labels),
-                                          check_invariants=False)
-        dots = torch.sparse.sampled_addmm(pattern, e, table.table.T, beta=0.0).values()
+    dots = sampled_dots(e, table.table, torch.from_numpy(np.r_[0, np.cumsum(counts)]), cols_t)
     if table.bias is not None:
         dots = dots + table.bias.index_select(0, cols_t)
     return dots

@@ -107,9 +107,7 @@ def test_cancellation_that_scrambles_the_bfloat16_order_still_ranks_exactly():
     assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals)
     assert (found.ids >= 0).any(1).float().mean() > 0.9, "rows settled by the screen"
     # the bfloat16 scores alone would not do: their top k misses some of the true top k
-    low = torch.zeros(len(e), table.width, dtype=torch.bfloat16)
-    low[:, :4] = e
-    low[:, 4] = 1.0
+    low = table.rows(e)
     rough = top_k((low @ table.low_t).float(), k)[0]
     assert not torch.equal(rough.sort(1).values, ref_ids.sort(1).values)
 
@@ -156,9 +154,7 @@ def test_the_error_bound_holds_for_every_label():
     for seed, scale in [(0, 0.3), (1, 30.0), (2, 1e-3)]:
         e, v, beta = model(1000, 128, seed=seed, scale=scale)
         table = screen.ScreenTable(v, beta)
-        low = torch.zeros(len(e), table.width, dtype=torch.bfloat16)
-        low[:, :table.dim] = e
-        low[:, table.dim] = 1.0
+        low = table.rows(e)
         approx = (low @ table.low_t).double()
         exact = reference_scores(e, table).double()
         b0, u1, finite = screen._row_bounds(e, low, table)
