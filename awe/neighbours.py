@@ -77,6 +77,8 @@ _DEFAULT_RERANK = 16
 _QUERY_BLOCK = 1024
 _BASE_BLOCK = 16384
 _GROUP = 64
+# exact_knn keeps the call's [2x | -|x|^2] base blocks while they take at most this many bytes
+_AUGMENTED_CACHE = 256 << 20
 # squared_norms: rows per block
 _NORM_BLOCK = 16384
 # bf16_knn: queries and rows per product block (16 MB of bf16 scores), and the members of each
@@ -203,8 +205,9 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
     ids int64 [B, k]), nearest first, equal distances by id; k is cut to the rows of ``base``.
 
     Distances are |q|^2 + |x|^2 - 2 q.x (clamped at 0), as faiss computes them, in blocks of
-    ``_QUERY_BLOCK`` x ``_BASE_BLOCK``: the block is 2 q.x - |x|^2 from one ``addmm`` into a
-    reused buffer, its top-k by :func:`_block_top`, and the blocks' candidates merged per query.
+    ``_QUERY_BLOCK`` x ``_BASE_BLOCK``: the block is 2 q.x - |x|^2 from one product of
+    [q | 1] and [2x | -|x|^2] into a reused buffer, its top-k by :func:`_block_top`, and the
+    blocks' candidates merged per query.
     Runs on torch's threads. ``base_sq_norms`` (|x|^2 per row) saves recomputing them per call.
     """
     import torch
@@ -222,13 +225,34 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
         base_sq_norms = squared_norms(base)
     neg_sq = -torch.from_numpy(np.asarray(base_sq_norms, dtype=np.float32))
     buffer = torch.empty(min(_QUERY_BLOCK, b) * min(_BASE_BLOCK, n_base))
+    dim = x.shape[1]
+    # [2x | -|x|^2] against [q | 1]: 2 q.x - |x|^2 from one GEMM, where addmm's added bias
+    # cost a second pass over the block (1024 x 16384 at D = 64: 28.7 -> 18.9 ms). The base
+    # blocks are made once a call while they fit in _AUGMENTED_CACHE bytes, else per use.
+    keep = n_base * (dim + 1) * 4 <= _AUGMENTED_CACHE
+    augmented: dict[int, torch.Tensor] = {}
+
+    def base_block(start: int) -> torch.Tensor:
+        if start in augmented:
+            return augmented[start]
+        xx = x[start:start + _BASE_BLOCK]
+        out = torch.empty(xx.shape[0], dim + 1)
+        torch.mul(xx, 2.0, out=out[:, :dim])
+        out[:, dim] = neg_sq[start:start + xx.shape[0]]
+        if keep:
+            augmented[start] = out
+        return out
+
+    queries_1 = torch.ones(min(_QUERY_BLOCK, b), dim + 1)
     for qa in range(0, b, _QUERY_BLOCK):
         qq = q[qa:qa + _QUERY_BLOCK]
+        q1 = queries_1[:qq.shape[0]]
+        q1[:, :dim] = qq
         values, ids = [], []
         for xa in range(0, n_base, _BASE_BLOCK):
-            xx = x[xa:xa + _BASE_BLOCK]
+            xx = base_block(xa)
             block = buffer[:qq.shape[0] * xx.shape[0]].view(qq.shape[0], xx.shape[0])
-            torch.addmm(neg_sq[xa:xa + xx.shape[0]], qq, xx.T, alpha=2.0, out=block)
+            torch.mm(q1, xx.T, out=block)
             v, c = _block_top(block, min(k, xx.shape[0]))
             values.append(v)
             ids.append(c + xa)

@@ -41,6 +41,7 @@ from .warp import (
     estimate_rank,
     rank_weight_table,
     sample_violators,
+    sample_violators_from_table,
     uniform_draws,
     warp_gradients,
 )
@@ -182,7 +183,8 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
     if streaming:  # the positives and their counts are set per block
         if world.distributed:
             train = train.for_rank(world.rank, world.size)
-        step = _WarpStep(model, config, None, draw, rank_weights, None, world)
+        step = _WarpStep(model, config, None, draw, rank_weights, None, world,
+                         draw_generator)
         n_batches = max(1, math.ceil(len(train) / world.size / batch_size))  # progress bar
         n_pairs = 0
     else:
@@ -195,7 +197,7 @@ def fit(model: Wsabie, train: Examples | ShuffleStream, config: TrainConfig,
             raise AweError("the training data has no labels")
         step = _WarpStep(model, config, PositiveSet(train.labels, n_labels, device), draw,
                          rank_weights, torch.from_numpy(n_labels - train.labels.lengths).to(device),
-                         world)
+                         world, draw_generator)
         share = rank_share(n_pairs, world)
         n_batches = math.ceil(len(range(n_pairs)[share]) / batch_size)
     world.check_agree("the training rows, pairs, model shape or options",
@@ -450,6 +452,9 @@ def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
 WARP_FIRST_BLOCK, WARP_GROWTH = 8, 2
 # Score each batch row against every label up front when labels <= this x the draw budget.
 FULL_TABLE_LABELS_PER_DRAW = 1
+# With the table, draw WARP's outcome from its exact law (warp.sample_violators_from_table)
+# instead of drawing labels one block at a time: the same distribution, ~10x less sampling time
+EXACT_TABLE_SAMPLING = True
 
 
 class _WarpStep:
@@ -458,8 +463,9 @@ class _WarpStep:
 
     def __init__(self, model: Wsabie, config: TrainConfig, positive_set: PositiveSet, draw,
                  rank_weights: torch.Tensor, n_negatives_of_row: torch.Tensor,
-                 world: World = dist_lib.SINGLE):
+                 world: World = dist_lib.SINGLE, generator: torch.Generator | None = None):
         self.model, self.config, self.world = model, config, world
+        self.generator = generator  # the draws' (the table sampler's random numbers)
         self.positive_set, self.draw = positive_set, draw
         self.rank_weights, self.n_negatives_of_row = rank_weights, n_negatives_of_row
         self.n_labels = model.shape.n_labels
@@ -557,7 +563,7 @@ class _WarpStep:
         model, config = self.model, self.config
         n = rows.numel()
         e = model.embed(inputs)
-
+        sampled = None
         if self.n_labels <= config.negatives * FULL_TABLE_LABELS_PER_DRAW:
             # few labels: every pair's score against every label is one GEMM, cheaper than
             # gathering V rows for up to `negatives` draws (Fashion-MNIST: 10 labels, 100 draws)
@@ -567,6 +573,12 @@ class _WarpStep:
                 return (table if active.numel() == n
                         else table.index_select(0, active)).gather(1, labels)
             positive_scores = table.gather(1, positives.unsqueeze(1)).squeeze(1)
+            if EXACT_TABLE_SAMPLING:
+                own = self.positive_set.contains(
+                    rows, torch.arange(self.n_labels, device=rows.device).expand(n, -1))
+                sampled = sample_violators_from_table(positive_scores, table, own,
+                                                      config.negatives, config.margin,
+                                                      self.generator)
         else:
             def score(active, labels):  # active: a sorted subset of 0..n-1, all of it when full
                 if active.numel() == n:
@@ -579,9 +591,11 @@ class _WarpStep:
             return self.positive_set.contains(rows if active.numel() == n
                                               else rows.index_select(0, active), labels)
 
-        found, negatives, n_draws = sample_violators(
-            positive_scores, self.draw, score, is_positive,
-            config.negatives, config.margin, WARP_FIRST_BLOCK, WARP_GROWTH)
+        if sampled is None:
+            sampled = sample_violators(positive_scores, self.draw, score, is_positive,
+                                       config.negatives, config.margin, WARP_FIRST_BLOCK,
+                                       WARP_GROWTH)
+        found, negatives, n_draws = sampled
         sel = found.nonzero().squeeze(1)
         n_sel = sel.numel()
         if n_sel == 0:

@@ -123,19 +123,23 @@ def _reference_step(model, config, rows, positives, inputs, sampled, n_negatives
 def capture_step(monkeypatch) -> dict:
     """Record the sampler's result and the model and batch before the (last) WARP step."""
     seen = {}
-    original_sampler = train_module.sample_violators
     original_call = train_module._WarpStep.__call__
 
-    def sampler(*args, **kwargs):
-        seen["sampled"] = original_sampler(*args, **kwargs)
-        return seen["sampled"]
+    def capture(name):
+        original_sampler = getattr(train_module, name)
+
+        def sampler(*args, **kwargs):
+            seen["sampled"], seen["sampler"] = original_sampler(*args, **kwargs), name
+            return seen["sampled"]
+        monkeypatch.setattr(train_module, name, sampler)
+    capture("sample_violators")
+    capture("sample_violators_from_table")
 
     def call(self, rows, positives, inputs):
         seen.update(before=copy.deepcopy(self.model), rows=rows, positives=positives,
                     inputs=inputs)
         return original_call(self, rows, positives, inputs)
 
-    monkeypatch.setattr(train_module, "sample_violators", sampler)
     monkeypatch.setattr(train_module._WarpStep, "__call__", call)
     return seen
 
@@ -257,6 +261,36 @@ def test_stage1_step_equals_autograd_with_label_bias(monkeypatch, sparse, optimi
     assert not torch.equal(model.label_bias, torch.zeros(15))
 
 
+@pytest.mark.parametrize("kind", ["wsabie", "awe"])
+def test_table_sampler_step_equals_autograd(monkeypatch, kind):
+    """15 labels <= 20 draws: the step samples from the table's law, and what it does with the
+    sample is autograd's step (stage 1 with beta; stage 3 with G, b and beta)."""
+    from awe.model import AffinityWsabie
+
+    examples = _examples(False)
+    shape = ModelShape(examples.schema.n_features, 15, 4, False)
+    gen = torch.Generator().manual_seed(0)
+    if kind == "awe":
+        examples = examples.with_affinity(_random_g(len(examples), 15, seed=4))
+        model = AffinityWsabie(shape, bias=0.2, init_scale=3.0, generator=gen, label_bias=0.5)
+    else:
+        model = Wsabie(shape, init_scale=3.0, generator=gen, label_bias=0.0)
+    config = TrainConfig(epochs=1, batch_size=10_000, negatives=20, lr=0.1, margin=0.3)
+    seen = capture_step(monkeypatch)
+    fit(model, examples, config)
+    assert seen["sampler"] == "sample_violators_from_table"
+    found, _, n_draws = seen["sampled"]
+    assert 0 < int(found.sum()) < len(found) and int(n_draws.max()) > 1
+    reference = seen["before"]
+    if kind == "awe":
+        reference.bind(examples)
+    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
+    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
+                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
+    for name, got in model.state_tensors().items():
+        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+
+
 def _random_g(n_rows: int, n_labels: int, seed: int) -> Csr:
     """A G of 3-7 labels a row (sorted), weights in [0.2, 2)."""
     rng = np.random.default_rng(seed)
@@ -282,6 +316,8 @@ def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
 
     def trained(labels_per_draw):
         monkeypatch.setattr(train_module, "FULL_TABLE_LABELS_PER_DRAW", labels_per_draw)
+        # labels drawn one block at a time from the table (not its law): the same draw stream
+        monkeypatch.setattr(train_module, "EXACT_TABLE_SAMPLING", False)
         gen = torch.Generator().manual_seed(0)
         model = {"wsabie": lambda: Wsabie(shape, init_scale=3.0, generator=gen, label_bias=0.5),
                  "weighted": lambda: Weighted(shape, table, init_scale=3.0, generator=gen),

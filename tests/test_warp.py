@@ -1,5 +1,6 @@
-"""Known-answer tests of WARP: rank weights, the rank estimate, and the batched sampler against a
-plain sequential reference on the same draws."""
+"""Known-answer tests of WARP: rank weights, the rank estimate, the batched sampler against a
+plain sequential reference on the same draws, and the table sampler against the procedure's exact
+law."""
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from awe.warp import (
     first_violator,
     rank_weight_table,
     sample_violators,
+    sample_violators_from_table,
     warp_loss,
 )
 
@@ -175,3 +177,81 @@ def test_affinity_table_layouts_match_brute_force(monkeypatch, layout):
     torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=0)
     torch.testing.assert_close(table.lookup(rows, queries[:, 0]), torch.tensor(want)[:, 0],
                                rtol=0, atol=0)
+
+
+def sequential_law(scores, own, positive, margin, budget):
+    """The exact law of the sequential procedure's outcome for one pair, by dynamic programming
+    over its raw draws: {(violator, accepted draws N): probability}, and P(no violator)."""
+    n_labels = len(scores)
+    threshold = scores[positive] - margin
+    violators = [y for y in range(n_labels) if y not in own and scores[y] > threshold]
+    quiet = n_labels - len(own) - len(violators)     # accepted draws that do not violate
+    law = {}
+    alive = {0: 1.0}  # accepted draws so far -> probability of no violator yet
+    for _ in range(budget):
+        step = {}
+        for n, p in alive.items():
+            for y in violators:
+                law[(y, n + 1)] = law.get((y, n + 1), 0.0) + p / n_labels
+            step[n] = step.get(n, 0.0) + p * len(own) / n_labels
+            step[n + 1] = step.get(n + 1, 0.0) + p * quiet / n_labels
+        alive = step
+    return law, sum(alive.values())
+
+
+# (scores, own labels, positive, margin, budget): truncation, no violator, every negative a
+# violator, one negative, a budget of one draw
+TABLE_CASES = [
+    ([0.5, 2.0, 0.1, 0.9, 3.0, -1.0, 0.95], {1, 2}, 1, 1.2, 5),
+    ([0.5, 2.0, 0.1, 0.9, 3.0, -1.0, 0.95], {1, 2}, 1, 1.2, 40),
+    ([0.0, 5.0, 0.1, 0.2], {1}, 1, 1.0, 10),
+    ([1.0, 0.9, 1.2, 0.8, 1.1], {0}, 0, 1.0, 6),
+    ([0.0, 0.0, 0.0, 0.3], {0, 1, 2}, 0, 0.5, 8),
+    ([0.3, 0.2, 0.9, 0.0, 0.4, 0.1], {5}, 5, 0.25, 1),
+]
+
+
+@pytest.mark.parametrize("case", range(len(TABLE_CASES)))
+def test_table_sampler_draws_from_the_sequential_law(case):
+    """The outcome's joint law (violator, N), and P(none), within 5 standard errors of the
+    exact law of the draw-by-draw procedure, over 200,000 pairs."""
+    scores, own, positive, margin, budget = TABLE_CASES[case]
+    law, p_none = sequential_law(scores, own, positive, margin, budget)
+    reps, n_labels = 200_000, len(scores)
+    table = torch.tensor(scores).expand(reps, n_labels).contiguous()
+    mask = torch.zeros(n_labels, dtype=torch.bool)
+    mask[list(own)] = True
+    found, negatives, n_draws = sample_violators_from_table(
+        table[:, positive].contiguous(), table, mask.expand(reps, n_labels), budget, margin,
+        torch.Generator().manual_seed(case))
+    outcomes = {}
+    for key in zip(negatives[found].tolist(), n_draws[found].tolist(), strict=True):
+        outcomes[key] = outcomes.get(key, 0) + 1
+    assert set(outcomes) <= set(law)        # no outcome the procedure cannot give
+    for key, p in [*law.items(), (None, p_none)]:
+        got = (reps - int(found.sum())) / reps if key is None else outcomes.get(key, 0) / reps
+        assert abs(got - p) <= 5 * np.sqrt(p * (1 - p) / reps) + 1e-9, (key, got, p)
+    assert (negatives[~found] == -1).all() and (n_draws[~found] == 0).all()
+
+
+def test_table_sampler_outcomes_are_violators_and_repeatable():
+    scores, own, positives, _ = _random_case(11, n_pairs=400, n_labels=30)
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    for i, labels in enumerate(own):
+        mask[i, list(labels)] = True
+    table = torch.from_numpy(scores)
+    pos = table[torch.arange(len(scores)), torch.from_numpy(positives)]
+    margin, budget = 0.5, 12
+    found, negatives, n_draws = sample_violators_from_table(
+        pos, table, mask, budget, margin, torch.Generator().manual_seed(3))
+    again = sample_violators_from_table(pos, table, mask, budget, margin,
+                                        torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip((found, negatives, n_draws), again, strict=True))
+    has_violator = ((table > (pos - margin).unsqueeze(1)) & ~mask).any(1)
+    assert not found[~has_violator].any()
+    assert 0 < int(found.sum()) < int(has_violator.sum())     # the budget cuts some off
+    rows = found.nonzero().squeeze(1)
+    picked = negatives[rows]
+    assert not mask[rows, picked].any()                        # never one of the row's own
+    assert (table[rows, picked] > pos[rows] - margin).all()    # always a violator
+    assert ((n_draws[rows] >= 1) & (n_draws[rows] <= budget)).all()
