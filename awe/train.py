@@ -453,7 +453,7 @@ WARP_FIRST_BLOCK, WARP_GROWTH = 8, 2
 # Score each batch row against every label up front when labels <= this x the draw budget.
 FULL_TABLE_LABELS_PER_DRAW = 1
 # With the table, draw WARP's outcome from its exact law (warp.sample_violators_from_table)
-# instead of drawing labels one block at a time: the same distribution, ~10x less sampling time
+# instead of drawing labels one block at a time: the same distribution, ~5x less sampling time
 EXACT_TABLE_SAMPLING = True
 
 

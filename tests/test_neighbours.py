@@ -124,11 +124,16 @@ def test_exact_over_searches_the_vectors_themselves_like_flat(data, tmp_path):
         NeighbourIndex.exact_over(bad)
 
 
+@pytest.mark.parametrize("augmented", [True, False])
 @pytest.mark.parametrize("blocks", [(1024, 16384, 64), (7, 98, 4), (64, 130, 8), (5, 40, 16)])
-def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, monkeypatch):
+def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, augmented,
+                                                             monkeypatch):
     """Small blocks reach every path of the blocked search: several query and base blocks, the
     grouped top-k with and without a partial last group, and the plain top-k of narrow blocks
-    (the last, or all when k * group * 4 exceeds the block)."""
+    (the last, or all when k * group * 4 exceeds the block); with the [2x | -|x|^2] copy of the
+    base, and with addmm where that copy would be too large."""
+    if not augmented:
+        monkeypatch.setattr(neighbours, "_AUGMENTED_CACHE", 0)
     monkeypatch.setattr(neighbours, "_QUERY_BLOCK", blocks[0])
     monkeypatch.setattr(neighbours, "_BASE_BLOCK", blocks[1])
     monkeypatch.setattr(neighbours, "_GROUP", blocks[2])
