@@ -120,6 +120,19 @@ def _reference_step(model, config, rows, positives, inputs, sampled, n_negatives
         model.project_rows(config.max_norm, inputs.ids, touched)
 
 
+def _assert_autograd_step(model, seen, examples, config, bind: bool = False) -> None:
+    """``model`` after the captured step equals the captured model before it stepped by
+    autograd + torch.optim on the captured sample (``bind``: a stage-3 model's G)."""
+    reference = seen["before"]
+    if bind:
+        reference.bind(examples)
+    n_negatives = torch.from_numpy(model.shape.n_labels - examples.labels.lengths)
+    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
+                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
+    for name, got in model.state_tensors().items():
+        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+
+
 def capture_step(monkeypatch) -> dict:
     """Record the sampler's result and the model and batch before the (last) WARP step."""
     seen = {}
@@ -168,12 +181,7 @@ def test_step_equals_autograd_with_pair_weights(monkeypatch, sparse, optimizer, 
 
     found = seen["sampled"][0]
     assert 0 < int(found.sum()) < len(found)  # some pairs step, some find no violator
-    reference = seen["before"]
-    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
-    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
-                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
-    for name, got in model.state_tensors().items():
-        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+    _assert_autograd_step(model, seen, examples, config)
 
 
 @pytest.mark.parametrize("kind", ["adagrad", "sgd"])
@@ -227,13 +235,7 @@ def test_stage3_step_equals_autograd_with_label_bias(monkeypatch, optimizer, max
     seen = capture_step(monkeypatch)
     fit(model, examples, config)
     assert int(seen["sampled"][0].sum()) > 0
-    reference = seen["before"]
-    reference.bind(examples)
-    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
-    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
-                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
-    for name, got in model.state_tensors().items():
-        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+    _assert_autograd_step(model, seen, examples, config, bind=True)
     assert not torch.equal(model.label_bias, torch.full((15,), 0.5))  # beta did move
 
 
@@ -251,12 +253,7 @@ def test_stage1_step_equals_autograd_with_label_bias(monkeypatch, sparse, optimi
     seen = capture_step(monkeypatch)
     fit(model, examples, config)
     assert int(seen["sampled"][0].sum()) > 0
-    reference = seen["before"]
-    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
-    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
-                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
-    for name, got in model.state_tensors().items():
-        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+    _assert_autograd_step(model, seen, examples, config)
     assert set(model.state_tensors()) == {"U", "V", "label_bias"}
     assert not torch.equal(model.label_bias, torch.zeros(15))
 
@@ -281,14 +278,7 @@ def test_table_sampler_step_equals_autograd(monkeypatch, kind):
     assert seen["sampler"] == "sample_violators_from_table"
     found, _, n_draws = seen["sampled"]
     assert 0 < int(found.sum()) < len(found) and int(n_draws.max()) > 1
-    reference = seen["before"]
-    if kind == "awe":
-        reference.bind(examples)
-    n_negatives = torch.from_numpy(15 - examples.labels.lengths)
-    _reference_step(reference, config.resolved("annotation", "cpu"), seen["rows"],
-                    seen["positives"], seen["inputs"], seen["sampled"], n_negatives)
-    for name, got in model.state_tensors().items():
-        torch.testing.assert_close(got, reference.state_tensors()[name], rtol=1e-5, atol=1e-6)
+    _assert_autograd_step(model, seen, examples, config, bind=kind == "awe")
 
 
 def _random_g(n_rows: int, n_labels: int, seed: int) -> Csr:
