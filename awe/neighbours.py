@@ -77,6 +77,12 @@ _DEFAULT_RERANK = 16
 _QUERY_BLOCK = 1024
 _BASE_BLOCK = 16384
 _GROUP = 64
+# exact_knn's products have a multiple of this many query rows (zero rows padded in). MKL's
+# kernels for a few rows sum in another order (AMD EPYC, torch 2.13: M = 1-3 on one thread,
+# M < 12 and not a multiple of 4 on two), so a row's distances would depend on how many rows
+# were searched with it: 7-row batches and 100-row ones differed by 1e-5. From 12 rows on,
+# every M gave the same bits.
+_QUERY_PAD = 16
 # exact_knn multiplies by a [2x | -|x|^2] copy of the base while it takes at most this many bytes
 _AUGMENTED_CACHE = 256 << 20
 # squared_norms: rows per block
@@ -224,7 +230,8 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
     if base_sq_norms is None:
         base_sq_norms = squared_norms(base)
     neg_sq = -torch.from_numpy(np.asarray(base_sq_norms, dtype=np.float32))
-    buffer = torch.empty(min(_QUERY_BLOCK, b) * min(_BASE_BLOCK, n_base))
+    padded_rows = -(-min(_QUERY_BLOCK, b) // _QUERY_PAD) * _QUERY_PAD
+    buffer = torch.empty(padded_rows * min(_BASE_BLOCK, n_base))
     dim = x.shape[1]
     # [2x | -|x|^2] against [q | 1]: 2 q.x - |x|^2 from one GEMM, where addmm's added bias
     # cost a second pass over the block (1024 x 16384 at D = 64: 28.7 -> 18.9 ms). That copy
@@ -235,20 +242,28 @@ def exact_knn(queries: np.ndarray, base: np.ndarray, k: int,
         augmented = torch.empty(n_base, dim + 1)
         torch.mul(x, 2.0, out=augmented[:, :dim])
         augmented[:, dim] = neg_sq
-        queries_1 = torch.ones(min(_QUERY_BLOCK, b), dim + 1)
+    left = torch.zeros(padded_rows, dim + (augmented is not None))
+    if augmented is not None:
+        left[:, dim] = 1.0
     for qa in range(0, b, _QUERY_BLOCK):
         qq = q[qa:qa + _QUERY_BLOCK]
-        if augmented is not None:
-            q1 = queries_1[:qq.shape[0]]
-            q1[:, :dim] = qq
+        rows = -(-qq.shape[0] // _QUERY_PAD) * _QUERY_PAD
+        if rows == qq.shape[0] and augmented is None:
+            block_queries = qq
+        else:
+            block_queries = left[:rows]
+            block_queries[:qq.shape[0], :dim] = qq
+            block_queries[qq.shape[0]:, :dim] = 0.0
         values, ids = [], []
         for xa in range(0, n_base, _BASE_BLOCK):
             m = min(_BASE_BLOCK, n_base - xa)
-            block = buffer[:qq.shape[0] * m].view(qq.shape[0], m)
+            block = buffer[:rows * m].view(rows, m)
             if augmented is None:
-                torch.addmm(neg_sq[xa:xa + m], qq, x[xa:xa + m].T, alpha=2.0, out=block)
+                torch.addmm(neg_sq[xa:xa + m], block_queries, x[xa:xa + m].T, alpha=2.0,
+                            out=block)
             else:
-                torch.mm(q1, augmented[xa:xa + m].T, out=block)
+                torch.mm(block_queries, augmented[xa:xa + m].T, out=block)
+            block = block[:qq.shape[0]]
             v, c = _block_top(block, min(k, m))
             values.append(v)
             ids.append(c + xa)
@@ -273,16 +288,26 @@ def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16, from
     Linux's /proc/cpuinfo flags). Elsewhere torch emulates bf16 products, slower than float32,
     so ``auto`` does not choose the ``bf16`` index there."""
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 products (``amx_bf16``)."""
+    return "amx_bf16" in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> set[str]:
     try:
-        return _cpuinfo_has_bf16(Path("/proc/cpuinfo").read_text())
+        return _cpuinfo_flags(Path("/proc/cpuinfo").read_text())
     except OSError:
-        return False
+        return set()
 
 
-def _cpuinfo_has_bf16(text: str) -> bool:
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+def _cpuinfo_flags(text: str) -> set[str]:
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                     if line.startswith("flags")), []))
 
 
 def bf16_rows(base: np.ndarray):

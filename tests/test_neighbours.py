@@ -306,10 +306,12 @@ def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
 
 def test_native_bf16_reads_the_cpu_flags():
     assert isinstance(neighbours.native_bf16(), bool)
-    has = neighbours._cpuinfo_has_bf16
-    assert has("processor : 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
-    assert has("flags : sse avx512f avx512_bf16\n")
-    assert not has("flags : sse avx2 avx512f avx512_fp16\n") and not has("")
+    assert isinstance(neighbours.has_amx(), bool)
+    flags = neighbours._cpuinfo_flags
+    assert flags("processor : 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n") == {
+        "fpu", "avx2", "amx_bf16", "amx_tile"}
+    assert flags("flags : sse avx512f avx512_bf16\n") == {"sse", "avx512f", "avx512_bf16"}
+    assert flags("") == set()
 
 
 def test_auto_keeps_ivf_on_clustered_rows(data):
