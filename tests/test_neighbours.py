@@ -145,6 +145,28 @@ def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, augme
         np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("augmented", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_knn_rows_do_not_depend_on_how_many_were_searched(data, augmented, threads,
+                                                                monkeypatch):
+    """A query's distances are the same bits whether it is searched alone, among a few rows or
+    among many: few-row GEMM kernels sum in another order on some CPUs (MKL on AMD EPYC:
+    1-3 rows on one thread, 1-11 on two), so the products are padded to _QUERY_PAD rows."""
+    if not augmented:
+        monkeypatch.setattr(neighbours, "_AUGMENTED_CACHE", 0)
+    queries = clustered(48, seed=6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        all_d, all_i = exact_knn(queries, data, 8)
+        for size in (1, 2, 3, 5, 7, 11):
+            parts = [exact_knn(queries[a:a + size], data, 8) for a in range(0, 48, size)]
+            np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), all_i)
+            np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), all_d)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_flat_search_is_the_same_from_concurrent_threads(data):
     """awe score searches one index from several threads: the first searches set up the flat
     view together, and every thread gets the sequential answer, bit for bit."""

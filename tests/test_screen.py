@@ -62,6 +62,22 @@ def test_screened_top_k_is_the_float32_top_k(n_labels, dim, bias, k):
     assert (found.ids >= 0).sum(1)[settled].float().mean() < n_labels / 8
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_product_width_follows_the_cpu_and_the_top_k_does_not(amx, monkeypatch):
+    """32-column multiples for AMX's tiles, pairs elsewhere (AVX512-BF16); the zero columns
+    change no score, so the screened top k is the float32 one either way."""
+    from awe import neighbours
+
+    monkeypatch.setattr(neighbours, "has_amx", lambda: amx)
+    e, v, beta = model(1000, 129)
+    table = screen.ScreenTable(v, beta)
+    assert table.width == (160 if amx else 130)
+    assert table.low_t.shape == (table.width, 1000)
+    ids, vals = screened_top(e, table, 10)[1]
+    ref_ids, ref_vals = expected_top(e, table, 10)
+    assert torch.equal(ids, ref_ids) and torch.equal(vals, ref_vals)
+
+
 @pytest.mark.parametrize("n_rows", [1, 77, 511])
 def test_row_counts_off_the_product_padding(n_rows):
     e, v, beta = model(1000, 64)
