@@ -34,7 +34,7 @@ _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 _AFFINITY_FIELDS = {f.name for f in fields(AffinityConfig)}
 # options both training stages take when given once (stage 3 inherits them)
 _SHARED = {"seed", "threads", "device", "negatives", "margin", "rank_weight", "optimizer",
-           "valid_fraction", "patience", "valid_k", "task", "batch_size"}
+           "valid_fraction", "patience", "valid_k", "task", "batch_size", "refit"}
 
 
 class AWE:

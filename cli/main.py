@@ -133,6 +133,11 @@ _TRAIN_OPTIONS = {
     "batch_size": Annotated[int | None, typer.Option(help="Positive pairs per step.")],
     "patience": Annotated[int | None, typer.Option(help="Early stopping patience (epochs).")],
     "valid_k": Annotated[int | None, typer.Option(help="Pick the best epoch by valid P@k.")],
+    "refit": Annotated[bool | None, typer.Option(
+        "--refit/--no-refit",
+        help="After picking the epoch on --valid-fraction, train a new model on every row for "
+             "that many epochs (default); --no-refit keeps the best epoch's weights, trained on "
+             "the other rows (about half the passes).")],
     "seed": Annotated[int | None, typer.Option(help="Random seed.")],
     "threads": Annotated[int | None, typer.Option(help="CPU threads for torch.")],
     "device": Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if "

@@ -4,7 +4,7 @@
   python scripts/bench_scale.py --sizes 100000,300000,1000000 [--classes 21000] [--threads 2]
                                 [--shuffle-buffer 65536] [--epochs 10] [--out runs/scale.json]
                                 [--stages train,build-g,retrain,eval] [--valid-fraction 0.1]
-                                [--rounds 1] [--merge EARLIER.json,...]
+                                [--rounds 1] [--no-refit] [--merge EARLIER.json,...]
 
 For every N: `awe data synthetic --preset imagenet --rows N --classes C --shards S` (474 dense
 features; S = N / 100k shards, at least 2; kept and reused under --root), then `awe train` (stage
@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=65_536,
                         help="rows in the shuffle buffer; 0: load the training data instead")
     parser.add_argument("--valid-fraction", type=float, default=0.1)
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-refit: both stages keep their best epoch's weights instead "
+                             "of training again on every row for that many epochs")
     parser.add_argument("--stages", default="train,build-g,retrain,eval",
                         help="which stages to run (eval includes knn-input's)")
     parser.add_argument("--index", default="auto", help="build-g --index")
@@ -118,7 +121,7 @@ def main() -> None:
     threads = ["--threads", str(args.threads)]
     stream = ["--shuffle-buffer", str(args.shuffle_buffer)] if args.shuffle_buffer else []
     fit = ["--epochs", str(args.epochs), "--valid-fraction", str(args.valid_fraction),
-           "--quiet", *threads, *stream]
+           "--quiet", *threads, *stream, "--refit" if args.refit else "--no-refit"]
     wanted = set(args.stages.split(","))
     for n in sizes:
         data = args.root / f"imagenet-{n}-{args.classes}-{args.seed}"

@@ -149,6 +149,13 @@ def test_python_api_fit_evaluate_predict_save_load(tmp_path, data):
     AWE(dim=4, epochs=1, neighbors=5, retrain={"epochs": 1}).fit(pd.read_parquet(train))
 
 
+def test_api_refit_option_reaches_both_stages():
+    model = AWE(refit=False)
+    assert model.train_config.refit is False and model.retrain_config.refit is False
+    model = AWE(retrain={"refit": False})
+    assert model.train_config.refit is True and model.retrain_config.refit is False
+
+
 def test_same_seed_same_awe_model(tmp_path, data):
     train, test = data
     runs = []

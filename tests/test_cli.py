@@ -126,3 +126,53 @@ def test_ctrl_c_exits_130_and_points_at_resume(tmp_path, monkeypatch):
     result = invoke("train", train, "--model", tmp_path / "m", "--quiet")
     assert result.exit_code == 130
     assert "--resume" in result.output and "Traceback" not in result.output
+
+
+def _weights(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def test_no_refit_keeps_the_best_epochs_weights(tmp_path, blobs):
+    train, _ = blobs
+    common = ("--valid-fraction", 0.2, "--quiet", "--threads", 1, "--seed", 3)
+    r = invoke("train", train, "--model", tmp_path / "long", "--epochs", 6, "--no-refit", *common)
+    assert r.exit_code == 0, r.output
+    best = json.loads((tmp_path / "long" / "metrics.json").read_text())["wsabie"]["best_epoch"]
+    assert best < 6  # else the best and the last epoch's weights are the same
+    config = json.loads((tmp_path / "long" / "config.json").read_text())["stage1"]["train"]
+    assert config["refit"] is False
+    history = (tmp_path / "long" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 6 and "refit" not in "".join(history)
+    # the same run stopped at the best epoch ends with the same weights: the best are kept
+    r = invoke("train", train, "--model", tmp_path / "short", "--epochs", best, "--no-refit",
+               *common)
+    assert r.exit_code == 0, r.output
+    long, short = (_weights(tmp_path / m / "wsabie.safetensors") for m in ("long", "short"))
+    assert set(long) == set(short)
+    for name in long:
+        np.testing.assert_array_equal(long[name], short[name])
+    # the default refits on every row for the picked epoch count
+    r = invoke("train", train, "--model", tmp_path / "refit", "--epochs", 6, *common)
+    assert r.exit_code == 0, r.output
+    history = (tmp_path / "refit" / "history.csv").read_text().splitlines()
+    assert sum(line.endswith(",refit") for line in history) == best
+    refit = _weights(tmp_path / "refit" / "wsabie.safetensors")
+    assert any(not np.array_equal(refit[name], long[name]) for name in long)
+
+
+def test_no_refit_reaches_stage_3(tmp_path, blobs):
+    train, _ = blobs
+    model = tmp_path / "m"
+    common = ("--epochs", 3, "--quiet", "--threads", 1, "--no-refit")
+    assert invoke("train", train, "--model", model, *common).exit_code == 0
+    assert invoke("build-g", train, "--model", model, "--threads", 1).exit_code == 0
+    r = invoke("retrain", train, "--model", model, "--rounds", 1, *common)
+    assert r.exit_code == 0, r.output
+    config = json.loads((model / "config.json").read_text())
+    assert config["stage3"]["train"]["refit"] is False
+    from awe import artifacts
+
+    history = (model / artifacts.AWE_HISTORY).read_text().splitlines()
+    assert len(history) == 1 + 3 and "refit" not in "".join(history)
