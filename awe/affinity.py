@@ -489,9 +489,10 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
         searched = np.sort(rng.choice(n, LAMBDA_SAMPLE, replace=False))
     if search_all is not None and len(searched) == n:
         sq_dists, ids = search_all(index, vectors, config.neighbors)
-    else:  # every row searched: the vectors themselves, not a copy (1M x 128 floats is 512 MB)
-        sq_dists, ids = index.search(vectors if len(searched) == n else vectors[searched],
-                                     config.neighbors, searched)
+    elif len(searched) == n:  # the vectors themselves, not a copy (1M x 128 floats is 512 MB)
+        sq_dists, ids = index.leave_one_out(vectors, config.neighbors)
+    else:
+        sq_dists, ids = index.search(vectors[searched], config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
     resolved = config
     if config.lam is None:

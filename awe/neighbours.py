@@ -581,6 +581,7 @@ class NeighbourIndex:
         self._flat: tuple[np.ndarray, np.ndarray] | None = (
             None if rows is None else (rows, squared_norms(rows)))
         self._bf16 = None   # bf16: bf16_rows of the flat rows, made on first search
+        self._join = None   # flat, bf16: the rows for leave-one-out search (awe.join)
         self.rerank = int(params.get("rerank", _DEFAULT_RERANK))
 
     @classmethod
@@ -612,6 +613,35 @@ class NeighbourIndex:
         if self._bf16 is None:
             self._bf16 = bf16_rows(self._flat_view()[0])
         return self._bf16
+
+    def _join_rows(self):
+        """:class:`awe.join.JoinRows` of the indexed rows in this kind's precision (made once;
+        set as one object)."""
+        if self._join is None:
+            from .join import JoinRows
+
+            self._join = JoinRows(self._flat_view()[0],
+                                  "bfloat16" if self.kind == "bf16" else "float32")
+        return self._join
+
+    def _joins(self) -> bool:
+        """Whether leave-one-out search runs on :mod:`awe.join` (flat and bf16)."""
+        return self.kind in ("flat", "bf16")
+
+    def leave_one_out(self, vectors: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every indexed row's ``n`` nearest other rows (``vectors``: the indexed rows), as
+        ``search(vectors, n, exclude_ids=arange(N))`` returns them. For flat and bf16, from
+        :func:`awe.join.self_join`: each pair's product computed once, the same result."""
+        if not self._joins():
+            return self.search(vectors, n, exclude_ids=np.arange(len(vectors), dtype=np.int64))
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if len(vectors) != self.n_rows:
+            raise ValueError(f"leave_one_out needs the {self.n_rows} indexed rows, "
+                             f"got {len(vectors)}")
+        from .join import self_join
+
+        return self_join(self._join_rows(), n, self.rerank if self.kind == "bf16" else 0)
 
     # ----------------------------------------------------------------------------------- build
     @classmethod
@@ -778,6 +808,8 @@ class NeighbourIndex:
             exclude_ids = np.asarray(exclude_ids, dtype=np.int64).reshape(-1)
             if exclude_ids.shape[0] != b:
                 raise ValueError(f"exclude_ids has {exclude_ids.shape[0]} entries for {b} queries")
+        if exclude_ids is not None and self._joins() and bool((exclude_ids >= 0).any()):
+            return self._join_search(q, n, exclude_ids, batch_rows)
         extra = exclude_ids is not None
         k = min(n + int(extra), self.n_rows)
         searched_extra = extra and k == n + 1
@@ -795,6 +827,22 @@ class NeighbourIndex:
                 dist, ids = self.index.search(q[start:stop], k)
             ex = exclude_ids[start:stop] if extra else None
             out_d[start:stop], out_i[start:stop] = _drop_excluded(dist, ids, ex, n, searched_extra)
+        return out_d, out_i
+
+    def _join_search(self, q: np.ndarray, n: int, exclude_ids: np.ndarray,
+                     batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Leave-one-out search with :meth:`leave_one_out`'s values (:func:`awe.join.join_search`):
+        a shard of rows searched here gets the bits the whole self-join gives it."""
+        from .join import join_search
+
+        rows = self._join_rows()
+        rerank = self.rerank if self.kind == "bf16" else 0
+        out_d = np.empty((q.shape[0], n), dtype=np.float32)
+        out_i = np.empty((q.shape[0], n), dtype=np.int64)
+        for start in range(0, q.shape[0], batch_rows):
+            stop = min(start + batch_rows, q.shape[0])
+            out_d[start:stop], out_i[start:stop] = join_search(
+                rows, q[start:stop], exclude_ids[start:stop], n, rerank)
         return out_d, out_i
 
     def _exact_sample(self, vectors: np.ndarray, n: int, sample: int, seed: int):

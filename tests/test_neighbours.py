@@ -43,6 +43,16 @@ def brute_force(queries: np.ndarray, data: np.ndarray, n: int, exclude: np.ndarr
     return np.take_along_axis(d, ids, axis=1), ids
 
 
+def assert_neighbours_up_to_rounding(ids, queries, data, exact, rtol=1e-5):
+    """``ids`` are the brute-force neighbours ``exact``, but for the order (or the choice at
+    the cut) of rows whose float64 distances differ by float32 rounding."""
+    def dist(i):
+        return ((queries[:, None, :].astype(np.float64) - data[i]) ** 2).sum(-1)
+
+    np.testing.assert_allclose(dist(ids), dist(exact), rtol=rtol)
+    assert np.mean(ids == exact) > 0.99
+
+
 @pytest.fixture(scope="module")
 def data() -> np.ndarray:
     return clustered(3000)
@@ -246,7 +256,8 @@ def test_recall_with_defaults(kind):
     index = NeighbourIndex.build(x, IndexConfig(kind=kind))
     assert index.kind == kind and index.n_rows == 8000 and index.dim == 32
     name = {"ivf": "nprobe", "hnsw": "ef_search", "bf16": "rerank"}[kind]
-    assert index.params[f"{name}_calibrated"] and index.params[name] >= 1
+    # bf16's leave-one-out screen (awe.join) can reach the target with no spare candidates
+    assert index.params[f"{name}_calibrated"] and index.params[name] >= (kind != "bf16")
     assert index.params["calibration"]["recall_lower_bound"] >= 0.95
     assert index.params["calibration"]["reached"] is True
     recall = index.measure_recall(x, 20, sample=500, seed=11)
@@ -316,14 +327,22 @@ def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
     given = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000, rerank=3))
     assert given.kind == "bf16" and given.rerank == 3 and not given.params["rerank_calibrated"]
     # bf16 candidates that miss the target: exact search after all, and the record says why
-    monkeypatch.setattr(neighbours, "bf16_knn",
-                        lambda q, base, k, *args: exact_knn(q, base[::-1].copy(), k))
+    from awe import join
+
+    search = join.join_search
+
+    def wrong_in_bf16(rows, queries, ids, k, rerank):
+        if rows.precision == "bfloat16":
+            return exact_knn(queries, rows.x.numpy()[::-1].copy(), k)
+        return search(rows, queries, ids, k, rerank)
+
+    monkeypatch.setattr(join, "join_search", wrong_in_bf16)
     index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
     assert index.kind == "flat" and not index.params["auto_fallback_from_bf16"]["calibration"][
         "reached"]
     assert index.params["auto_fallback_from_bf16"]["rerank"] == neighbours._RERANK_LADDER[-1]
     _, ids = index.search(x[rows], 10, exclude_ids=rows)
-    np.testing.assert_array_equal(ids, exact)
+    assert_neighbours_up_to_rounding(ids, x[rows], x, exact)
 
 
 def test_native_bf16_reads_the_cpu_flags():
