@@ -29,8 +29,11 @@ subsample with a seeded initialisation; the calibration sample is seeded too). H
 construction is repeatable only with one thread (faiss inserts rows concurrently).
 
 Leave-one-out: ``search(..., exclude_ids=ids)`` never returns a query's own id; duplicates of the
-query under other ids are kept. Rows with fewer than n neighbours found are padded with id -1 and
-distance +inf (too few rows indexed, or, for IVF, too few rows in the lists probed).
+query under other ids are kept. For flat and bf16 it runs on :mod:`awe.join`, and
+:meth:`NeighbourIndex.leave_one_out` (build-g's search of every training row) computes each
+pair's product once for both rows (the self-join), with the same result as that search.
+Rows with fewer than n neighbours found are padded with id -1 and distance +inf (too few rows
+indexed, or, for IVF, too few rows in the lists probed).
 """
 
 from __future__ import annotations
