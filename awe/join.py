@@ -289,6 +289,7 @@ def join_search(rows: JoinRows, queries: np.ndarray, query_ids: np.ndarray, k: i
     out_i = np.full((b, k), -1, dtype=np.int64)
     if b == 0 or depth <= 0:
         return out_d, out_i
+    products = _Products(rows.dtype, _pad(_COLUMN_BLOCK), _pad(min(b, _ROW_BLOCK)))
     for qa in range(0, b, _ROW_BLOCK):
         qq, ids = q[qa:qa + _ROW_BLOCK], qid[qa:qa + _ROW_BLOCK]
         m = qq.shape[0]
@@ -299,19 +300,27 @@ def join_search(rows: JoinRows, queries: np.ndarray, query_ids: np.ndarray, k: i
         for c0 in range(0, n, _COLUMN_BLOCK):
             c1 = min(c0 + _COLUMN_BLOCK, n)
             br = _padded(rows.block(c0, c1), _pad(c1 - c0))
-            columns = torch.arange(c0, c1)
-            tile = None
-            if c1 - 1 > low:        # some row above some query: the query on the A side
-                tile = torch.mm(aq, br.T)[:m, :c1 - c0]
-            if c0 < high:           # some row below some query: the row on the A side
-                below = torch.mm(rows.a_of(br), bq.T)[:c1 - c0, :m].T
-                tile = below if tile is None else torch.where(
-                    columns[None, :] > ids[:, None], tile, below)
-            tile = tile.contiguous()
+            above = c1 - 1 > low       # some row above some query: the query on the A side
+            below = c0 < high          # some row below some query: the row on the A side
             own = (ids >= c0) & (ids < c1)
+            if above and below:        # the block holding the queries' own ids
+                columns = torch.arange(c0, c1)
+                tile = torch.where(columns[None, :] > ids[:, None],
+                                   torch.mm(aq, br.T)[:m, :c1 - c0],
+                                   torch.mm(rows.a_of(br), bq.T)[:c1 - c0, :m].T).contiguous()
+                along_rows = True
+            elif above:
+                tile, along_rows = products.mm(aq, br, m, c1 - c0), True
+            else:
+                # the rows on the A side: queries are the product's columns, read in place
+                tile, along_rows = products.mm(rows.a_of(br), bq, c1 - c0, m), False
             if bool(own.any()):
-                tile[own.nonzero().squeeze(1), ids[own] - c0] = math.inf
-            tops.merge(0, m, tile, True, c0)
+                q_own, c_own = own.nonzero().squeeze(1), ids[own] - c0
+                if along_rows:
+                    tile[q_own, c_own] = math.inf
+                else:
+                    tile[c_own, q_own] = math.inf
+            tops.merge(0, m, tile, along_rows, c0)
         d, i = _finish(rows, tops, qq, k)
         out_d[qa:qa + m], out_i[qa:qa + m] = d, i
     return out_d, out_i
