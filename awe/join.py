@@ -206,20 +206,19 @@ def _screened(tile, tau, along_rows: bool):
     else:
         bound, keyed = tau, tile
     stride = span // group
-    if along_rows and bf16:
-        # strided groups of columns: torch's int16 minima over a contiguous run of 32 took
-        # ~4x as long as over strided slabs, more than the extra cache lines of the gather
-        minima = keyed.view(m, group, stride).amin(dim=1)            # [queries, groups]
+    if along_rows:
+        if bf16:
+            # strided groups of columns: torch's int16 minima over a contiguous run of 32 took
+            # ~4x as long as over strided slabs, more than the extra cache lines of the gather
+            minima = keyed.view(m, group, stride).amin(dim=1)        # [queries, groups]
+            members, step = torch.arange(group) * stride, 1
+        else:
+            # groups of consecutive columns: a passing group's values are two cache lines
+            minima = keyed.view(m, stride, group).amin(dim=2)        # [queries, groups]
+            members, step = torch.arange(group), group
         hit = (minima <= bound[:, None]).nonzero()
         q, g = hit[:, 0], hit[:, 1]
-        c = g[:, None] + torch.arange(group) * stride
-        flat = q[:, None] * w + c
-    elif along_rows:
-        # groups of consecutive columns (float32): a passing group's values are two cache lines
-        minima = keyed.view(m, stride, group).amin(dim=2)            # [queries, groups]
-        hit = (minima <= bound[:, None]).nonzero()
-        q, g = hit[:, 0], hit[:, 1]
-        c = g[:, None] * group + torch.arange(group)
+        c = g[:, None] * step + members
         flat = q[:, None] * w + c
     else:
         # strided groups of rows (each value its own cache line either way): the minima of
