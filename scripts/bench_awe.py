@@ -68,14 +68,13 @@ def run(name: str, data: Path, out: Path, threads: int, seed: int = 0) -> dict:
     metrics = evaluate_model(model, data / "test.parquet", KS.get(name, [1, 3, 10]))
     times["eval (4 rows)"] = time.perf_counter() - t0
     config = json.loads((model / "config.json").read_text())
+    stage_metrics = json.loads((model / "metrics.json").read_text())
     print(f"{name} (seed {seed}): "
           + ", ".join(f"{row} P@1 {m['P@1']:.4f}" for row, m in metrics.items()) + " | "
           + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     return {"metrics": metrics, "seconds": times, "g": stats,
-            "stage1_best_epoch": json.loads((model / "metrics.json").read_text())[
-                "wsabie"]["best_epoch"],
-            "stage3_best_epoch": json.loads((model / "metrics.json").read_text())[
-                "awe"]["best_epoch"],
+            "stage1_best_epoch": stage_metrics["wsabie"]["best_epoch"],
+            "stage3_best_epoch": stage_metrics["awe"]["best_epoch"],
             "stage2": config["stage2"]["config"]}
 
 
