@@ -19,16 +19,16 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from .affinity import AffinityConfig, build_g
-from .errors import AweError
-from .train import (
-    LABEL_BIAS_DEFAULT,
-    STAGE3_DEFAULTS,
-    TrainConfig,
-    retrain_awe,
-    train_wsabie,
-    with_overrides,
-)
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
+from awe.dask_cluster import ClusterOptions
+from awe.errors import AweError
+from awe.io.reader import load_examples
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.predict.batch import DEFAULT_BATCH_ROWS, ScoreOptions, score_files, score_table
+from awe.predict.evaluation import evaluate_model
+from awe.predict.predictor import Predictor
+from awe.training.config import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS, TrainConfig, with_overrides
 
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 _AFFINITY_FIELDS = {f.name for f in fields(AffinityConfig)}
@@ -89,7 +89,6 @@ class AWE:
     # -- use
     def evaluate(self, test, ks=(1, 3, 10), rows=None) -> dict[str, dict[str, float]]:
         """P@k, R@k, NDCG@k, MAP@k of each row of the paper's table (default: all)."""
-        from .evaluate import evaluate_model
 
         path = self._as_path(test, self._scratch() / "test.parquet")
         return evaluate_model(self._require_dir(), path, list(ks), rows=rows)
@@ -97,7 +96,6 @@ class AWE:
     def predict(self, rows, k: int = 10, stage: str | None = None):
         """Top-k labels for ``rows`` (path, DataFrame or Table) as a pandas DataFrame with the
         ``id`` column (when present), ``labels`` and ``scores``; ``stage``: wsabie | awe."""
-        from .data import load_examples
 
         predictor = self.predictor()
         path = self._as_path(rows, self._scratch() / "predict.parquet")
@@ -114,7 +112,6 @@ class AWE:
         raises :class:`~awe.errors.DataError` (``score_files`` can set such rows aside)."""
         import pyarrow as pa
 
-        from .scoring import DEFAULT_BATCH_ROWS, ScoreOptions, score_table
 
         options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,
                                exclude_col=exclude_col,
@@ -132,8 +129,6 @@ class AWE:
         """``awe score``: stream ``input_path`` (file, directory, glob) into scored parquet under
         ``out`` (resumable; on Dask with ``scheduler`` or ``workers``); returns what was
         written and skipped (:class:`awe.scoring.ScoreSummary`)."""
-        from .cluster import ClusterOptions
-        from .scoring import DEFAULT_BATCH_ROWS, ScoreOptions, score_files
 
         options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,
                                exclude_col=exclude_col, skip_invalid=skip_invalid,
@@ -143,7 +138,6 @@ class AWE:
                            cluster=ClusterOptions.from_options(scheduler, workers))
 
     def predictor(self):
-        from .score import Predictor
 
         if self._predictor is None:
             self._predictor = Predictor(self._require_dir())

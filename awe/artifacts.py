@@ -7,13 +7,17 @@ the final name, so an interrupted run leaves either the old file or the new one,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import AweError
+import numpy as np
+
+from awe import __version__
+from awe.errors import AweError
 
 
 def cannot_write(path: Path, exc: OSError) -> AweError:
@@ -88,7 +92,6 @@ def library_versions() -> dict[str, str]:
     import pyarrow
     import torch
 
-    from . import __version__
 
     return {"awe": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "pyarrow": pyarrow.__version__, "faiss": getattr(faiss, "__version__", "unknown")}
@@ -151,3 +154,12 @@ def staged(directory: str | os.PathLike) -> Iterator[Path]:
             os.replace(stage / name, directory / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def tensor_digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -101,3 +102,59 @@ def contains(sorted_keys: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(sorted_keys, query_keys)
     pos = np.minimum(pos, len(sorted_keys) - 1)
     return sorted_keys[pos] == query_keys
+
+
+def pad_rows(rows: Csr, id_dtype: torch.dtype = torch.int64,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of ids as (ids [rows, widest], -1 padding; their values, 0 padding, or None)."""
+    width = max(1, int(rows.lengths.max(initial=0)))
+    row_of = torch.from_numpy(rows.row_of_entry())
+    slot = torch.from_numpy(np.arange(len(rows.indices)) - np.repeat(rows.indptr[:-1],
+                                                                      rows.lengths))
+    ids = torch.full((rows.n_rows, width), -1, dtype=id_dtype)
+    ids[row_of, slot] = torch.from_numpy(rows.indices).to(id_dtype)
+    values = None
+    if rows.values is not None:
+        values = torch.zeros(rows.n_rows, width)
+        values[row_of, slot] = torch.from_numpy(rows.values.astype(np.float32))
+        values = values.to(device)
+    return ids.to(device), values
+
+
+class PaddedRows:
+    """Rows of a few ids each as one [rows, width] table padded with -1 (and their values, if
+    any): whether (row, id) is an entry is a gather of the row and a compare of its ids, where
+    sorted keys row * L + id need a binary search (8192 look-ups, 2 threads: 57 vs 446 µs at
+    width 1 among 1M rows, 0.33-0.45 vs 0.69-1.64 ms at width 20 among 100k-300k rows).
+
+    For rows of nearly one width only (:meth:`fits`): the table holds rows x the widest row.
+    """
+
+    MAX_WIDTH = 64
+    MAX_PADDING = 1.5  # table cells per entry
+
+    def __init__(self, rows: Csr, device: torch.device | str = "cpu"):
+        self.ids, self.values = pad_rows(rows, torch.int32, device)
+
+    @classmethod
+    def fits(cls, rows: Csr, n_cols: int) -> bool:
+        width = int(rows.lengths.max(initial=0))
+        return (n_cols < 2**31 and 0 < width <= cls.MAX_WIDTH
+                and rows.n_rows * width <= cls.MAX_PADDING * max(1, len(rows.indices)))
+
+    def hits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """rows [P], cols [P] or [P, K] -> bool [..., width]: where each col is in its row."""
+        row_ids = self.ids.index_select(0, rows)
+        if cols.dim() == 2:
+            row_ids = row_ids.unsqueeze(1)
+        return row_ids == cols.unsqueeze(-1)
+
+    def contains(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self.hits(rows, cols).any(-1)
+
+    def value(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The entry's value where (row, col) is one, else 0 (an id appears once in a row)."""
+        values = self.values.index_select(0, rows)
+        if cols.dim() == 2:
+            values = values.unsqueeze(1)
+        return (self.hits(rows, cols) * values).sum(-1)

@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, datasets
-from .affinity import AffinityConfig, build_g
-from .errors import AweError
-from .evaluate import evaluate_model
-from .train import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie
+from awe import artifacts
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
+from awe.errors import AweError
+from awe.io import datasets
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS, TrainConfig
 
 ALGORITHMS = {
     "knn-input": "k-Nearest Neighbor",

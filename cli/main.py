@@ -13,12 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from awe import datasets as datasets_lib
-from awe.cluster import ClusterOptions
-from awe.data import Columns
+from awe.dask_cluster import ClusterOptions
 from awe.errors import AweError
-from awe.neighbours import DEFAULT_TARGET_RECALL
-from awe.train import AUTO_MAX_ROUNDS, LABEL_BIAS_DEFAULT
+from awe.io import datasets as datasets_lib
+from awe.io.reader import Columns
+from awe.neighbors.index import DEFAULT_TARGET_RECALL
+from awe.training.config import AUTO_MAX_ROUNDS, LABEL_BIAS_DEFAULT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Affinity Weighted Embedding: Wsabie (WARP) training, nearest-neighbour "
@@ -37,7 +37,7 @@ MULTI_PROCESS_COMMANDS = ("train", "retrain")
 def _main(ctx: typer.Context,
           debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
           = False) -> None:
-    from awe.distributed import launched_size
+    from awe.training.distributed import launched_size
 
     _state["debug"] = debug
     with user_errors():
@@ -189,7 +189,7 @@ def training_options(command):
 
 
 def _train_config(options: dict, base=None, **more):
-    from awe.train import TrainConfig, with_overrides
+    from awe.training.config import TrainConfig, with_overrides
 
     settings = {k: v for k, v in options.items() if k not in _RUN_OPTIONS}
     if options["valid"]:
@@ -198,7 +198,7 @@ def _train_config(options: dict, base=None, **more):
 
 
 def _fit_summary(result) -> None:
-    from awe.distributed import is_main_process
+    from awe.training.distributed import is_main_process
 
     if not is_main_process():  # under torchrun, rank 0 speaks for all
         return
@@ -228,7 +228,7 @@ def train(
     train_options: dict | None = None,
 ) -> None:
     """Stage 1: train a Wsabie embedding with WARP; writes the model directory."""
-    from awe.train import train_wsabie
+    from awe.pipeline import train_wsabie
 
     with user_errors():
         config = _train_config(train_options, dim=dim, task=task)
@@ -305,8 +305,8 @@ def build_g(
     workers: WorkersOpt = None,
 ) -> None:
     """Stage 2: find every training row's neighbours with FAISS and build G."""
-    from awe.affinity import AffinityConfig
-    from awe.affinity import build_g as build_g_lib
+    from awe.affinity.g import AffinityConfig
+    from awe.affinity.stage import build_g as build_g_lib
 
     with user_errors():
         config = AffinityConfig(neighbors=_auto_int(neighbors, "--neighbors"), kernel=kernel,
@@ -348,7 +348,8 @@ def retrain(
 ) -> None:
     """Stage 3: retrain the G-weighted model with WARP (lr default 0.01); writes
     awe.safetensors."""
-    from awe.train import STAGE3_DEFAULTS, retrain_awe
+    from awe.pipeline import retrain_awe
+    from awe.training.config import STAGE3_DEFAULTS
 
     with user_errors():
         config = _train_config(train_options, STAGE3_DEFAULTS)
@@ -377,7 +378,8 @@ def eval_(
 ) -> None:
     """Evaluate P@k, R@k, NDCG@k and MAP@k on a test set."""
     from awe import artifacts
-    from awe.evaluate import evaluate_model, parse_ks
+    from awe.predict.evaluation import evaluate_model
+    from awe.ranking.metrics import parse_ks
 
     with user_errors():
         try:
@@ -428,7 +430,7 @@ def score(
 
     Outputs are written to a temporary name and renamed; run again to finish an interrupted
     run: outputs already complete for the same model and options are skipped."""
-    from awe.scoring import ScoreOptions, score_files
+    from awe.predict.batch import ScoreOptions, score_files
 
     with user_errors():
         options = ScoreOptions(k=top_k, stage=model_stage,

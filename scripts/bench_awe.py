@@ -28,11 +28,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# ruff: noqa: E402  (the imports below need the path above)
 
-from awe import datasets  # noqa: E402
-from awe.affinity import AffinityConfig, build_g  # noqa: E402
-from awe.evaluate import evaluate_model  # noqa: E402
-from awe.train import STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie  # noqa: E402
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
+from awe.io import datasets
+from awe.pipeline import (
+    retrain_awe,
+    train_wsabie,
+)
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import STAGE3_DEFAULTS, TrainConfig
 
 SHARED = ROOT.parent / "shared" / "data"
 KS = {"movielens": [1, 3, 10]}

@@ -34,9 +34,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# ruff: noqa: E402  (the imports below need the path above)
 
-from awe.artifacts import write_json  # noqa: E402
-from awe.neighbours import IndexConfig, NeighbourIndex, set_threads  # noqa: E402
+from awe.artifacts import write_json
+from awe.cpu import set_threads
+from awe.neighbors.index import IndexConfig, NeighbourIndex
 
 
 def clustered(n_rows: int, dim: int, seed: int, rows_per_cluster: int = 300,

@@ -79,8 +79,10 @@ def make_rows(path: Path, n_rows: int, n_features: int, n_labels: int, seed: int
 
 
 def make_model(root: Path, n_labels: int, args) -> Path:
-    from awe.affinity import AffinityConfig, build_g
-    from awe.train import STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie, with_overrides
+    from awe.affinity.g import AffinityConfig
+    from awe.affinity.stage import build_g
+    from awe.pipeline import retrain_awe, train_wsabie
+    from awe.training.config import STAGE3_DEFAULTS, TrainConfig, with_overrides
 
     model = root / f"model-L{n_labels}"
     config = model / "config.json"
@@ -128,8 +130,8 @@ def child(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--warmup", help="a small input scored first, untimed")
     a = parser.parse_args(argv)
-    from awe.cluster import ClusterOptions
-    from awe.scoring import ScoreOptions, score_files
+    from awe.dask_cluster import ClusterOptions
+    from awe.predict.batch import ScoreOptions, score_files
 
     options = ScoreOptions(k=10, stage=a.stage, threads=a.threads, overwrite=True,
                            batch_rows=a.batch_size)

@@ -28,12 +28,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# ruff: noqa: E402  (the imports below need the path above)
 
-from awe import datasets  # noqa: E402
-from awe.data import load_examples, scan  # noqa: E402
-from awe.evaluate import evaluate_model  # noqa: E402
-from awe.model import ModelShape, Wsabie  # noqa: E402
-from awe.train import TrainConfig, fit, train_wsabie  # noqa: E402
+from awe.io import datasets
+from awe.io.reader import (
+    load_examples,
+    scan,
+)
+from awe.models.wsabie import (
+    ModelShape,
+    Wsabie,
+)
+from awe.pipeline import train_wsabie
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import TrainConfig
+from awe.training.loop import fit
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -12,20 +12,17 @@ import pytest
 import torch
 
 from awe import artifacts
-from awe.affinity import (
-    KERNELS,
-    AffinityConfig,
-    aggregate_labels,
-    build_affinity,
-    build_g,
-    kernel_weights,
-)
+from awe.affinity.g import AffinityConfig, build_affinity
+from awe.affinity.kernels import KERNELS, aggregate_labels, kernel_weights
+from awe.affinity.stage import build_g
 from awe.csr import Csr
-from awe.data import Columns, load_examples, scan
 from awe.errors import AweError
-from awe.model import AffinityWsabie, ModelShape, awe_ranking_scores
-from awe.train import TrainConfig, retrain_awe, train_wsabie
-from awe.warp import warp_loss
+from awe.io.reader import Columns, load_examples, scan
+from awe.models.affinity_wsabie import AffinityWsabie, awe_ranking_scores
+from awe.models.wsabie import ModelShape
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.training.config import TrainConfig
+from awe.training.warp import warp_loss
 
 # ----------------------------------------------------------------------------- reference
 
@@ -236,7 +233,7 @@ def test_stage3_gradient_matches_finite_differences():
     model = AffinityWsabie(shape, bias=0.3, init_scale=1.0, label_bias=0.5).double()
     g = Csr.from_lengths(np.array([2, 3]), np.array([0, 2, 1, 3, 4]),
                          np.array([0.5, 1.5, 0.2, 0.7, 1.1], dtype=np.float32))
-    from awe.data import Examples, InputSchema
+    from awe.io.reader import Examples, InputSchema
 
     x = torch.randn(2, 4, dtype=torch.float64)
     ex = Examples(InputSchema("dense", 4), x.numpy().astype(np.float32), None,
@@ -339,20 +336,20 @@ def test_build_g_and_retrain_write_every_option(trained, tmp_path):
 def test_retrain_uses_the_one_training_loop(trained, tmp_path, monkeypatch):
     import shutil
 
-    import awe.train as train_module
+    import awe.pipeline as pipeline_module
 
     root, train, _ = trained
     model = tmp_path / "m"
     shutil.copytree(root / "m", model)
     build_g(train, model, AffinityConfig(neighbors=5))
     seen = []
-    real_fit = train_module.fit
+    real_fit = pipeline_module.fit
 
     def spy(m, *args, **kwargs):
         seen.append(type(m).__name__)
         return real_fit(m, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", spy)
+    monkeypatch.setattr(pipeline_module, "fit", spy)
     retrain_awe(train, model, TrainConfig(epochs=1), rounds=2)
     assert seen == ["AffinityWsabie", "AffinityWsabie"]
     saved = json.loads((model / "config.json").read_text())
@@ -377,7 +374,7 @@ def test_knn_rows_keep_their_spaces_when_g_is_built_in_input_space(trained, tmp_
     space the stage-2 G (used by the awe row) was built in."""
     import shutil
 
-    from awe.score import Predictor
+    from awe.predict.predictor import Predictor
 
     root, train, test = trained
     scores = {}
@@ -403,7 +400,7 @@ def test_knn_rows_search_exactly_whatever_the_stage2_index(trained, tmp_path):
     stage-2 G there."""
     import shutil
 
-    from awe.score import Predictor
+    from awe.predict.predictor import Predictor
 
     root, train, test = trained
     votes = {}

@@ -63,7 +63,7 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     # stage-3 weights record G's fingerprint; one built before --target-recall and --rerank
     # existed was the hash of the config without those keys, and a default G still hashes
     # the same
-    from awe.affinity import Affinity
+    from awe.affinity.g import Affinity
 
     section = json.loads((model / "config.json").read_text())["stage2"]
     before = {k: v for k, v in section["config"].items() if k not in ("target_recall", "rerank")}
@@ -170,9 +170,9 @@ def test_same_seed_same_awe_model(tmp_path, data):
 def test_stage1_label_bias_is_saved_and_used(tmp_path, data):
     from safetensors import safe_open
 
-    from awe.data import load_examples
-    from awe.model import load_wsabie
-    from awe.score import Predictor
+    from awe.io.reader import load_examples
+    from awe.models.saved import load_wsabie
+    from awe.predict.predictor import Predictor
 
     train, test = data
     for flag, expected in (("auto", True), ("on", True), ("off", False)):
@@ -189,7 +189,7 @@ def test_stage1_label_bias_is_saved_and_used(tmp_path, data):
             predictor = Predictor(model)
             examples = load_examples(test, predictor.schema, predictor.vocab)
             rows = np.arange(5)
-            from awe.model import batch_inputs
+            from awe.models.wsabie import batch_inputs
 
             e = saved.model.embed(batch_inputs(examples, rows))
             want = e @ saved.model.v_matrix().T + saved.model.label_bias

@@ -2,10 +2,12 @@
 
 import pytest
 
-from awe import datasets
-from awe.affinity import AffinityConfig, build_g
-from awe.evaluate import evaluate_model
-from awe.train import STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
+from awe.io import datasets
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import STAGE3_DEFAULTS, TrainConfig
 
 
 @pytest.mark.slow

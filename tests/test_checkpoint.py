@@ -19,10 +19,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from awe.affinity import AffinityConfig, build_g
-from awe.checkpoint import CHECKPOINT_DIR, Checkpoint
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
 from awe.errors import AweError, TrainingDiverged
-from awe.train import TrainConfig, _WarpStep, retrain_awe, train_wsabie
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.training.checkpoint import CHECKPOINT_DIR, Checkpoint
+from awe.training.config import TrainConfig
+from awe.training.loop import _WarpStep
 from tests.test_affinity import write_clusters
 
 
@@ -248,9 +251,9 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, data, monkeypatch):
 
 def script_valid_scores(monkeypatch, scores: dict[int, float]) -> None:
     """Make round r's best validation P@1 scores[r] (the rounds' choice reads it)."""
-    import awe.train as train_module
+    import awe.pipeline as pipeline_module
 
-    real = train_module.fit_selected
+    real = pipeline_module.fit_selected
     calls = {"n": 0}
 
     def fit_selected(new_model, train, config, valid=None, progress=False, checkpoint=None):
@@ -261,7 +264,7 @@ def script_valid_scores(monkeypatch, scores: dict[int, float]) -> None:
         result.best_metrics["P@1"] = scores[round_no]
         return model, result, fitted, validated
 
-    monkeypatch.setattr(train_module, "fit_selected", fit_selected)
+    monkeypatch.setattr(pipeline_module, "fit_selected", fit_selected)
 
 
 def round_files(model_dir: Path) -> dict:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awe.affinity import AffinityConfig, build_g
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
 from awe.errors import AweError
-from awe.evaluate import evaluate_model
-from awe.train import STAGE3_DEFAULTS, TrainConfig, resolve_device, retrain_awe, train_wsabie
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import STAGE3_DEFAULTS, TrainConfig, resolve_device
 from tests.test_affinity import write_clusters
 
 HAS_CUDA = torch.cuda.is_available()

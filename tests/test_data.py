@@ -1,4 +1,4 @@
-"""The parquet reader (awe.data): known answers, and one clear error per kind of bad input."""
+"""The parquet reader (awe.io.reader): known answers, and one clear error per kind of bad input."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ import pyarrow as pa
 import pytest
 
 from awe.csr import Csr, contains
-from awe.data import Columns, Examples, InputSchema, LabelVocab, load_examples, resolve_files, scan
 from awe.errors import AweError, DataError
+from awe.io.reader import (
+    Columns,
+    Examples,
+    InputSchema,
+    LabelVocab,
+    load_examples,
+    resolve_files,
+    scan,
+)
 
 F32 = pa.list_(pa.float32())
 F64 = pa.list_(pa.float64())
@@ -253,7 +261,7 @@ def test_take_sparse(tmp_path, write):
 
 
 def test_task_metadata(tmp_path):
-    from awe.data import TASK_METADATA_KEY, write_table
+    from awe.io.reader import TASK_METADATA_KEY, write_table
     table = pa.table({"features": pa.array(dense_rows(1), F32), "labels": pa.array([["a"]], STR)})
     write_table(tmp_path / "r.parquet", table, {TASK_METADATA_KEY: b"recommendation"})
     assert scan(tmp_path / "r.parquet").task == "recommendation"

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from awe import datasets
-from awe.datasets import (
+from awe.errors import AweError, DataError
+from awe.io import datasets
+from awe.io.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
     download_movielens,
@@ -29,7 +30,6 @@ from awe.datasets import (
     synthetic,
     write_split,
 )
-from awe.errors import AweError, DataError
 
 
 def _shared_data() -> Path:

@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from awe.train import STEP_PARALLEL_MIN, TrainConfig, train_wsabie
+from awe.pipeline import train_wsabie
+from awe.training.config import TrainConfig
+from awe.training.loop import STEP_PARALLEL_MIN
 from tests.test_affinity import write_clusters
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,16 +30,19 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from awe import train as train_module
-from awe.data import Columns, load_examples, scan
-from awe.datasets import make_dataset
-from awe.distributed import SINGLE, World, rank_share, session
+from awe import pipeline as pipeline_module
 from awe.errors import AweError, TrainingDiverged
-from awe.evaluate import evaluate
-from awe.model import ModelShape, Wsabie
-from awe.optim import RowOptimizer
-from awe.stream import ShuffleStream
-from awe.train import TrainConfig, fit, retrain_awe, scores_for_rows, train_wsabie
+from awe.io.datasets import make_dataset
+from awe.io.reader import Columns, load_examples, scan
+from awe.io.stream import ShuffleStream
+from awe.models.wsabie import ModelShape, Wsabie
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.ranking.metrics import evaluate
+from awe.training import loop as train_module
+from awe.training.config import STAGE3_DEFAULTS, TrainConfig
+from awe.training.distributed import SINGLE, World, rank_share, session
+from awe.training.loop import fit, scores_for_rows
+from awe.training.optim import RowOptimizer
 from cli.main import app
 
 pytestmark = pytest.mark.skipif(
@@ -73,20 +76,20 @@ def _worker(rank: int, world_size: int, init_file: str, root: str, data: dict) -
 
 @contextlib.contextmanager
 def _patched():
-    """Undo a case's monkeypatching of awe.train before the next case."""
-    saved = (train_module.fit, train_module._WarpStep.__call__,
+    """Undo a case's monkeypatching of the training loop before the next case."""
+    saved = (pipeline_module.fit, train_module._WarpStep.__call__,
              train_module._WarpStep._gradients)
     try:
         yield
     finally:
-        (train_module.fit, train_module._WarpStep.__call__,
+        (pipeline_module.fit, train_module._WarpStep.__call__,
          train_module._WarpStep._gradients) = saved
 
 
 def keep_fitted_parameters(rank: int, out: Path) -> None:
     """Save (test side) the parameters every fit of this process ends with, as
     out/params-RANK-N.safetensors: rank 1 itself writes nothing."""
-    real_fit = train_module.fit
+    real_fit = pipeline_module.fit
     calls = {"n": 0}
 
     def recording_fit(model, *args, **kwargs):
@@ -96,7 +99,7 @@ def keep_fitted_parameters(rank: int, out: Path) -> None:
                   str(out / f"params-{rank}-{calls['n']}.safetensors"))
         return result
 
-    train_module.fit = recording_fit
+    pipeline_module.fit = recording_fit
 
 
 def same_parameters_on_both_ranks(out: Path) -> int:
@@ -205,7 +208,7 @@ def _case_diverge(rank: int, out: Path, mag: str, **_) -> None:
 CASES = {"train": _case_train, "resume": _case_resume, "stream": _case_stream,
          "retrain": _case_retrain, "diverge": _case_diverge}
 STREAM_CONFIG = replace(CONFIG, shuffle_buffer=1000, batch_size=256, epochs=10)
-STAGE3_CONFIG = replace(train_module.STAGE3_DEFAULTS, dim=CONFIG.dim, epochs=3,
+STAGE3_CONFIG = replace(STAGE3_DEFAULTS, dim=CONFIG.dim, epochs=3,
                         valid_fraction=0.1, seed=CONFIG.seed, threads=1)
 
 

@@ -1,4 +1,4 @@
-"""Ranking metrics (awe.evaluate): hand-computed answers and a brute-force reference."""
+"""Ranking metrics (awe.ranking.metrics): hand-computed answers and a brute-force reference."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from awe.csr import Csr
-from awe.data import Examples, InputSchema
-from awe.evaluate import (
+from awe.io.reader import Examples, InputSchema
+from awe.ranking.metrics import RankingMetrics, evaluate, parse_ks
+from awe.ranking.topk import (
     HEAP_MAX_K,
     THRESHOLD_MIN_LABELS_PER_K,
-    RankingMetrics,
     _largest,
     _threshold_top,
-    evaluate,
     mask_excluded,
-    parse_ks,
     ranked_top_k,
     top_k,
 )
@@ -341,8 +339,9 @@ def test_evaluate_matches_brute_force_reference():
 def test_candidate_scores_rank_like_the_dense_awe_scores(monkeypatch, k):
     """Stage 3's ranking from G's labels alone (rows with fewer than k left fall back to the
     dense scores) equals the dense ranking: ids, scores, ties, exclusions, empty rows."""
-    from awe import model as model_module
-    from awe.model import AffinityWsabie, ModelShape, batch_inputs
+    from awe.models import affinity_wsabie as model_module
+    from awe.models.affinity_wsabie import AffinityWsabie
+    from awe.models.wsabie import ModelShape, batch_inputs
 
     monkeypatch.setattr(model_module, "CANDIDATES_MAX_SHARE", 1.0)  # 6 of 12 labels a row
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from awe import join
-from awe.neighbours import IndexConfig, NeighbourIndex
+from awe.neighbors import join
+from awe.neighbors.index import IndexConfig, NeighbourIndex
 
 from .test_neighbours import assert_neighbours_up_to_rounding, brute_force, clustered
 

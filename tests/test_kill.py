@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from awe.model import load_wsabie
+from awe.models.saved import load_wsabie
 from cli.main import app
 from tests.test_affinity import write_clusters
 from tests.test_checkpoint import outcome
@@ -39,14 +39,14 @@ DRIVER = """
 import os, sys, time
 pause, what = float(sys.argv[1]), sys.argv[2]
 if what == "step":
-    import awe.train as train
+    import awe.training.loop as train
     real = train._WarpStep.__call__
     def step(self, *args):
         time.sleep(pause)
         return real(self, *args)
     train._WarpStep.__call__ = step
 elif what == "row-group":
-    import awe.scoring as scoring
+    import awe.predict.batch as scoring
     real_groups = scoring.RowGroupScorer.row_groups
     def row_groups(self, tasks):
         for group in real_groups(self, tasks):

@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from awe import neighbours
+from awe import cpu
+from awe.cpu import set_threads
 from awe.errors import AweError
-from awe.neighbours import (
-    INDEX_KINDS,
-    IndexConfig,
-    NeighbourIndex,
-    bf16_knn,
-    default_nlist,
-    exact_knn,
-    set_threads,
-)
+from awe.neighbors import exact as exact_module
+from awe.neighbors import index as neighbours
+from awe.neighbors import merge
+from awe.neighbors.exact import bf16_knn, exact_knn
+from awe.neighbors.index import INDEX_KINDS, IndexConfig, NeighbourIndex, default_nlist
 
 KINDS = ("flat", "bf16", "ivf", "hnsw")
 
@@ -109,10 +106,10 @@ def test_batches_give_the_same_answer(data):
 
 @pytest.mark.parametrize("block", [7, 16384])
 def test_squared_norms_in_blocks_are_the_bits_of_one_pass(data, block, monkeypatch):
-    monkeypatch.setattr(neighbours, "_NORM_BLOCK", block)
+    monkeypatch.setattr(exact_module, "_NORM_BLOCK", block)
     x = np.vstack([data, 10.0 * clustered(97, seed=4)])
     whole = torch.from_numpy(x)
-    np.testing.assert_array_equal(neighbours.squared_norms(x), (whole * whole).sum(dim=1).numpy())
+    np.testing.assert_array_equal(exact_module.squared_norms(x), (whole * whole).sum(dim=1).numpy())
 
 
 def test_exact_over_searches_the_vectors_themselves_like_flat(data, tmp_path):
@@ -143,10 +140,10 @@ def test_exact_knn_matches_brute_force_in_every_block_layout(data, blocks, augme
     (the last, or all when k * group * 4 exceeds the block); with the [2x | -|x|^2] copy of the
     base, and with addmm where that copy would be too large."""
     if not augmented:
-        monkeypatch.setattr(neighbours, "_AUGMENTED_CACHE", 0)
-    monkeypatch.setattr(neighbours, "_QUERY_BLOCK", blocks[0])
-    monkeypatch.setattr(neighbours, "_BASE_BLOCK", blocks[1])
-    monkeypatch.setattr(neighbours, "_GROUP", blocks[2])
+        monkeypatch.setattr(exact_module, "_AUGMENTED_CACHE", 0)
+    monkeypatch.setattr(exact_module, "_QUERY_BLOCK", blocks[0])
+    monkeypatch.setattr(exact_module, "_BASE_BLOCK", blocks[1])
+    monkeypatch.setattr(exact_module, "_GROUP", blocks[2])
     queries = clustered(45, seed=4)
     for k in (1, 5, 20):
         dist, ids = exact_knn(queries, data, k)
@@ -163,7 +160,7 @@ def test_exact_knn_rows_do_not_depend_on_how_many_were_searched(data, augmented,
     among many: few-row GEMM kernels sum in another order on some CPUs (MKL on AMD EPYC:
     1-3 rows on one thread, 1-11 on two), so the products are padded to _QUERY_PAD rows."""
     if not augmented:
-        monkeypatch.setattr(neighbours, "_AUGMENTED_CACHE", 0)
+        monkeypatch.setattr(exact_module, "_AUGMENTED_CACHE", 0)
     queries = clustered(48, seed=6)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -192,7 +189,7 @@ def test_flat_search_is_the_same_from_concurrent_threads(data):
         for (d, i), (ed, ei) in zip(got, expected, strict=True):
             assert np.array_equal(d, ed) and np.array_equal(i, ei)
     q = queries[0]
-    with_norms = exact_knn(q, data, 6, neighbours.squared_norms(data))
+    with_norms = exact_knn(q, data, 6, exact_module.squared_norms(data))
     assert all(np.array_equal(a, b) for a, b in zip(exact_knn(q, data, 6), with_norms,
                                                     strict=True))
 
@@ -327,7 +324,7 @@ def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
     given = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000, rerank=3))
     assert given.kind == "bf16" and given.rerank == 3 and not given.params["rerank_calibrated"]
     # bf16 candidates that miss the target: exact search after all, and the record says why
-    from awe import join
+    from awe.neighbors import join
 
     search = join.join_search
 
@@ -336,7 +333,7 @@ def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
             return exact_knn(queries, rows.x.numpy()[::-1].copy(), k)
         return search(rows, queries, ids, k, rerank)
 
-    monkeypatch.setattr(join, "join_search", wrong_in_bf16)
+    monkeypatch.setattr(neighbours, "join_search", wrong_in_bf16)
     index = NeighbourIndex.build(x, IndexConfig(flat_max_rows=1000))
     assert index.kind == "flat" and not index.params["auto_fallback_from_bf16"]["calibration"][
         "reached"]
@@ -346,9 +343,9 @@ def test_auto_goes_from_ivf_to_bf16_where_the_cpu_has_it(monkeypatch):
 
 
 def test_native_bf16_reads_the_cpu_flags():
-    assert isinstance(neighbours.native_bf16(), bool)
-    assert isinstance(neighbours.has_amx(), bool)
-    flags = neighbours._cpuinfo_flags
+    assert isinstance(cpu.native_bf16(), bool)
+    assert isinstance(cpu.has_amx(), bool)
+    flags = cpu.cpuinfo_flags
     assert flags("processor : 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n") == {
         "fpu", "avx2", "amx_bf16", "amx_tile"}
     assert flags("flags : sse avx512f avx512_bf16\n") == {"sse", "avx512f", "avx512_bf16"}
@@ -389,7 +386,7 @@ def test_bf16_knn_finds_the_brute_force_neighbours(blocks, monkeypatch):
     candidates re-ranked, the neighbours are brute force's, in its order, at its distances."""
     names = ("_BF16_QUERY_BLOCK", "_BF16_BASE_BLOCK", "_BF16_GROUP")
     for name, value in zip(names, blocks, strict=True):
-        monkeypatch.setattr(neighbours, name, value)
+        monkeypatch.setattr(exact_module, name, value)
     x = clustered(3000, dim=24, seed=8) + 40.0   # far from the origin: centring matters
     q = clustered(300, dim=24, seed=9) + 40.0
     dist, ids = bf16_knn(q, x, 15, rerank=32)
@@ -429,7 +426,7 @@ def test_merge_top_keeps_each_rows_largest_ties_by_smaller_id():
         pairs += [(v, i) for rr, v, i in zip(rows.tolist(), values.tolist(), ids.tolist(),
                                              strict=True) if rr == r]
         expect.append(sorted(pairs, key=lambda p: (-p[0], p[1]))[:4])
-    neighbours._merge_top(top_v, top_i, rows, values, ids)
+    merge.merge_top(top_v, top_i, rows, values, ids)
     for r in range(6):
         got = sorted(zip(top_v[r].tolist(), top_i[r].tolist(), strict=True),
                      key=lambda p: (-p[0], p[1]))
@@ -443,8 +440,8 @@ def test_bf16_search_is_the_same_in_any_batches_and_threads(blocks, data, monkey
     the later blocks too)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(neighbours, "_BF16_QUERY_BLOCK", blocks[0])
-    monkeypatch.setattr(neighbours, "_BF16_BASE_BLOCK", blocks[1])
+    monkeypatch.setattr(exact_module, "_BF16_QUERY_BLOCK", blocks[0])
+    monkeypatch.setattr(exact_module, "_BF16_BASE_BLOCK", blocks[1])
     index = NeighbourIndex.build(data, IndexConfig(kind="bf16", rerank=0))
     assert index.params["rerank"] == 0 and index.params["rerank_calibrated"] is False
     rows = np.arange(3000, dtype=np.int64)

@@ -24,9 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from awe.csr import Csr
-from awe.data import MAX_FEATURE_ID, Examples, InputSchema, LabelVocab, load_examples, scan
 from awe.errors import AweError
-from awe.evaluate import METRICS, RankingMetrics, mask_excluded, top_k
+from awe.io.reader import MAX_FEATURE_ID, Examples, InputSchema, LabelVocab, load_examples, scan
+from awe.ranking.metrics import METRICS, RankingMetrics
+from awe.ranking.topk import mask_excluded, top_k
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

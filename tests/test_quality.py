@@ -6,9 +6,10 @@ gets 0.21. Skips when the shared MovieLens data is absent.
 
 import pytest
 
-from awe import datasets
-from awe.evaluate import evaluate_model
-from awe.train import TrainConfig, train_wsabie
+from awe.io import datasets
+from awe.pipeline import train_wsabie
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import TrainConfig
 
 from .test_datasets import ML100K
 

@@ -712,7 +712,7 @@ def test_int_labels_for_a_string_model(tmp_path, models):
 
 def test_non_finite_scores_do_not_crash_eval(tmp_path, models):
     """A model whose weights hold NaN (damaged, or diverged elsewhere) still evaluates: NaN scores
-    rank last, so those labels are never hits (awe.evaluate.top_k)."""
+    rank last, so those labels are never hits (awe.ranking.topk.top_k)."""
     model = _copy_model(models.dense, tmp_path / "model")
     weights = model / "wsabie.safetensors"
     tensors = load_file(str(weights))

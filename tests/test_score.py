@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from awe import AWE
-from awe.data import load_examples
-from awe.score import Predictor
+from awe.io.reader import load_examples
+from awe.predict.predictor import Predictor
 from cli.main import app
 from tests.test_affinity import write_clusters
 
@@ -352,7 +352,7 @@ def test_dask_equals_local(model, inputs, tmp_path, cluster):
     for name in ("a.parquet", "b.parquet", "sub/c.parquet"):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     # 6 row groups: both workers took tasks, and each loaded the model once
-    from awe import cluster as dask_cluster
+    from awe import dask_cluster
 
     loads = client.run(dask_cluster.loads)
     assert sorted(w.get("score", 0) for w in loads.values()) == [1, 1]
@@ -379,10 +379,11 @@ def test_dask_local_workers_and_awe_stage_with_rejects(model, tmp_path):
 def test_dask_build_g_equals_local(index, model, tmp_path, cluster, monkeypatch):
     import shutil
 
-    from awe import cluster as dask_cluster
+    from awe import dask_cluster
+    from awe.neighbors import sharded
 
     # 5 shards of query rows (the workers, other processes, keep the real bf16 blocks)
-    monkeypatch.setattr(dask_cluster, "SEARCH_SHARD_ROWS", 64)
+    monkeypatch.setattr(sharded, "SEARCH_SHARD_ROWS", 64)
     address, client = cluster
     # bf16: more rows than its first block (8192), so that the workers' searches screen too
     train = write_clusters(tmp_path / "train.parquet", 300 if index == "auto" else 9000, 0)
@@ -406,7 +407,7 @@ def test_row_groups_score_across_groups_in_order_and_fail_in_order(model, tmp_pa
     """The batches of the next row groups are scored before the last ones finish; the row
     groups come out as one at a time would give them, and an error comes in its place."""
     from awe.errors import DataError
-    from awe.scoring import RowGroupScorer, ScoreOptions, load_predictor
+    from awe.predict.batch import RowGroupScorer, ScoreOptions, load_predictor
 
     a = rows(tmp_path / "a.parquet", 200, 1, ids=np.arange(200), row_group=50)
     no_ids = rows(tmp_path / "b.parquet", 60, 2, row_group=50)
@@ -430,7 +431,7 @@ def test_top_k_matches_a_plain_sort():
     ranking each row by (score descending, label id ascending)."""
     import torch
 
-    from awe.evaluate import top_k
+    from awe.ranking.topk import top_k
 
     rng = np.random.default_rng(0)
     for trial in range(200):
@@ -452,7 +453,7 @@ def test_top_k_matches_a_plain_sort():
 def test_ahead_keeps_order_hands_over_errors_and_stops_when_closed():
     import threading
 
-    from awe.scoring import _ahead
+    from awe.predict.batch import _ahead
 
     assert list(_ahead(iter(range(20)))) == list(range(20))
 

@@ -1,4 +1,4 @@
-"""The bfloat16 screen (awe.screen): its top k is the float32 top k, exactly.
+"""The bfloat16 screen (awe.ranking.screen): its top k is the float32 top k, exactly.
 
 The reference scores every label with the same float32 dot products the screen gives its
 candidates (one sampled product over the full pattern), so ids and values must match bit for
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from awe import screen
 from awe.csr import Csr
-from awe.evaluate import ranked_top_k, top_k
+from awe.ranking import screen
+from awe.ranking.topk import ranked_top_k, top_k
 
 
 def reference_scores(e: torch.Tensor, table: screen.ScreenTable) -> torch.Tensor:
@@ -66,9 +66,7 @@ def test_screened_top_k_is_the_float32_top_k(n_labels, dim, bias, k):
 def test_the_product_width_follows_the_cpu_and_the_top_k_does_not(amx, monkeypatch):
     """32-column multiples for AMX's tiles, pairs elsewhere (AVX512-BF16); the zero columns
     change no score, so the screened top k is the float32 one either way."""
-    from awe import neighbours
-
-    monkeypatch.setattr(neighbours, "has_amx", lambda: amx)
+    monkeypatch.setattr(screen, "has_amx", lambda: amx)
     e, v, beta = model(1000, 129)
     table = screen.ScreenTable(v, beta)
     assert table.width == (160 if amx else 130)
@@ -229,9 +227,9 @@ def compare_with_and_without_screen(monkeypatch, model_dir, test, kind, k, spied
     spy on ``screen.<spied>`` (the number of rows a call)."""
     import pyarrow as pa
 
-    from awe.data import load_examples
-    from awe.evaluate import evaluate_model
-    from awe.score import Predictor
+    from awe.io.reader import load_examples
+    from awe.predict.evaluation import evaluate_model
+    from awe.predict.predictor import Predictor
 
     predictor = Predictor(model_dir)
     examples = load_examples(test, predictor.schema, predictor.vocab, require_labels=False)
@@ -261,7 +259,8 @@ def compare_with_and_without_screen(monkeypatch, model_dir, test, kind, k, spied
 def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
     """Through awe: the Wsabie row's predictions (with exclusions) and metrics, with the screen
     and without."""
-    from awe.train import TrainConfig, train_wsabie
+    from awe.pipeline import train_wsabie
+    from awe.training.config import TrainConfig
 
     train, test = labelled_rows(tmp_path)
     train_wsabie(train, tmp_path / "m", TrainConfig(dim=16, epochs=2, threads=1, seed=0,
@@ -272,7 +271,7 @@ def test_predictor_with_and_without_the_screen_agree(tmp_path, monkeypatch):
 
 
 def test_top_k_of_ranked_candidates_is_their_first_slots():
-    from awe.evaluate import CandidateScores
+    from awe.ranking.topk import CandidateScores
 
     values = torch.tensor([[3.0, 2.0, 2.0, -np.inf], [5.0, -np.inf, -np.inf, -np.inf]])
     ids = torch.tensor([[7, 1, 4, -1], [2, -1, -1, -1]])
@@ -341,7 +340,7 @@ def test_after_candidates_is_the_awe_ranking(with_exclude):
     """Rows with fewer than k G candidates: candidates by value, then the other labels by
     their plain score shown below the lowest candidate (awe_scores_around), exclusions
     removed; against that dense table built from the same float32 scores."""
-    from awe.model import awe_scores_around
+    from awe.models.affinity_wsabie import awe_scores_around
 
     e, v, beta = model(1000, 64)
     table = screen.ScreenTable(v, beta)
@@ -376,8 +375,10 @@ def test_after_candidates_is_the_awe_ranking(with_exclude):
 def test_awe_rows_short_of_candidates_with_and_without_the_screen(tmp_path, monkeypatch):
     """Through awe: stage 3's rows whose G holds fewer than k labels (20 neighbours of one
     label each: most rows) ranked with the screen for the rest and densely agree."""
-    from awe.affinity import AffinityConfig, build_g
-    from awe.train import STAGE3_DEFAULTS, TrainConfig, retrain_awe, train_wsabie, with_overrides
+    from awe.affinity.g import AffinityConfig
+    from awe.affinity.stage import build_g
+    from awe.pipeline import retrain_awe, train_wsabie
+    from awe.training.config import STAGE3_DEFAULTS, TrainConfig, with_overrides
 
     train, test = labelled_rows(tmp_path)
     common = {"epochs": 1, "threads": 1, "seed": 0, "valid_fraction": 0.0}

@@ -12,13 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from awe.affinity import AffinityConfig, build_g
-from awe.data import Columns, scan
-from awe.datasets import SHARD_ROW_GROUP, synthetic_shards
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g
 from awe.errors import AweError
-from awe.evaluate import evaluate_model
-from awe.stream import ShuffleStream
-from awe.train import TrainConfig, retrain_awe, train_wsabie
+from awe.io.datasets import SHARD_ROW_GROUP, synthetic_shards
+from awe.io.reader import Columns, scan
+from awe.io.stream import ShuffleStream
+from awe.pipeline import retrain_awe, train_wsabie
+from awe.predict.evaluation import evaluate_model
+from awe.training.config import TrainConfig
 from cli.main import app
 from tests.test_checkpoint import Crash, crash_after, outcome
 
@@ -162,8 +164,9 @@ def test_streamed_g_equals_loaded_g(tmp_path, monkeypatch):
     always) and gets the bits G gets from the rows loaded; files of odd sizes, chunks of 64."""
     import torch
 
-    from awe import affinity as affinity_lib
-    from awe.data import load_examples
+    from awe.affinity import g as affinity_lib
+    from awe.affinity import stage as stage_lib
+    from awe.io.reader import load_examples
 
     path = numbered(tmp_path, n_files=3, rows=150, group=70)
     found = scan(path, Columns())
@@ -171,8 +174,8 @@ def test_streamed_g_equals_loaded_g(tmp_path, monkeypatch):
     config = AffinityConfig(neighbors=5, batch_rows=64, threads=1)
     loaded = affinity_lib.build_affinity(load_examples(path, found.schema, found.vocab),
                                          len(found.vocab), config, u)
-    monkeypatch.setattr(affinity_lib, "EMBED_MEMORY_BUDGET", 0)
-    streamed = affinity_lib.build_affinity_streamed(path, found.schema, found.vocab, config, u,
+    monkeypatch.setattr(stage_lib, "EMBED_MEMORY_BUDGET", 0)
+    streamed = stage_lib.build_affinity_streamed(path, found.schema, found.vocab, config, u,
                                                     None, tmp_path / "scratch")
     for a, b in ((loaded[1], streamed[1]), (loaded[0].train_labels, streamed[0].train_labels)):
         assert all(np.array_equal(x, y) for x, y in zip(

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from awe import train as train_module
 from awe.csr import Csr
-from awe.data import Examples, InputSchema
-from awe.model import ModelShape, Wsabie, gathered_dots
-from awe.optim import RowOptimizer
-from awe.train import TrainConfig, fit, train_wsabie
-from awe.warp import estimate_rank, rank_weight_table, warp_gradients, warp_loss
+from awe.io.reader import Examples, InputSchema
+from awe.models.wsabie import ModelShape, Wsabie
+from awe.pipeline import train_wsabie
+from awe.ranking.dots import gathered_dots
+from awe.training import loop as train_module
+from awe.training.config import TrainConfig
+from awe.training.loop import fit
+from awe.training.optim import RowOptimizer
+from awe.training.warp import estimate_rank, rank_weight_table, warp_gradients, warp_loss
 from tests.test_affinity import write_clusters
 
 
@@ -218,7 +221,7 @@ def test_gathered_dots_equal_gather(n, k):
 def test_stage3_step_equals_autograd_with_label_bias(monkeypatch, optimizer, max_norm):
     """The real stage-3 model (G from a Csr, b, beta): the closed-form step moves U, V and beta
     exactly as autograd + torch.optim would."""
-    from awe.model import AffinityWsabie
+    from awe.models.affinity_wsabie import AffinityWsabie
 
     examples = _examples(False)
     rng = np.random.default_rng(3)
@@ -262,7 +265,7 @@ def test_stage1_step_equals_autograd_with_label_bias(monkeypatch, sparse, optimi
 def test_table_sampler_step_equals_autograd(monkeypatch, kind):
     """15 labels <= 20 draws: the step samples from the table's law, and what it does with the
     sample is autograd's step (stage 1 with beta; stage 3 with G, b and beta)."""
-    from awe.model import AffinityWsabie
+    from awe.models.affinity_wsabie import AffinityWsabie
 
     examples = _examples(False)
     shape = ModelShape(examples.schema.n_features, 15, 4, False)
@@ -294,7 +297,7 @@ def _random_g(n_rows: int, n_labels: int, seed: int) -> Csr:
 def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
     """With few labels the sampler reads each pair's scores from one [B, L] table: the same
     violators, draw counts and trained model as scoring the drawn labels one by one."""
-    from awe.model import AffinityWsabie
+    from awe.models.affinity_wsabie import AffinityWsabie
 
     examples = _examples(False, n_rows=40)
     shape = ModelShape(examples.schema.n_features, 15, 4, False)
@@ -339,8 +342,9 @@ def test_full_score_table_samples_like_the_gathered_scores(monkeypatch, kind):
 def test_lookup_layouts_train_the_same_model():
     """Positives and G found through a bitmap / dense G, padded rows or sorted keys: the same
     draws, weights and trained stage-3 model (the layouts differ in speed only)."""
-    from awe.model import AffinityTable, AffinityWsabie
-    from awe.warp import PaddedRows, PositiveSet
+    from awe.csr import PaddedRows
+    from awe.models.affinity_wsabie import AffinityTable, AffinityWsabie
+    from awe.training.warp import PositiveSet
 
     examples = _examples(False, n_rows=40)
     shape = ModelShape(examples.schema.n_features, 15, 4, False)
@@ -389,7 +393,7 @@ def test_initial_embedding_scale_follows_the_rows_norm(sparse):
 
 
 def test_training_records_the_rows_norm(tmp_path):
-    from awe.data import scan
+    from awe.io.reader import scan
 
     train = write_clusters(tmp_path / "train.parquet", 200, 0)
     model = tmp_path / "model"

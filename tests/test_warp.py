@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from awe.csr import Csr
-from awe.warp import (
-    PaddedRows,
+from awe.csr import Csr, PaddedRows
+from awe.training.warp import (
     PositiveSet,
     estimate_rank,
     first_violator,
@@ -153,7 +152,7 @@ def test_padded_rows_fit_rows_of_about_one_width():
 
 @pytest.mark.parametrize("layout", ["dense", "padded", "keys"])
 def test_affinity_table_layouts_match_brute_force(monkeypatch, layout):
-    from awe.model import AffinityTable
+    from awe.models.affinity_wsabie import AffinityTable
 
     rng = np.random.default_rng(1)
     lengths = rng.integers(0, 6, size=30)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import tensor_digest
-from .csr import Csr
-from .data import (
+from awe.artifacts import tensor_digest
+from awe.csr import Csr
+from awe.errors import AweError
+from awe.io.reader import (
     Examples,
     InputSchema,
     LabelVocab,
@@ -36,7 +37,6 @@ from .data import (
     row_group_sizes,
     training_block,
 )
-from .errors import AweError
 
 # rows read at a time: a block; the buffer holds at most buffer_rows more
 BLOCK_ROWS_MAX = 16_384

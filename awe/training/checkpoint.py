@@ -16,16 +16,14 @@ recorded. On success the driver removes the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import artifacts
-from .errors import AweError
+from awe import artifacts
+from awe.errors import AweError
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_VERSION = 1
@@ -55,15 +53,6 @@ class FitState:
 
     def meta(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "tensors"}
-
-
-def tensor_digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 class Checkpoint:

@@ -14,11 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import screen
-from .csr import Csr
-from .data import Examples
-from .errors import AweError
-from .model import awe_ranking_scores, batch_inputs, load_awe, load_wsabie
+from awe.affinity.g import Affinity
+from awe.affinity.stage import build_affinity_streamed
+from awe.csr import Csr
+from awe.errors import AweError
+from awe.io.reader import Examples
+from awe.models.affinity_wsabie import awe_ranking_scores
+from awe.models.saved import load_awe, load_wsabie
+from awe.models.wsabie import batch_inputs
+from awe.ranking import screen
+from awe.ranking.topk import ranked_top_k
 
 ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
 
@@ -27,7 +32,6 @@ class Predictor:
     """A loaded model directory that scores batches of rows; baselines are built on demand."""
 
     def __init__(self, model_dir, train_path=None, device: str = "cpu"):
-        from .affinity import Affinity
 
         self.model_dir = Path(model_dir)
         saved = load_wsabie(self.model_dir)
@@ -152,7 +156,6 @@ class Predictor:
         if space not in self._baselines:
             import tempfile
 
-            from .affinity import build_affinity_streamed
 
             row = f"knn-{space}"
             if not self.train_path:
@@ -191,7 +194,6 @@ class Predictor:
         ``scores`` (list<float32>, best first). The row's ``exclude`` labels are never ranked."""
         import pyarrow as pa
 
-        from .evaluate import ranked_top_k
 
         kind = kind or self.newest()
         self.check_rows([kind])

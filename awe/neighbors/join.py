@@ -32,6 +32,8 @@ import math
 
 import numpy as np
 
+from awe.neighbors.merge import merge_top, nearest_first
+
 # Queries (the A side) and rows (the B side) per tile; the groups whose minima screen a tile.
 _ROW_BLOCK = 1024
 _COLUMN_BLOCK = 8192
@@ -150,7 +152,7 @@ def _pad(m: int) -> int:
 
 
 class _Tops:
-    """Each query's running ``depth`` smallest (value, id): stored negated for _merge_top,
+    """Each query's running ``depth`` smallest (value, id): stored negated for merge_top,
     which keeps the largest."""
 
     def __init__(self, m: int, depth: int):
@@ -165,7 +167,6 @@ class _Tops:
         """Merge a tile's values into the tops of queries start..stop. ``along_rows``: the
         queries are the tile's rows and its columns the candidates (ids from ``ids_start``);
         else the queries are its columns and its rows the candidates."""
-        from .neighbours import _merge_top
 
         view = tile if along_rows else tile.T
         neg, ids, seen = self.neg[start:stop], self.ids[start:stop], self.seen[start:stop]
@@ -180,7 +181,7 @@ class _Tops:
         seen += width
         q, c, values = _screened(tile, tau, along_rows)
         if q.numel():
-            _merge_top(neg, ids, q, -values, c + ids_start)
+            merge_top(neg, ids, q, -values, c + ids_start)
 
 
 def _screened(tile, tau, along_rows: bool):
@@ -328,7 +329,6 @@ def join_search(rows: JoinRows, queries: np.ndarray, query_ids: np.ndarray, k: i
 def _finish(rows: JoinRows, tops: _Tops, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Tops -> (distances, ids) [m, k], nearest first, equal distances by id: the value clamped
     at 0 (float32), or re-ranked by float32 distance from the differences (bf16)."""
-    from .neighbours import _nearest_first
 
     m = tops.ids.shape[0]
     out_d = np.full((m, k), np.inf, dtype=np.float32)
@@ -343,5 +343,5 @@ def _finish(rows: JoinRows, tops: _Tops, queries, k: int) -> tuple[np.ndarray, n
             diff = rows.x[ids.clamp(min=0).reshape(-1)].view(e - s, ids.shape[1], -1)
             dist = diff.sub_(queries[s:e, None, :]).square_().sum(dim=2)
         dist = dist.masked_fill_(ids < 0, math.inf).numpy()
-        _nearest_first(dist, ids.numpy(), out_d[s:e, :width], out_i[s:e, :width])
+        nearest_first(dist, ids.numpy(), out_d[s:e, :width], out_i[s:e, :width])
     return out_d, out_i

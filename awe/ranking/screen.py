@@ -34,8 +34,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .csr import Csr
-from .evaluate import (
+from awe.cpu import has_amx, native_bf16
+from awe.csr import Csr, pad_rows
+from awe.ranking.dots import sampled_dots
+from awe.ranking.topk import (
     THRESHOLD_MIN_LABELS_PER_K,
     CandidateScores,
     excluded_ids,
@@ -44,7 +46,6 @@ from .evaluate import (
     ranked_top_k,
     top_k,
 )
-from .warp import pad_rows
 
 BF16_UNIT = 2.0 ** -8          # unit roundoff of bfloat16 (8 significand bits, nearest even)
 FLOAT32_UNIT = 2.0 ** -24
@@ -63,7 +64,6 @@ def enabled() -> bool:
     if _ENABLED is None:
         import os
 
-        from .neighbours import native_bf16
 
         _ENABLED = native_bf16() and os.environ.get("AWE_BF16_SCREEN", "1") != "0"
     return _ENABLED
@@ -73,7 +73,6 @@ def pad_width() -> int:
     """The width of e . [V | beta | 0...] is a multiple of this: 32 with AMX, whose tiles
     hold 32 bfloat16 values; else 2 (AVX512-BF16 multiplies pairs). Padding D + 1 = 129 to
     160 cost AVX512-BF16 (AMD EPYC, 1 thread, 4096 x 1000) 1.77 us a row against 1.48 at 130."""
-    from .neighbours import has_amx
 
     return 32 if has_amx() else 2
 
@@ -348,7 +347,6 @@ def _float32_scores(e: torch.Tensor, table: ScreenTable, counts: np.ndarray,
                     cols: np.ndarray) -> torch.Tensor:
     """e[row] . V[col] (+ beta[col]) in float32 at the CSR pattern (``counts`` a row, their
     ``cols``): one sampled product, one dot per candidate."""
-    from .model import sampled_dots
 
     cols_t = torch.from_numpy(cols)
     if len(cols) == 0:

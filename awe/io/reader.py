@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .csr import Csr
-from .errors import AweError, DataError
+from awe.artifacts import atomic_path
+from awe.csr import Csr
+from awe.errors import AweError, DataError
 
 TASKS = ("annotation", "recommendation")
 TASK_METADATA_KEY = b"awe.task"
@@ -693,7 +694,6 @@ def _label_block(batch, name, vocab: LabelVocab, file, offset, required: bool,
 
 def write_table(path: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> None:
     """Write a parquet file atomically (used for small outputs and tests)."""
-    from .artifacts import atomic_path
 
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})

@@ -8,17 +8,14 @@ label id, so results never depend on the sort's whim.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .csr import Csr, contains
-from .data import Examples
-from .warp import pad_rows
+from awe.csr import Csr, contains, pad_rows
 
-METRICS = ("P", "R", "NDCG", "MAP")
 # rows x labels ranked at once where memory is bounded (`awe eval` at large L, validation when
 # streaming, `awe score`): 8M float32 scores, 32 MB a [rows, labels] temporary (21k labels: 399
 # rows instead of ~900 MB of temporaries at 2048)
@@ -34,13 +31,6 @@ THRESHOLD_GROUP = 8
 THRESHOLD_MAX_GROUPS = 256
 THRESHOLD_MAX_SHARE = 4
 THRESHOLD_MIN_LABELS_PER_K = 16
-
-
-def parse_ks(text: str | Sequence[int]) -> list[int]:
-    ks = [int(k) for k in text.split(",")] if isinstance(text, str) else [int(k) for k in text]
-    if not ks or min(ks) < 1:
-        raise ValueError("k must be positive integers, e.g. 1,3,10")
-    return sorted(set(ks))
 
 
 @dataclass
@@ -289,93 +279,3 @@ def _top_k_exact(scores: torch.Tensor, k_eff: int) -> tuple[torch.Tensor, torch.
     chosen = above | (at & (torch.cumsum(at.to(torch.int32), dim=1) <= room))
     ids = chosen.nonzero()[:, 1].view(n_rows, k_eff)  # ascending label id within each row
     return _by_score_then_id(ids, scores.gather(1, ids))
-
-
-class RankingMetrics:
-    """Accumulates P@k, R@k, NDCG@k and MAP@k over batches of ranked rows."""
-
-    def __init__(self, ks: Sequence[int]):
-        self.ks = parse_ks(ks)
-        self.sums = {f"{m}@{k}": 0.0 for k in self.ks for m in METRICS}
-        self.n_rows = 0
-
-    def update(self, top_ids: np.ndarray, truth: Csr, n_unknown: np.ndarray) -> None:
-        """``top_ids`` [B, >= max k] ranked ids (-1 = empty slot); ``truth`` true label ids."""
-        top_ids = np.asarray(top_ids)
-        n_true = truth.lengths + np.asarray(n_unknown)
-        counted = n_true > 0
-        if not counted.any():
-            return
-        kmax = max(self.ks)
-        top = top_ids[:, :kmax]
-        n_labels = int(max(top.max(initial=0), truth.indices.max(initial=0))) + 1
-        rows = np.arange(len(top), dtype=np.int64)[:, None]
-        keys = truth.keys(n_labels)
-        hits = contains(keys, rows * n_labels + top) & (top >= 0)
-        hits, n_true = hits[counted].astype(np.float64), n_true[counted].astype(np.float64)
-        cum_hits = np.cumsum(hits, axis=1)
-        positions = np.arange(1, kmax + 1, dtype=np.float64)
-        discount = 1.0 / np.log2(positions + 1.0)
-        precision_at = cum_hits / positions
-        ideal = np.concatenate([[0.0], np.cumsum(discount)])  # ideal DCG of the first j hits
-        for k in self.ks:
-            kk = min(k, top.shape[1])
-            h = cum_hits[:, kk - 1] if kk else np.zeros(len(hits))
-            self.sums[f"P@{k}"] += float((h / k).sum())
-            self.sums[f"R@{k}"] += float((h / n_true).sum())
-            dcg = (hits[:, :kk] * discount[:kk]).sum(axis=1)
-            ideal_n = np.minimum(n_true, k).astype(np.int64)
-            idcg = ideal[ideal_n]  # min(n_true, k) <= kmax: the list always has kmax slots
-            self.sums[f"NDCG@{k}"] += float((dcg / idcg).sum())
-            ap = (precision_at[:, :kk] * hits[:, :kk]).sum(axis=1) / np.minimum(n_true, k)
-            self.sums[f"MAP@{k}"] += float(ap.sum())
-        self.n_rows += int(counted.sum())
-
-    def result(self) -> dict[str, float]:
-        n = max(self.n_rows, 1)
-        return {name: total / n for name, total in self.sums.items()}
-
-
-ScoreFn = Callable[[Examples, np.ndarray], torch.Tensor]
-
-
-@torch.no_grad()
-def evaluate(score_rows: ScoreFn, examples: Examples, ks: Sequence[int],
-             batch_rows: int = 2048) -> dict[str, float]:
-    """Rank every label for every row with ``score_rows(examples, rows)`` (-> [B, L] scores or
-    :class:`CandidateScores`) and score it."""
-    metrics = RankingMetrics(ks)
-    kmax = max(metrics.ks)
-    for start in range(0, len(examples), batch_rows):
-        rows = np.arange(start, min(start + batch_rows, len(examples)))
-        scores = score_rows(examples, rows)
-        exclude = None if examples.exclude is None else examples.exclude.take(rows)
-        ids, _ = ranked_top_k(scores, kmax, exclude)
-        metrics.update(ids.cpu().numpy(), examples.labels.take(rows), examples.n_unknown[rows])
-    return metrics.result()
-
-
-def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] | None = None,
-                   threads: int | None = None, batch_rows: int = 2048, train_path=None,
-                   ) -> dict[str, dict[str, float]]:
-    """Metrics of each row of the paper's table on ``test_path``: {row: {metric: value}}.
-
-    ``rows`` default to every row the model directory supports (see ``awe.score.ROWS``).
-    """
-    from .data import load_examples
-    from .score import Predictor
-
-    if threads:
-        torch.set_num_threads(threads)
-    predictor = Predictor(model_dir, train_path=train_path)
-    rows = list(rows) if rows else predictor.available()
-    predictor.check_rows(rows)
-    test = load_examples(test_path, predictor.schema, predictor.vocab, require_labels=False)
-    # capped at SCORES_PER_BATCH: up to 4096 labels the 2048-row batches (and metrics) stay
-    batch_rows = max(1, min(batch_rows, SCORES_PER_BATCH // predictor.n_labels))
-    results = {}
-    for row in rows:
-        results[row] = evaluate(
-            lambda ex, b, row=row: predictor.ranking_scores(ex, b, row, max(ks)),
-            test, ks, batch_rows)
-    return results

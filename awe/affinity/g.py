@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -24,17 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifacts
-from .csr import Csr
-from .data import Examples
-from .errors import AweError
-from .neighbours import DEFAULT_TARGET_RECALL
-
-KERNELS = ("gaussian", "embedded-gaussian", "cosine", "dot", "uniform")
-AGGREGATES = ("sum", "max")
-SPACES = ("wsabie", "input")
-LABEL_KERNELS = ("exact", "embedding")
-NORMALIZE = ("none", "max")
+from awe import artifacts
+from awe.affinity.kernels import (
+    AGGREGATES,
+    KERNELS,
+    LABEL_KERNELS,
+    NORMALIZE,
+    SPACES,
+    aggregate_labels,
+    default_label_lambda,
+    default_lambda,
+    kernel_weights,
+    normalize_rows,
+    soft_label_affinity,
+)
+from awe.cpu import set_threads
+from awe.csr import Csr
+from awe.errors import AweError
+from awe.io.reader import Examples
+from awe.models.wsabie import batch_inputs
+from awe.neighbors.index import DEFAULT_TARGET_RECALL, IndexConfig, NeighbourIndex
 
 INDEX_FILE = "index.faiss"
 AFFINITY_FILE = "affinity.safetensors"
@@ -104,7 +112,6 @@ class AffinityConfig:
         return replace(self, neighbors=int(neighbors))
 
     def index_config(self):
-        from .neighbours import IndexConfig
 
         return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
                            rerank=self.rerank, target_recall=self.target_recall, seed=self.seed)
@@ -116,148 +123,6 @@ class AffinityConfig:
     def from_dict(cls, d: dict) -> AffinityConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# ----------------------------------------------------------------------------- pure pieces
-
-
-def kernel_weights(kernel: str, sq_dists: np.ndarray, query_sq_norms: np.ndarray,
-                   neighbour_sq_norms: np.ndarray, lam: float) -> np.ndarray:
-    """k(e, e_i) for every query (rows) and neighbour slot (columns), float32 [B, n].
-
-    Only squared distances and squared norms are needed: e . e_i = (|e|^2 + |e_i|^2 - d^2) / 2.
-    Slots with an infinite distance (no neighbour) get weight 0.
-    """
-    d2 = np.asarray(sq_dists, dtype=np.float64)
-    valid = np.isfinite(d2)
-    d2 = np.where(valid, d2, 0.0)
-    if kernel == "gaussian":
-        w = np.exp(-lam * d2)
-    elif kernel == "uniform":
-        w = np.ones_like(d2)
-    else:
-        qn = np.asarray(query_sq_norms, dtype=np.float64)[:, None]
-        nn = np.where(valid, np.asarray(neighbour_sq_norms, dtype=np.float64), 0.0)
-        dot = (qn + nn - d2) / 2
-        if kernel == "dot":
-            w = np.maximum(dot, 0.0)
-        elif kernel == "cosine":
-            norm = np.sqrt(qn * nn)
-            w = np.exp(np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0))
-        elif kernel == "embedded-gaussian":
-            if np.any(dot[valid] > 80):
-                raise AweError("--kernel embedded-gaussian: e . e_i exceeds 80 and exp overflows; "
-                               "use --kernel cosine or gaussian, or set --max-norm in stage 1")
-            w = np.exp(dot)
-        else:
-            raise AweError(f"unknown kernel {kernel!r}")
-    return np.where(valid, w, 0.0).astype(np.float32)
-
-
-def normalize_rows(g: Csr) -> Csr:
-    """Each row of G divided by its largest weight (rows of zeros stay zero)."""
-    if g.nnz == 0:
-        return g
-    starts = g.indptr[:-1][g.lengths > 0]
-    row_max = np.zeros(g.n_rows, dtype=np.float32)
-    row_max[g.lengths > 0] = np.maximum.reduceat(g.values, starts)
-    scale = np.repeat(row_max, g.lengths)
-    values = np.divide(g.values, scale, out=np.zeros_like(g.values), where=scale > 0)
-    return Csr(g.indptr, g.indices, values.astype(np.float32))
-
-
-def default_lambda(sq_dists: np.ndarray) -> float:
-    """1 / the median squared neighbour distance (ignoring exact duplicates and padding)."""
-    d2 = np.asarray(sq_dists, dtype=np.float64).ravel()
-    d2 = d2[np.isfinite(d2) & (d2 > 0)]
-    if len(d2) == 0:
-        return 1.0
-    return float(1.0 / np.median(d2))
-
-
-def aggregate_labels(weights: np.ndarray, neighbour_ids: np.ndarray, train_labels: Csr,
-                     n_labels: int, aggregate: str) -> Csr:
-    """G rows: for each query, AGG over neighbours of weight * [y in labels(neighbour)].
-
-    ``neighbour_ids`` [B, n] index ``train_labels`` rows (-1: no neighbour). Returns a Csr with
-    label ids sorted within each row and float32 weights; labels no neighbour carries are absent.
-    """
-    n_queries, n_slots = neighbour_ids.shape
-    ids = neighbour_ids.ravel()
-    valid = ids >= 0
-    query_of_slot = np.repeat(np.arange(n_queries, dtype=np.int64), n_slots)[valid]
-    slot_weight = weights.ravel()[valid]
-    ids = ids[valid]
-    lengths = train_labels.indptr[ids + 1] - train_labels.indptr[ids]
-    labels = train_labels.indices[train_labels.entry_positions(ids)]
-    queries = np.repeat(query_of_slot, lengths)
-    values = np.repeat(slot_weight, lengths).astype(np.float64)
-    return _reduce_by_key(queries, labels, values, n_queries, n_labels, aggregate)
-
-
-def _reduce_by_key(queries: np.ndarray, labels: np.ndarray, values: np.ndarray, n_queries: int,
-                   n_labels: int, aggregate: str) -> Csr:
-    keys = queries * n_labels + labels
-    order = np.argsort(keys, kind="stable")
-    keys, values = keys[order], values[order]
-    if len(keys) == 0:
-        return Csr.empty(n_queries, with_values=True)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    reduce = np.add if aggregate == "sum" else np.maximum
-    reduced = reduce.reduceat(values, starts)
-    unique = keys[starts]
-    lengths = np.bincount(unique // n_labels, minlength=n_queries)
-    return Csr.from_lengths(lengths, unique % n_labels, reduced.astype(np.float32))
-
-
-def soft_label_affinity(weights: np.ndarray, neighbour_ids: np.ndarray, train_labels: Csr,
-                        label_vectors: torch.Tensor, label_lambda: float, aggregate: str,
-                        top: int) -> Csr:
-    """G with the footnote's label kernel, truncated to the ``top`` largest labels per row.
-
-    G(x, y) = AGG_i k_i * max_{y_i in labels(x_i)} exp(-lambda_y ||V_y - V_{y_i}||^2).
-    """
-    n_queries, n_slots = neighbour_ids.shape
-    n_labels = label_vectors.shape[0]
-    ids = neighbour_ids.ravel()
-    valid = ids >= 0
-    slot = np.flatnonzero(valid)  # flat (query, slot) position of each real neighbour
-    ids = ids[valid]
-    lengths = train_labels.indptr[ids + 1] - train_labels.indptr[ids]
-    their_labels = train_labels.indices[train_labels.entry_positions(ids)]
-    slot_of_label = torch.from_numpy(np.repeat(slot, lengths))
-    v = label_vectors.float()
-    sq = (v * v).sum(1)
-    uniq, inverse = np.unique(their_labels, return_inverse=True)
-    u = torch.from_numpy(uniq)
-    # similarity of each distinct neighbour label to every label: [U, L]
-    d2 = (sq[u, None] + sq[None, :] - 2 * v[u] @ v.T).clamp(min=0)
-    sim = torch.exp(-label_lambda * d2)
-    match = torch.zeros(n_queries * n_slots, n_labels)
-    index = slot_of_label[:, None].expand(-1, n_labels)
-    match.scatter_reduce_(0, index, sim[torch.from_numpy(inverse)], reduce="amax",
-                          include_self=True)
-    weighted = match.view(n_queries, n_slots, n_labels) * torch.from_numpy(
-        weights.astype(np.float32)).unsqueeze(-1)
-    g = weighted.sum(1) if aggregate == "sum" else weighted.amax(1)
-    top = min(top, n_labels)
-    values, labels = torch.topk(g, top, dim=1)
-    keep = values > 0
-    order = torch.argsort(torch.where(keep, labels, n_labels), dim=1)  # ids ascending, dropped last
-    labels, values, keep = (t.gather(1, order) for t in (labels, values, keep))
-    return Csr.from_lengths(keep.sum(1).numpy(), labels[keep].numpy().astype(np.int64),
-                            values[keep].numpy().astype(np.float32))
-
-
-def default_label_lambda(label_vectors: torch.Tensor, sample: int = 2000, seed: int = 0) -> float:
-    """1 / the median squared distance between (a sample of) label vectors."""
-    v = label_vectors.float()
-    if len(v) > sample:
-        v = v[torch.randperm(len(v), generator=torch.Generator().manual_seed(seed))[:sample]]
-    d2 = torch.cdist(v, v).pow(2)
-    off = d2[~torch.eye(len(v), dtype=torch.bool)]
-    off = off[off > 0]
-    return 1.0 if off.numel() == 0 else float(1.0 / off.median())
 
 
 # ----------------------------------------------------------------------------- the stage-2 model
@@ -342,7 +207,6 @@ class Affinity:
     @classmethod
     def load(cls, model_dir: Path, section: dict, with_train_g: bool = False,
              ) -> Affinity | tuple[Affinity, Csr]:
-        from .neighbours import NeighbourIndex
 
         try:
             config = AffinityConfig.from_dict(section["config"])
@@ -405,7 +269,6 @@ def labels_digest(labels: Csr) -> str:
 def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | None,
                   ) -> np.ndarray:
     """The vectors searched for ``rows``: x U (Wsabie space) or x itself (input space)."""
-    from .model import batch_inputs
 
     rows = np.asarray(rows, dtype=np.int64)
     if embed_u is None:
@@ -470,7 +333,6 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
 
     ``search_all(index, vectors, n)``, when given, finds every row's leave-one-out neighbours
     in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result)."""
-    from .neighbours import NeighbourIndex, set_threads
 
     config = config.resolved(None)
     set_threads(config.threads)
@@ -522,193 +384,3 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     if resolved.label_lambda is not None:
         stats["label_lambda"] = resolved.label_lambda
     return affinity, g_train, stats
-
-
-# embeddings of the training rows beyond this many bytes go to a memory-mapped file
-EMBED_MEMORY_BUDGET = 1 << 30
-
-
-def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows: int,
-                   scratch_dir: Path, budget: int | None = None,
-                   ) -> tuple[np.ndarray, Csr, Path | None]:
-    """The vector of every training row (x U, or x itself without ``embed_u``) and its labels,
-    reading the files a record batch at a time: memory holds the vectors, not the features.
-
-    Rows are embedded in chunks of ``batch_rows`` rows counted from the first row, as
-    :func:`build_affinity` does on loaded rows, so the vectors are the same bits. Vectors of more
-    than ``budget`` bytes are written to a memory-mapped float32 file in ``scratch_dir`` (returned,
-    for the caller to delete).
-    """
-    import pyarrow as pa
-
-    from .data import (
-        DataError,
-        _input_kind,
-        _wanted,
-        concat_examples,
-        iter_batches,
-        resolve_files,
-        training_block,
-    )
-    from .stream import list_shards
-
-    files = resolve_files(path)
-    kind_here = _input_kind(files[0], schema.columns)
-    if kind_here != schema.kind:
-        raise DataError(f"the model was trained on {schema.kind} features but this file has "
-                        f"{kind_here} ones", file=str(files[0]),
-                        hint="use a model trained on the same kind of features")
-    n_rows = sum(s.n_rows for s in list_shards(files))
-    width = schema.n_features if embed_u is None else embed_u.shape[1]
-    mapped = None
-    if n_rows * width * 4 > (EMBED_MEMORY_BUDGET if budget is None else budget):
-        import tempfile
-
-        scratch_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".embeddings-", suffix=".tmp", dir=scratch_dir)
-        os.close(fd)
-        mapped = Path(name)
-        vectors = np.lib.format.open_memmap(mapped, mode="w+", dtype=np.float32,
-                                            shape=(n_rows, width))
-    else:
-        vectors = np.empty((n_rows, width), dtype=np.float32)
-    labels, pending, done = [], [], 0
-
-    def flush(final: bool):
-        nonlocal pending, done
-        block = concat_examples(pending) if pending else None
-        pending = []
-        while block is not None and (len(block) >= batch_rows or (final and len(block))):
-            take = min(batch_rows, len(block))
-            vectors[done:done + take] = query_vectors(block, np.arange(take), embed_u)
-            labels.append(block.labels.take(np.arange(take)))
-            done += take
-            block = block.take(np.arange(take, len(block))) if take < len(block) else None
-        if block is not None:
-            pending = [block]
-
-    try:
-        for file, offset, batch in iter_batches(files, _wanted(schema.columns, schema.kind),
-                                                batch_rows):
-            pending.append(training_block(batch, schema, vocab, file, offset, None))
-            if sum(len(b) for b in pending) >= batch_rows:
-                flush(False)
-                pa.default_memory_pool().release_unused()
-        flush(True)
-    except BaseException:
-        if mapped is not None:
-            del vectors
-            mapped.unlink(missing_ok=True)
-        raise
-    if done != n_rows:
-        raise AweError(f"{path}: read {done} rows, the files' metadata says {n_rows}")
-    # arrow's allocator keeps the freed record batches mapped: 186 MB after reading 100k x 474
-    # features, held through the search that follows
-    pa.default_memory_pool().release_unused()
-    return vectors, Csr.concat(labels), mapped
-
-
-# ----------------------------------------------------------------------------- stage-2 driver
-
-
-def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
-            embed_u: torch.Tensor | None = None, source: str = "wsabie", cluster=None,
-            ) -> tuple[dict, list[Path]]:
-    """``awe build-g``: G over the training rows of a stage-1 model directory.
-
-    ``embed_u`` (default: stage-1 U) embeds the rows; later rounds pass the newest U'. The rows
-    are read a record batch at a time and only their vectors are kept (a memory-mapped file beyond
-    :data:`EMBED_MEMORY_BUDGET`). Writes the index and affinity.safetensors, then config.json
-    (stage2; a stage-3 model built on an older G is dropped, since its scores assume that G) and
-    metrics.json.
-
-    ``cluster`` (:class:`awe.cluster.ClusterOptions`) searches the neighbours on Dask,
-    sharded by query rows, every worker reading the index saved to a scratch directory in
-    ``model_dir`` (the same G, bit for bit).
-    """
-    from .model import load_wsabie
-
-    model_dir = Path(model_dir)
-    saved = load_wsabie(model_dir)
-    if embed_u is None:
-        embed_u = saved.model.u_matrix().detach().clone()
-    label_vectors = saved.model.v_matrix().detach().clone()
-    config = config.resolved(saved.config["stage1"]["train"].get("task"))
-    if cluster is None:
-        affinity, g_train, stats = build_affinity_streamed(
-            train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
-    else:
-        import shutil
-        import tempfile
-
-        from . import cluster as dask_cluster
-
-        with dask_cluster.dask_client(cluster) as client:
-            scratch = Path(tempfile.mkdtemp(prefix=".build-g-", suffix=".tmp", dir=model_dir))
-            try:
-                affinity, g_train, stats = build_affinity_streamed(
-                    train_path, saved.schema, saved.vocab, config, embed_u, label_vectors,
-                    model_dir, search_all=dask_cluster.sharded_search(client, scratch,
-                                                                      config.threads))
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-    written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
-    return stats, written
-
-
-def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
-                            embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
-                            scratch_dir: Path, search_all=None, train_g: bool = True,
-                            ) -> tuple[Affinity, Csr | None, dict]:
-    """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result)."""
-    if config.space == "input":
-        embed_u = None
-    from .data import resolve_files
-    from .stream import list_shards
-
-    n_rows = sum(s.n_rows for s in list_shards(resolve_files(train_path)))
-    _check_build(schema, n_rows, config, embed_u, label_vectors)
-    t0 = time.perf_counter()
-    vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
-                                             config.batch_rows, scratch_dir)
-    try:
-        if mapped is not None:
-            vectors.flush()  # workers of the Dask path read the file
-        return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
-                                     train_g, t0, search_all)
-    finally:
-        del vectors
-        if mapped is not None:
-            mapped.unlink(missing_ok=True)
-
-
-def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
-                 train_path: str, source: str) -> list[Path]:
-    """Write the stage-2 files and the stage2 section of config.json; drop a stage 3 built on an
-    older G.
-
-    A kill at any instant leaves the old G or the new one whole, or (for the instant the new
-    files are renamed in) a stage-1 model without G, never an index of one build with the label
-    store of another: the new files are written in a staging directory first (the old G stays
-    valid meanwhile), config.json then loses its stage2 (and stage3) section, the files are
-    renamed in, and config.json gets the new section last.
-    """
-    config = artifacts.read_json(model_dir / artifacts.CONFIG)
-    stale = config.pop("stage3", None) is not None
-    with artifacts.staged(model_dir) as stage:
-        section = affinity.save(stage, g_train)
-        section.update({"train_path": train_path, "source": source})
-        if stale or "stage2" in config:
-            artifacts.write_json(model_dir / artifacts.CONFIG,
-                                 {k: v for k, v in config.items() if k != "stage2"})
-        if stale:
-            (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
-        config["stage2"] = section
-        artifacts.write_json(stage / artifacts.CONFIG, config)  # renamed in last
-    metrics_path = model_dir / artifacts.METRICS
-    metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
-    metrics["g"] = stats
-    metrics.pop("awe", None)
-    artifacts.write_json(metrics_path, metrics)
-    return [model_dir / INDEX_FILE, model_dir / AFFINITY_FILE, model_dir / artifacts.CONFIG,
-            metrics_path]

@@ -33,10 +33,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .artifacts import atomic_path
-from .data import TASK_METADATA_KEY, TASKS, resolve_files
-from .data import read_task as data_read_task
-from .errors import AweError, DataError
+from awe.artifacts import atomic_path, cannot_write
+from awe.errors import AweError, DataError
+from awe.io.reader import TASK_METADATA_KEY, TASKS, resolve_files
+from awe.io.reader import read_task as data_read_task
 
 __all__ = [
     "DATASETS",
@@ -342,7 +342,6 @@ def _write_split_shards(target: Path, world: _World, seed: int, split: int, n_ro
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
-        from .artifacts import cannot_write
 
         raise cannot_write(target, exc) from exc
     finally:

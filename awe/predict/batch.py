@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,10 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import artifacts
-from .csr import Csr
-from .data import (
-    DataError,
+from awe import artifacts, dask_cluster
+from awe.affinity.g import AFFINITY_FILE, INDEX_FILE
+from awe.csr import Csr
+from awe.dask_cluster import worker_cached
+from awe.errors import AweError, DataError
+from awe.io.reader import (
     Examples,
     _dense_block,
     _input_kind,
@@ -48,8 +51,21 @@ from .data import (
     resolve_files,
     row_group_sizes,
 )
-from .errors import AweError
-from .evaluate import SCORES_PER_BATCH
+from awe.predict.predictor import Predictor
+from awe.ranking.topk import SCORES_PER_BATCH
+
+# ----------------------------------------------------------------------------- the tasks
+
+
+def score_task(model_dir: str, fingerprint: str, options, file: str, number: int, offset: int):
+    """Score one row group on a worker (the model loaded once per worker process)."""
+
+    def load():
+        predictor, stage = load_predictor(model_dir, options.stage)
+        return RowGroupScorer(predictor, stage, options)
+
+    scorer = worker_cached("score", (model_dir, fingerprint, options), load)
+    return scorer.row_group(file, number, offset)
 
 METADATA_KEY = b"awe.score"
 REJECTS_SUFFIX = ".rejects.parquet"
@@ -133,7 +149,6 @@ def model_fingerprint(model_dir, stage: str) -> str:
     """sha256 (16 hex digits) of what scoring with ``stage`` reads: the schema, labels and stage
     sections of config.json and the bytes of the weight files (and, for awe, of G's files).
     Retraining or rebuilding G changes it; copying the model directory does not."""
-    from .affinity import AFFINITY_FILE, INDEX_FILE
 
     model_dir = Path(model_dir)
     config = artifacts.read_json(model_dir / artifacts.CONFIG)
@@ -157,7 +172,6 @@ def model_fingerprint(model_dir, stage: str) -> str:
 
 def load_predictor(model_dir, stage: str | None):
     """The model directory's :class:`Predictor` and the stage it scores with."""
-    from .score import Predictor
 
     predictor = Predictor(model_dir)
     stage = stage or predictor.newest()
@@ -599,7 +613,6 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
     ``cluster`` (:class:`awe.cluster.ClusterOptions`) runs the row groups on Dask; the
     output is the same bytes.
     """
-    from . import cluster as dask_cluster
 
     predictor, stage = load_predictor(model_dir, options.stage)
     options = replace(options, stage=stage)
@@ -633,7 +646,7 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
 
             def results(tasks):
                 return dask_cluster.map_ordered(
-                    client, dask_cluster.score_task,
+                    client, score_task,
                     [(str(model_dir), fingerprint, task_options, *t) for t in tasks])
             _run_jobs(todo, scorer, results, fingerprint, stage, options, summary, report)
     return summary

@@ -1,0 +1,430 @@
+"""Stage 1 -> 2 -> 3 and rounds: the drivers of `awe train`, `awe build-g` and `awe retrain`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from awe import artifacts
+from awe.affinity.g import AFFINITY_FILE, INDEX_FILE, Affinity, build_affinity, labels_digest
+from awe.affinity.stage import build_affinity_streamed, write_stage2
+from awe.artifacts import tensor_digest
+from awe.errors import AweError
+from awe.io.reader import Columns, Examples, load_examples, scan
+from awe.io.stream import ShuffleStream
+from awe.models.affinity_wsabie import AffinityWsabie
+from awe.models.saved import load_wsabie, save_awe, save_wsabie
+from awe.models.wsabie import ModelShape, Wsabie
+from awe.training import distributed as dist_lib
+from awe.training.checkpoint import Checkpoint
+from awe.training.config import (
+    INITS,
+    LABEL_BIAS_DEFAULT,
+    STAGE3_DEFAULTS,
+    STAGE3_RECOMMENDATION_MAX_NORM,
+    TrainConfig,
+    parse_rounds,
+    resolve_device,
+)
+from awe.training.distributed import World
+from awe.training.holdout import holdout_split
+from awe.training.loop import FitResult, fit
+
+
+def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: TrainConfig,
+                 valid: Examples | None = None, progress: bool = False,
+                 checkpoint: Checkpoint | None = None,
+                 ) -> tuple[Wsabie, FitResult, Examples, Examples | None]:
+    """Train a fresh model, picking the epoch on ``valid`` or on a held-out fraction.
+
+    With ``config.valid_fraction`` (and no ``valid``) the held-out part picks the epoch, then a
+    new model learns from every row for that many epochs (``refit``). Returns the model, the
+    result, and the rows it trained and validated on. ``checkpoint``: its position names the
+    phase (select, refit); a resumed run skips the phases the interrupted one had finished.
+    """
+    all_rows = train
+    if valid is None and config.valid_fraction > 0:
+        if isinstance(train, ShuffleStream):
+            train, valid = train.split(config.valid_fraction, config.task, config.seed)
+        else:
+            train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
+    torch.manual_seed(config.seed)
+    refit = config.refit and all_rows is not train
+    ck = checkpoint
+    round_no = ck.position.get("round", 1) if ck is not None else 1
+    if refit and ck is not None and ck.saved_at_or_after(round_no, "refit"):
+        result = FitResult(**ck.saved_outer["select"])  # the interrupted run had picked the epoch
+    else:
+        if ck is not None:
+            ck.position = {**ck.position, "phase": "select"}
+            ck.outer.pop("select", None)
+        model = new_model()
+        result = fit(model, train, config, valid, progress=progress, checkpoint=ck)
+    if refit:
+        if ck is not None:
+            ck.position = {**ck.position, "phase": "refit"}
+            ck.outer["select"] = asdict(result)
+        model = new_model()
+        refit = fit(model, all_rows, replace(config, epochs=result.best_epoch), None,
+                    progress=progress, checkpoint=ck)
+        for row in refit.history:
+            row["phase"] = "refit"
+        result = FitResult(result.history + refit.history, result.best_epoch,
+                           result.best_metrics, result.seconds + refit.seconds)
+    return model, result, train, valid
+
+
+def _stage_metrics(result: FitResult, train: Examples, valid: Examples | None,
+                   checkpoint: Checkpoint | None = None) -> dict:
+    metrics = {"best_epoch": result.best_epoch, "seconds": round(result.seconds, 3),
+               "train_rows": len(train), "valid_rows": len(valid) if valid else 0,
+               "valid": result.best_metrics}
+    if checkpoint is not None and checkpoint.resumed_from:
+        metrics["resumed"] = {"from": checkpoint.resumed_from, "changes": checkpoint.changes}
+    return metrics
+
+
+def data_identity(examples: Examples | ShuffleStream | None) -> dict | None:
+    """What tells one training set from another, cheaply: the row count, a digest of every label
+    and of the features of up to 4096 evenly spaced rows (a checkpoint's data check)."""
+    if examples is None:
+        return None
+    if isinstance(examples, ShuffleStream):
+        return examples.identity()
+
+    n = len(examples)
+    sample = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, 4096)).astype(np.int64))
+    if examples.dense is not None:
+        features = tensor_digest(examples.dense[sample])
+    else:
+        part = examples.sparse.take(sample)
+        features = tensor_digest(part.indptr, part.indices, part.values)
+    return {"rows": n, "labels": tensor_digest(examples.labels.indptr, examples.labels.indices),
+            "features": features}
+
+
+def open_checkpoint(model_dir, stage: str, run: dict, every: int, resume: bool,
+                    report: Callable[[str], None] | None,
+                    world: World = dist_lib.SINGLE) -> Checkpoint:
+    """The stage's checkpoint; says whether a run resumes, starts afresh, or replaces one.
+    With several processes every rank reads it and rank 0 writes it (and speaks)."""
+    if world.distributed:  # a resumed run must have as many ranks: each has its own draws
+        run = {**run, "processes": world.size}
+    ck = Checkpoint(model_dir, stage, run, every=every, resume=resume, writer=world.is_main)
+    say = (report if world.is_main else None) or (lambda _: None)
+    if ck.resuming:
+        say(f"resuming from {ck.path} ({ck.resumed_from})"
+            + "".join(f"; --{k} {old} -> {new}" for k, (old, new) in ck.changes.items()))
+    elif resume:
+        say(f"--resume: no checkpoint in {Path(model_dir)}; training from the start")
+    elif ck.exists():
+        say(f"{ck.path}: the checkpoint of an interrupted run is replaced (pass --resume to "
+            f"continue it instead)")
+    return ck
+
+
+def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
+                 valid_path=None, columns: Columns | None = None, progress: bool = False,
+                 label_bias: bool | str = "auto", checkpoints: bool = True,
+                 checkpoint_every: int = 0, resume: bool = False,
+                 report: Callable[[str], None] | None = None) -> tuple[FitResult, list]:
+    """Stage 1 end to end: read, split off validation, train, write the model directory.
+
+    ``label_bias``: f = (x U) . V_y + beta_y with a learned per-label offset (LightFM's item
+    bias; False gives the paper's Wsabie); "auto": on for annotation, off for recommendation
+    (docs/decisions.md). ``checkpoints``: write MODEL/checkpoint/wsabie.safetensors at the end of
+    every epoch (and every ``checkpoint_every`` batches); removed once the model is written.
+    ``resume``: continue from it. ``report`` receives one-line notes (resuming, replacing a
+    checkpoint).
+
+    Under torchrun (:func:`awe.distributed.session`) every process trains its share and only
+    rank 0 writes files; the others return no paths.
+    """
+    found = scan(train_path, columns or Columns())
+    config = config.resolved(found.task, resolve_device(config.device))
+    with dist_lib.session(config.device) as world:
+        return _train_wsabie(train_path, model_dir, config, found, world, valid_path=valid_path,
+                             progress=progress, label_bias=label_bias, checkpoints=checkpoints,
+                             checkpoint_every=checkpoint_every, resume=resume, report=report)
+
+
+def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: World, *,
+                  valid_path, progress: bool, label_bias: bool | str, checkpoints: bool,
+                  checkpoint_every: int, resume: bool,
+                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
+    if label_bias not in (True, False, "auto"):
+        raise AweError(f"--label-bias must be auto, on or off, got {label_bias!r}")
+    if label_bias == "auto":
+        label_bias = config.task == "annotation"
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    train = _training_rows(train_path, found.schema, found.vocab, config)
+    valid = None
+    if valid_path is not None:
+        valid = load_examples(valid_path, found.schema, found.vocab, require_labels=False)
+    shape = ModelShape(found.schema.n_features, len(found.vocab), config.dim,
+                       found.schema.kind == "sparse", math.sqrt(found.mean_sq_norm))
+    ck = None
+    if checkpoints:
+
+        run = {"stage": "wsabie", "config": config.to_dict(), "label_bias": label_bias,
+               "schema": found.schema.to_dict(),
+               "vocab": tensor_digest(np.frombuffer(json.dumps(found.vocab.labels).encode(),
+                                                    dtype=np.uint8)),
+               "data": data_identity(train), "valid": data_identity(valid)}
+        ck = open_checkpoint(model_dir, "wsabie", run, checkpoint_every, resume, report, world)
+    model, result, train, valid = fit_selected(
+        lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed),
+                       0.0 if label_bias else None),
+        train, config, valid, progress, ck)
+    if not world.is_main:  # the model is rank 0's to write (the weights are the same)
+        return result, []
+    written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
+    history_path = Path(model_dir) / artifacts.HISTORY
+    artifacts.write_csv(history_path, result.history)
+    metrics_path = Path(model_dir) / artifacts.METRICS
+    artifacts.write_json(metrics_path, {"wsabie": _stage_metrics(result, train, valid, ck)})
+    if ck is not None:
+        ck.remove()
+    return result, [*written, history_path, metrics_path]
+
+
+def _training_rows(train_path, schema, vocab, config: TrainConfig) -> Examples | ShuffleStream:
+    """The training rows: loaded, or streamed through a shuffle buffer (``--shuffle-buffer``)."""
+    if config.shuffle_buffer:
+        return ShuffleStream.open(train_path, schema, vocab, config.shuffle_buffer, config.seed,
+                                  config.task, config.batch_size)
+    return load_examples(train_path, schema, vocab, task=config.task)
+_KEPT_ROUND = ".kept-round"  # the last kept round's files while a further round is tried
+_ROUND_FILES = (INDEX_FILE, AFFINITY_FILE, artifacts.AWE_WEIGHTS, artifacts.CONFIG,
+                artifacts.METRICS)
+
+
+def _keep_round_files(model_dir: Path, round_no: int) -> None:
+    """Keep round ``round_no``'s files (hard links: the next round replaces files by renaming,
+    so the kept names still see the old contents) unless a run killed later kept them already."""
+    kept = model_dir / f"{_KEPT_ROUND}-{round_no}"
+    if kept.is_dir():
+        return
+    _drop_kept_rounds(model_dir)  # another round's, or a half-made copy
+    tmp = model_dir / f"{_KEPT_ROUND}.tmp"
+    tmp.mkdir()
+    for name in _ROUND_FILES:
+        if (model_dir / name).exists():
+            try:
+                os.link(model_dir / name, tmp / name)
+            except OSError:  # a file system without hard links
+                shutil.copy2(model_dir / name, tmp / name)
+    tmp.rename(kept)
+
+
+def _restore_round_files(model_dir: Path, round_no: int) -> None:
+    """Put round ``round_no``'s kept files back; config.json last (it names what is complete)."""
+    kept = model_dir / f"{_KEPT_ROUND}-{round_no}"
+    config = model_dir / artifacts.CONFIG
+    # without stage2/stage3 sections while the files are swapped: a kill in between leaves a
+    # stage-1 model, never a config.json naming a G or weights it does not match
+    section = artifacts.read_json(config)
+    artifacts.write_json(config, {k: v for k, v in section.items()
+                                  if k not in ("stage2", "stage3")})
+    for name in _ROUND_FILES:
+        if name != artifacts.CONFIG and (kept / name).exists():
+            os.replace(kept / name, model_dir / name)
+    os.replace(kept / artifacts.CONFIG, config)
+    shutil.rmtree(kept)
+
+
+def _fmt(score: float | None) -> str:
+    return "none" if score is None else f"{score:.4f}"
+
+
+def _drop_kept_rounds(model_dir: Path) -> None:
+    for old in model_dir.glob(f"{_KEPT_ROUND}*"):
+        shutil.rmtree(old)
+
+
+def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
+                init: str = "wsabie", rounds: int | str = "auto",
+                label_bias: float | None = LABEL_BIAS_DEFAULT,
+                valid_path=None, progress: bool = False, checkpoints: bool = True,
+                checkpoint_every: int = 0, resume: bool = False,
+                report: Callable[[str], None] | None = None) -> tuple[FitResult, list]:
+    """Stage 3 (``awe retrain``): f = (G + b) * (x U') . V'_y with the same loop as stage 1.
+
+    U', V' start from stage 1 (``init="wsabie"``) or at random. ``rounds`` > 1 repeats
+    build-g -> retrain, each time building G from the newest U' (the paper's step 4);
+    ``"auto"`` goes on while a round raises the best validation P@k (at most
+    ``AUTO_MAX_ROUNDS`` rounds) and keeps the best round's G and model.
+    Checkpoints as in :func:`train_wsabie` (MODEL/checkpoint/awe.safetensors); a round's start is
+    checkpointed too, so a run killed while a later round rebuilds G resumes there.
+
+    Under torchrun every process trains its share; rank 0 alone writes files and rebuilds G
+    for a further round, which the others then read.
+    """
+    with dist_lib.session(resolve_device(config.device)) as world:
+        return _retrain_awe(train_path, model_dir, config, world, init=init, rounds=rounds,
+                            label_bias=label_bias, valid_path=valid_path, progress=progress,
+                            checkpoints=checkpoints, checkpoint_every=checkpoint_every,
+                            resume=resume, report=report)
+
+
+def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, init: str,
+                 rounds: int | str, label_bias: float | None, valid_path, progress: bool,
+                 checkpoints: bool, checkpoint_every: int, resume: bool,
+                 report: Callable[[str], None] | None) -> tuple[FitResult, list]:
+
+    if init not in INITS:
+        raise AweError(f"--init must be one of {', '.join(INITS)}")
+    max_rounds, auto_rounds = parse_rounds(rounds)
+    model_dir = Path(model_dir)
+    saved = load_wsabie(model_dir)
+    if "stage2" not in saved.config:
+        raise AweError(f"{model_dir}: no affinity weights G; run `awe build-g` first")
+    task = saved.config["stage1"]["train"].get("task")
+    if config.max_norm == "auto" and task == "recommendation":
+        config = replace(config, max_norm=STAGE3_RECOMMENDATION_MAX_NORM)
+    config = config.resolved(task, resolve_device(config.device))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    affinity, g_train = Affinity.load(model_dir, saved.config["stage2"], with_train_g=True)
+    g_fingerprint = saved.config["stage2"].get("fingerprint")
+    train = _training_rows(train_path, saved.schema, saved.vocab, config)
+    streaming = isinstance(train, ShuffleStream)
+    _check_same_rows(len(train), train.labels() if streaming else train.labels, affinity,
+                     train_path, model_dir)
+    valid = None
+    if valid_path is not None:
+        valid = load_examples(valid_path, saved.schema, saved.vocab, require_labels=False)
+    if auto_rounds and ((valid is None and not config.valid_fraction > 0)
+                        or (valid is None and config.task == "recommendation")):
+        # nothing to choose the rounds on; or held-out labels of rows whose U' (refit on every
+        # label, x an identity) then makes G: the next round's G carries the held-out labels
+        # (ML100K: valid P@10 0.123 -> 0.199 over 4 rounds while test P@10 fell 0.228 -> 0.209)
+        max_rounds = 1
+    shape = saved.model.shape
+    bias = affinity.config.bias
+    # stage 1's beta (if any) is an additive offset, not stage 3's factor: not carried over
+    start = {k: v.clone() for k, v in saved.model.state_tensors().items() if k != "label_bias"}
+    history: list[dict] = []
+    written: list[Path] = []
+    ck = None
+    first_round = 1
+    if checkpoints:
+        run = {"stage": "awe", "config": config.to_dict(), "init": init, "rounds": str(rounds),
+               "label_bias": label_bias, "stage1": saved.config["stage1"].get("fingerprint"),
+               "data": data_identity(train), "valid": data_identity(valid)}
+        ck = open_checkpoint(model_dir, "awe", run, checkpoint_every, resume, report, world)
+        if ck.resuming:
+            first_round = ck.saved_position["round"]
+            history = ck.saved_outer["history"]
+            start = ck.saved_outer_tensors()
+    resuming = ck is not None and ck.resuming
+    if world.is_main and not resuming:
+        _drop_kept_rounds(model_dir)  # left by a killed run that is not resumed
+    selection = f"P@{config.selection_k}"
+    # the kept round: its number, valid P@k (None: not validated) and stage metrics
+    best: dict = ck.saved_outer.get("best") if resuming else None
+    best = best or {"round": 0, "score": None, "metrics": {}}
+    kept_result = None
+    for round_no in range(first_round, max_rounds + 1):
+        mid_round = ck is not None and ck.saved_at_or_after(round_no, "select")
+        if ck is not None:
+            ck.position = {"round": round_no, "phase": "start"}
+            ck.outer = {"history": history, "best": best}
+            ck.outer_tensors = start
+        if round_no > 1 and not mid_round:  # G from the newest embedding U'
+            if ck is not None:
+                if ck.saved_position == ck.position:  # resumed at this round's start
+                    ck.discard_saved()
+                ck.save(None)  # a kill while G is rebuilt resumes here and rebuilds it
+            if world.is_main and auto_rounds:
+                _keep_round_files(model_dir, round_no - 1)
+            if world.is_main:
+                if streaming:  # the rows are read again, only their embeddings kept
+                    affinity, g_train, stats = build_affinity_streamed(
+                        train_path, saved.schema, saved.vocab, affinity.config,
+                        start["U"].clone(), start["V"].clone(), model_dir)
+                else:
+                    affinity, g_train, stats = build_affinity(
+                        train, len(saved.vocab), affinity.config, start["U"].clone(),
+                        start["V"].clone())
+                written += write_stage2(model_dir, affinity, g_train, stats,
+                                        saved.config["stage2"].get("train_path",
+                                                                   str(train_path)),
+                                        f"awe round {round_no - 1}")
+            world.barrier()  # the others read the G rank 0 built: one G for every rank
+            if not world.is_main:
+                section = artifacts.read_json(model_dir / artifacts.CONFIG)["stage2"]
+                affinity, g_train = Affinity.load(model_dir, section, with_train_g=True)
+            g_fingerprint = affinity.fingerprint()
+        if mid_round and ck.saved_outer.get("g_fingerprint") != g_fingerprint:
+            raise AweError(f"{model_dir}: G changed since the checkpoint was written (build-g "
+                           f"ran again?); run `awe retrain` without --resume")
+        if ck is not None:
+            ck.outer["g_fingerprint"] = g_fingerprint
+        train_g = train.with_affinity(g_train)
+        valid_g = None if valid is None else valid.with_affinity(
+            affinity.examples_affinity(valid))
+
+        def new_model(start=start):
+            model = AffinityWsabie(shape, bias, config.init_scale,
+                                   torch.Generator().manual_seed(config.seed), label_bias)
+            if init == "wsabie":
+                model.load_tensors(start)
+            return model
+
+        model, result, fitted, validated = fit_selected(new_model, train_g, config, valid_g,
+                                                        progress, ck)
+        for row in result.history:
+            row["round"] = round_no
+        history += result.history
+        score = result.best_metrics.get(selection) if validated else None
+        if (auto_rounds and round_no > 1 and best["score"] is not None
+                and not (score is not None and score > best["score"])):
+            # no better than the round before: keep that round's G and model, stop
+            if world.is_main:
+                _restore_round_files(model_dir, best["round"])
+                if report is not None:
+                    report(f"round {round_no}: valid {selection} {_fmt(score)} is not above "
+                           f"round {best['round']}'s {_fmt(best['score'])}; kept round "
+                           f"{best['round']}")
+            result = kept_result or result
+            break
+        if world.is_main:
+            written += save_awe(model_dir, model, config.to_dict(),
+                                {"init": init, "rounds": str(rounds), "round": round_no,
+                                 "label_bias_init": label_bias})
+        best = {"round": round_no, "score": score,
+                "metrics": _stage_metrics(result, fitted, validated, ck)}
+        kept_result = result
+        start = {k: v.clone() for k, v in model.state_tensors().items()}
+    if not world.is_main:
+        return result, []
+    _drop_kept_rounds(model_dir)
+    history_path = model_dir / artifacts.AWE_HISTORY
+    artifacts.write_csv(history_path, history)
+    metrics_path = model_dir / artifacts.METRICS
+    all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
+    all_metrics["awe"] = {**best["metrics"], "rounds": str(rounds), "round": best["round"],
+                          "rounds_run": max(row["round"] for row in history)}
+    artifacts.write_json(metrics_path, all_metrics)
+    if ck is not None:
+        ck.remove()
+    return result, sorted(set(written + [history_path, metrics_path]))
+
+
+def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> None:
+
+    if n_rows != affinity.index.n_rows or labels_digest(labels) != labels_digest(
+            affinity.train_labels):
+        raise AweError(f"{train_path}: not the training data G was built on in {model_dir} "
+                       f"({n_rows} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
+                       f"`awe build-g` and `awe retrain`")

@@ -1,0 +1,139 @@
+"""The training stages' configuration: every hyper-parameter once, with its default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+from awe.errors import AweError
+from awe.io.reader import TASKS
+from awe.training.optim import OPTIMIZERS
+from awe.training.warp import (
+    RANK_WEIGHTS,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyper-parameter of a training stage; saved in config.json and used to rebuild."""
+
+    dim: int = 64
+    epochs: int = 60
+    lr: float = 0.05
+    negatives: int = 100  # K: draws per positive pair (the WARP sampling budget)
+    margin: float = 1.0
+    rank_weight: str = "harmonic"
+    optimizer: str = "adagrad"
+    # project rows of U and V to norm <= C (the paper's regulariser); "auto": 1.5 for
+    # recommendation (identity inputs overfit without it), none for annotation
+    max_norm: float | str | None = "auto"
+    weight_decay: float = 0.0  # L2 on the rows a step touches
+    # positive pairs per step; "auto": 2048 for recommendation (many pairs per row, speed),
+    # 1024 for annotation (fewer pairs per epoch: more steps measured better on Fashion-MNIST)
+    batch_size: int | str = "auto"
+    init_scale: float = 0.1  # |x U| at the start, for x of the rows' RMS norm (model.Wsabie)
+    task: str | None = None  # None: from the data's metadata (awe data), else annotation
+    valid_fraction: float = 0.0
+    valid_k: int | None = None  # P@k picking the best epoch: 1 (annotation), 10 (recommendation)
+    patience: int = 10
+    refit: bool = True  # after picking the epoch on a held-out fraction, retrain on all rows
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    # stream the training files through a shuffle buffer of this many rows (None: load them)
+    shuffle_buffer: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.dim >= 1, "--dim must be >= 1"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
+            (self.negatives >= 1, "--negatives must be >= 1"),
+            (self.margin >= 0, "--margin must be >= 0"),
+            (self.rank_weight in RANK_WEIGHTS, f"--rank-weight must be one of {RANK_WEIGHTS}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
+            (self.max_norm in (None, "auto") or float(self.max_norm) > 0,
+             "--max-norm must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.batch_size == "auto" or int(self.batch_size) >= 1,
+             "--batch-size must be >= 1"),
+            (0 <= self.valid_fraction < 1, "--valid-fraction must be in [0, 1)"),
+            (self.patience >= 1, "--patience must be >= 1"),
+            (self.task in (None, *TASKS),
+             "--task must be annotation or recommendation"),
+            (self.shuffle_buffer is None or int(self.shuffle_buffer) >= 1,
+             "--shuffle-buffer must be >= 1 row"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AweError(message)
+
+    def resolved(self, task: str | None, device: str) -> TrainConfig:
+        """Fill the data-dependent defaults: task, device and the max-norm."""
+        task = self.task or task or "annotation"
+        max_norm = self.max_norm
+        if max_norm == "auto":
+            max_norm = 1.5 if task == "recommendation" else None
+        batch_size = self.batch_size
+        if batch_size == "auto":
+            batch_size = 2048 if task == "recommendation" else 1024
+        return replace(self, task=task, device=device, batch_size=int(batch_size),
+                       max_norm=None if max_norm is None else float(max_norm))
+
+    @property
+    def selection_k(self) -> int:
+        return self.valid_k or (10 if self.task == "recommendation" else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(requested: str | None) -> str:
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise AweError("--device cuda: torch sees no CUDA device; use --device cpu")
+    if requested not in ("cpu", "cuda"):
+        raise AweError(f"--device must be cpu or cuda, not '{requested}'")
+    return requested
+
+
+def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
+    return replace(config, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+INITS = ("wsabie", "random")
+# Stage 3 starts from a trained stage 1: a fresh Adagrad at the stage-1 rate undoes it in the first
+# epoch (measured: ML100K and Fashion-MNIST peaked at epoch 1 with lr 0.05)
+STAGE3_DEFAULTS = TrainConfig(lr=0.01)
+# beta_y's starting value: f = G * (s + beta) starts near the kNN ranking refined by s
+LABEL_BIAS_DEFAULT = 3.0
+# --max-norm auto in stage 3 for recommendation: the G-weighted scores need longer rows than
+# stage 1's 1.5 (ML100K P@10 0.2278 at 3.0 vs 0.2255 at 1.5; docs/decisions.md)
+STAGE3_RECOMMENDATION_MAX_NORM = 3.0
+
+
+# --rounds auto: further rounds while the best validation P@k improves, at most this many rounds
+# (Fashion-MNIST: round 2 raised validation P@1 by 0.004 in every run, round 3 by +0.002 or
+# -0.001, at ~20 s a round against the issue's 2-minute pipeline; docs/decisions.md)
+AUTO_MAX_ROUNDS = 2
+
+
+def parse_rounds(rounds: int | str) -> tuple[int, bool]:
+    """(most rounds, chosen on validation?) of ``--rounds N`` or ``--rounds auto``."""
+    if isinstance(rounds, str) and rounds.strip().lower() == "auto":
+        return AUTO_MAX_ROUNDS, True
+    try:
+        n = int(rounds)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(rounds, bool) or n < 1 or (isinstance(rounds, float) and rounds != n):
+        raise AweError(f"--rounds must be 'auto' or an integer >= 1, got {rounds!r}")
+    return n, False
