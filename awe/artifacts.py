@@ -33,17 +33,31 @@ def cannot_write(path: Path, exc: OSError) -> AweError:
     return AweError(f"cannot write {path}: {reason} ({fix})")
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def temporary_next_to(path: Path) -> Path:
+    """A new, empty temporary file in ``path``'s directory, with the umask's mode (mkstemp's own
+    0600 would outlive the rename)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, file_mode())
+    except OSError as exc:
+        raise cannot_write(path, exc) from exc
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise cannot_write(path, exc) from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temporary_next_to(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

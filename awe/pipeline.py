@@ -14,8 +14,15 @@ import numpy as np
 import torch
 
 from awe import artifacts
-from awe.affinity.g import AFFINITY_FILE, INDEX_FILE, Affinity, build_affinity, labels_digest
-from awe.affinity.stage import build_affinity_streamed, write_stage2
+from awe.affinity.g import (
+    AFFINITY_FILE,
+    INDEX_FILE,
+    Affinity,
+    AffinityConfig,
+    build_affinity,
+    labels_digest,
+)
+from awe.affinity.stage import build_affinity_streamed, build_g, write_stage2
 from awe.artifacts import tensor_digest
 from awe.errors import AweError
 from awe.io.reader import Columns, Examples, load_examples, scan
@@ -428,3 +435,43 @@ def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> No
         raise AweError(f"{train_path}: not the training data G was built on in {model_dir} "
                        f"({n_rows} rows vs {affinity.index.n_rows}); pass the same TRAIN to "
                        f"`awe build-g` and `awe retrain`")
+
+
+# the stage-1 options stage 3 inherits when the three stages run as one (`awe fit`, AWE.fit):
+# how to sample, validate and run, not what to learn (stage 3 has its own lr and epochs)
+STAGE3_INHERITS = ("seed", "threads", "device", "negatives", "margin", "rank_weight", "optimizer",
+                   "valid_fraction", "patience", "valid_k", "task", "batch_size", "refit")
+
+
+def stage3_config(stage1: TrainConfig, **overrides) -> TrainConfig:
+    """Stage 3's configuration in a three-stage run: its own defaults, the options it inherits
+    from stage 1 (:data:`STAGE3_INHERITS`), then ``overrides``."""
+    inherited = {name: getattr(stage1, name) for name in STAGE3_INHERITS}
+    return replace(STAGE3_DEFAULTS, **{**inherited, **overrides})
+
+
+def fit_pipeline(train_path, model_dir, stage1: TrainConfig = TrainConfig(),
+                 affinity: AffinityConfig = AffinityConfig(), stage3: TrainConfig | None = None,
+                 *, label_bias: bool | str = "auto",
+                 label_bias_start: float | None = LABEL_BIAS_DEFAULT, init: str = "wsabie",
+                 rounds: int | str = "auto", valid_path=None, columns: Columns | None = None,
+                 progress: bool = False, report: Callable[[str], None] | None = None,
+                 cluster=None) -> dict:
+    """Stage 1 -> 2 -> 3 (``awe fit``, :meth:`awe.AWE.fit`): the one place they are chained.
+
+    ``stage3`` defaults to :func:`stage3_config` of ``stage1``. Returns each stage's result:
+    ``{"wsabie": FitResult, "g": stats, "awe": FitResult, "paths": [...]}``."""
+    say = report or (lambda _: None)
+    stage3 = stage3 if stage3 is not None else stage3_config(stage1)
+    say("stage 1: Wsabie")
+    wsabie, paths = train_wsabie(train_path, model_dir, stage1, valid_path=valid_path,
+                                 columns=columns, progress=progress, label_bias=label_bias,
+                                 report=report)
+    say("stage 2: G")
+    stats, g_paths = build_g(train_path, model_dir, affinity, cluster=cluster)
+    say("stage 3: AWE")
+    awe_result, awe_paths = retrain_awe(train_path, model_dir, stage3, init=init, rounds=rounds,
+                                        label_bias=label_bias_start, valid_path=valid_path,
+                                        progress=progress, report=report)
+    written = list(dict.fromkeys([*paths, *g_paths, *awe_paths]))
+    return {"wsabie": wsabie, "g": stats, "awe": awe_result, "paths": written}

@@ -5,22 +5,44 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from awe import artifacts
+from awe.affinity.g import AffinityConfig
+from awe.affinity.stage import build_g as build_g_lib
 from awe.dask_cluster import ClusterOptions
 from awe.errors import AweError
 from awe.io import datasets as datasets_lib
 from awe.io.reader import Columns
-from awe.neighbors.index import DEFAULT_TARGET_RECALL
-from awe.training.config import AUTO_MAX_ROUNDS, LABEL_BIAS_DEFAULT
+from awe.pipeline import fit_pipeline, retrain_awe, stage3_config, train_wsabie
+from awe.predict.batch import DEFAULT_BATCH_ROWS, ScoreOptions, score_files
+from awe.predict.evaluation import evaluate_model
+from awe.ranking.metrics import parse_ks
+from awe.reproduce import reproduce as run_reproduce
+from awe.training.config import (
+    AUTO_MAX_ROUNDS,
+    INITS,
+    LABEL_BIAS_DEFAULT,
+    STAGE3_DEFAULTS,
+    TrainConfig,
+)
+from awe.training.distributed import is_main_process, launched_size
+from cli.options import config_flags
 
+_TERMINAL = sys.stdout.isatty()
+# on a terminal: rich help; elsewhere (pipes, logs, docs) click's plain help at full width
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich" if _TERMINAL else None,
+                  context_settings={"show_default": True, "max_content_width": 100,
+                                    **({} if _TERMINAL else {"terminal_width": 100})},
                   help="Affinity Weighted Embedding: Wsabie (WARP) training, nearest-neighbour "
                        "reweighting and evaluation on parquet files.")
 out = Console()
@@ -35,11 +57,10 @@ MULTI_PROCESS_COMMANDS = ("train", "retrain")
 
 @app.callback()
 def _main(ctx: typer.Context,
-          debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
-          = False) -> None:
-    from awe.training.distributed import launched_size
-
-    _state["debug"] = debug
+          debug: Annotated[bool, typer.Option(
+              "--debug", help="Show tracebacks of errors (also AWE_DEBUG=1; the flag may come "
+                              "anywhere on the line).")] = False) -> None:
+    _state["debug"] = debug or os.environ.get("AWE_DEBUG", "") not in ("", "0")
     with user_errors():
         if ctx.invoked_subcommand not in MULTI_PROCESS_COMMANDS and launched_size() > 1:
             raise AweError(f"`awe {ctx.invoked_subcommand}` runs in one process; under torchrun "
@@ -55,7 +76,6 @@ def user_errors():
     except AweError as exc:
         if _state["debug"]:
             raise
-        from rich.markup import escape
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -75,9 +95,14 @@ def metrics_table(results: dict[str, dict[str, float]], title: str) -> Table:
     return table
 
 
+def _say(line: str) -> None:
+    """A log line: on stderr, so that stdout holds only results (tables, JSON)."""
+    err.print(line, highlight=False, soft_wrap=True)
+
+
 def _wrote(paths) -> None:
     for p in paths:
-        out.print(f"wrote {p}", highlight=False)
+        _say(f"wrote {p}")
 
 
 ColumnOpt = Annotated[str, typer.Option(help="Column name (see the data contract).")]
@@ -114,129 +139,110 @@ def data(
                                               *paths[-3:]])
 
 
-# Options shared by the two training stages (train, retrain): name -> annotated type.
-_TRAIN_OPTIONS = {
-    "valid": Annotated[str | None, typer.Option(help="Validation parquet (else "
-                                                     "--valid-fraction).")],
-    "valid_fraction": Annotated[float, typer.Option(
-        help="Hold out this fraction for validation: whole rows (annotation) or a fraction of "
-             "each row's labels (recommendation).")],
-    "epochs": Annotated[int | None, typer.Option(help="Maximum epochs.")],
-    "lr": Annotated[float | None, typer.Option(help="Learning rate.")],
-    "negatives": Annotated[int | None, typer.Option(
-        help="WARP sampling budget K: negatives drawn per positive at most.")],
-    "margin": Annotated[float | None, typer.Option(help="WARP margin.")],
-    "max_norm": Annotated[float | None, typer.Option(help="Project rows of U, V to norm <= C.")],
-    "weight_decay": Annotated[float | None, typer.Option(help="L2 on touched rows.")],
-    "rank_weight": Annotated[str | None, typer.Option(help="harmonic (paper) | log (LightFM).")],
-    "optimizer": Annotated[str | None, typer.Option(help="adagrad | sgd.")],
-    "batch_size": Annotated[int | None, typer.Option(help="Positive pairs per step.")],
-    "patience": Annotated[int | None, typer.Option(help="Early stopping patience (epochs).")],
-    "valid_k": Annotated[int | None, typer.Option(help="Pick the best epoch by valid P@k.")],
-    "refit": Annotated[bool | None, typer.Option(
-        "--refit/--no-refit",
-        help="After picking the epoch on --valid-fraction, train a new model on every row for "
-             "that many epochs (default); --no-refit keeps the best epoch's weights, trained on "
-             "the other rows (about half the passes).")],
-    "seed": Annotated[int | None, typer.Option(help="Random seed.")],
-    "threads": Annotated[int | None, typer.Option(help="CPU threads for torch.")],
-    "device": Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if "
-                                                      "available).")],
-    "shuffle_buffer": Annotated[int | None, typer.Option(
-        help="Stream TRAIN instead of loading it: shards in a seeded random order, rows "
-             "shuffled in a buffer of this many rows (memory: buffer + model).")],
-    "quiet": Annotated[bool, typer.Option(help="No progress display.")],
+# Options of the training commands that steer the run rather than set a hyper-parameter.
+_RUN_OPTIONS = {
+    "valid": Annotated[str | None, typer.Option(
+        help="Validation parquet (instead of holding out --valid-fraction of TRAIN).")],
+    "quiet": Annotated[bool, typer.Option("--quiet", help="No progress display.")],
     "resume": Annotated[bool, typer.Option(
-        help="Continue the interrupted run from MODEL/checkpoint/ (same options and data; --lr, "
-             "--epochs, --patience may change).")],
+        "--resume", help="Continue the interrupted run from MODEL/checkpoint/ (same options "
+                         "and data; --lr, --epochs, --patience may change).")],
     "checkpoint_every": Annotated[int, typer.Option(
         help="Also checkpoint every N batches (0: at the end of every epoch only).")],
     "checkpoint": Annotated[bool, typer.Option(
         "--checkpoint/--no-checkpoint",
         help="Write MODEL/checkpoint/ during training (removed when the model is written).")],
 }
-_TRAIN_DEFAULTS = {"valid_fraction": 0.1, "quiet": False, "resume": False, "checkpoint_every": 0,
-                   "checkpoint": True}
-# the shared options that steer the run rather than set a hyper-parameter of TrainConfig
-_RUN_OPTIONS = ("valid", "quiet", "resume", "checkpoint_every", "checkpoint")
+_RUN_DEFAULTS = {"valid": None, "quiet": False, "resume": False, "checkpoint_every": 0,
+                 "checkpoint": True}
 
 
 def _run_options(options: dict) -> dict:
-    """Keyword arguments of train_wsabie / retrain_awe from the shared run options."""
+    """Keyword arguments of train_wsabie / retrain_awe from the run options."""
     if options["resume"] and not options["checkpoint"]:
         raise AweError("--resume needs checkpoints: drop --no-checkpoint")
     return {"valid_path": options["valid"], "progress": not options["quiet"],
             "checkpoints": options["checkpoint"], "checkpoint_every": options["checkpoint_every"],
-            "resume": options["resume"],
-            "report": lambda line: out.print(line, highlight=False, soft_wrap=True)}
+            "resume": options["resume"], "report": _say}
 
 
-def training_options(command):
-    """Add the shared training options to a command; it receives them as ``train_options``."""
+def run_options(command):
+    """Add the run options to a command; it receives them as ``run``."""
     signature = inspect.signature(command, eval_str=True)
-    own = [p for p in signature.parameters.values() if p.name != "train_options"]
+    own = [p for p in signature.parameters.values() if p.name != "run"]
     shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                default=_TRAIN_DEFAULTS.get(name))
-              for name, annotation in _TRAIN_OPTIONS.items()]
+                                default=_RUN_DEFAULTS[name])
+              for name, annotation in _RUN_OPTIONS.items()]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        options = {name: kwargs.pop(name) for name in _TRAIN_OPTIONS}
-        return command(**kwargs, train_options=options)
+        options = {name: kwargs.pop(name) for name in _RUN_OPTIONS}
+        return command(**kwargs, run=options)
 
     wrapper.__signature__ = signature.replace(parameters=own + shared)
     return wrapper
 
 
-def _train_config(options: dict, base=None, **more):
-    from awe.training.config import TrainConfig, with_overrides
-
-    settings = {k: v for k, v in options.items() if k not in _RUN_OPTIONS}
-    if options["valid"]:
-        settings["valid_fraction"] = 0.0
-    return with_overrides(base or TrainConfig(), **settings, **more)
+def _train_config(make, run: dict, **more):
+    """The stage's config from its flags; a --valid file replaces the held-out fraction."""
+    if run["valid"]:
+        more["valid_fraction"] = 0.0
+    return make(**more)
 
 
 def _fit_summary(result) -> None:
-    from awe.training.distributed import is_main_process
-
     if not is_main_process():  # under torchrun, rank 0 speaks for all
         return
     best = result.best_metrics
     summary = ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("P@"))
-    out.print(f"best epoch {result.best_epoch} ({result.seconds:.1f}s)"
-              + (f": valid {summary}" if summary else ""), highlight=False)
+    _say(f"best epoch {result.best_epoch} ({result.seconds:.1f}s)"
+         + (f": valid {summary}" if summary else ""))
+
+
+LabelBiasOpt = Annotated[Literal["auto", "on", "off"], typer.Option(
+    help="Stage 1: learn a per-label offset, f = (x U).V_y + beta_y (LightFM's item bias); off "
+         "is the paper's Wsabie; auto: on for annotation, off for recommendation.")]
+
+
+def _columns_option(command):
+    """Add the column-name flags of the data contract; the command receives ``columns``."""
+    names = {"features_col": "features", "feature_ids_col": "feature_ids",
+             "feature_values_col": "feature_values", "labels_col": "labels",
+             "exclude_col": "exclude", "id_col": "id"}
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "columns"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ColumnOpt,
+                               default=default) for name, default in names.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = [kwargs.pop(name) for name in names]
+        return command(**kwargs, columns=Columns(*values))
+
+    wrapper.__signature__ = signature.replace(parameters=own + added)
+    return wrapper
+
+
+def _bias_flag(label_bias: str) -> bool | str:
+    return {"on": True, "off": False}.get(label_bias, label_bias)
 
 
 @app.command()
-@training_options
+@run_options
+@_columns_option
+@config_flags(TrainConfig)
 def train(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN",
                                               help="Parquet file, directory or glob.")],
     model: Annotated[Path, typer.Option(help="Model directory to write.")],
-    task: Annotated[str | None, typer.Option(
-        help="annotation | recommendation (default: recorded by `awe data`, else annotation).")]
-        = None,
-    dim: Annotated[int | None, typer.Option(help="Embedding dimension D.")] = None,
-    label_bias: Annotated[str, typer.Option(
-        help="auto | on | off: learn a per-label offset, f = (x U).V_y + beta_y (LightFM's item "
-             "bias); off is the paper's Wsabie; auto: on for annotation, off for "
-             "recommendation.")] = "auto",
-    features_col: ColumnOpt = "features", feature_ids_col: ColumnOpt = "feature_ids",
-    feature_values_col: ColumnOpt = "feature_values", labels_col: ColumnOpt = "labels",
-    exclude_col: ColumnOpt = "exclude", id_col: ColumnOpt = "id",
-    train_options: dict | None = None,
+    label_bias: LabelBiasOpt = "auto",
+    config=None, columns: Columns | None = None, run: dict | None = None,
 ) -> None:
     """Stage 1: train a Wsabie embedding with WARP; writes the model directory."""
-    from awe.pipeline import train_wsabie
-
     with user_errors():
-        config = _train_config(train_options, dim=dim, task=task)
-        result, paths = train_wsabie(
-            train_path, model, config,
-            label_bias={"on": True, "off": False}.get(label_bias, label_bias),
-            columns=_columns(features_col, feature_ids_col, feature_values_col, labels_col,
-                             exclude_col, id_col), **_run_options(train_options))
+        result, paths = train_wsabie(train_path, model, _train_config(config, run),
+                                     label_bias=_bias_flag(label_bias), columns=columns,
+                                     **_run_options(run))
         _fit_summary(result)
         _wrote(paths)
 
@@ -259,105 +265,113 @@ WorkersOpt = Annotated[int | None, typer.Option(
 
 
 @app.command("build-g")
+@config_flags(AffinityConfig)
 def build_g(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN", help="The training parquet of "
                                                                     "stage 1.")],
     model: Annotated[Path, typer.Option(help="Model directory (from `awe train`).")],
-    neighbors: Annotated[str, typer.Option(
-        help="Neighbours per row (n); auto: 20 (annotation), 100 (recommendation).")] = "auto",
-    kernel: Annotated[str, typer.Option(
-        help="gaussian | embedded-gaussian | cosine | dot | uniform.")] = "gaussian",
-    lam: Annotated[float | None, typer.Option(
-        "--lambda", help="Gaussian scale (default: 1 / median squared neighbour distance).")]
-        = None,
-    aggregate: Annotated[str, typer.Option(help="sum | max over neighbours.")] = "sum",
-    bias: Annotated[float, typer.Option(help="b in f = (G + b) (xU').V'_y: weight of labels "
-                                             "no neighbour carries.")] = 0.0,
-    space: Annotated[str, typer.Option(help="wsabie (x U) | input (x itself, G_orig).")]
-        = "wsabie",
-    label_kernel: Annotated[str, typer.Option(
-        help="exact | embedding: exp(-lambda_y |V y - V y_i|^2) instead of the label match.")]
-        = "exact",
-    label_lambda: Annotated[float | None, typer.Option(help="lambda_y of --label-kernel "
-                                                            "embedding.")] = None,
-    label_top: Annotated[int, typer.Option(help="Labels kept per row with --label-kernel "
-                                                "embedding.")] = 64,
-    normalize: Annotated[str, typer.Option(
-        help="max | none: max divides each row of G by its largest weight, so stage 3 sees "
-             "every row on one scale.")] = "max",
-    index: Annotated[str, typer.Option(
-        help="auto | flat | bf16 | ivf | hnsw. bf16 scores every row from bfloat16 copies "
-             "(fast on CPUs with AMX or AVX512-BF16) and re-ranks the best in float32.")]
-        = "auto",
-    nprobe: Annotated[int | None, typer.Option(help="IVF lists searched.")] = None,
-    ef_search: Annotated[int | None, typer.Option(help="HNSW search breadth.")] = None,
-    rerank: Annotated[int | None, typer.Option(
-        help="bf16 index: candidates beyond --neighbors re-ranked in float32.")] = None,
-    target_recall: Annotated[float, typer.Option(
-        help="Recall@n that the IVF/HNSW/bf16 search breadth is calibrated to reach (on a "
-             "sample); lower is faster at scale. --index auto goes from IVF to bf16 (or "
-             "exact) search when reaching it needs more than 1/12 of the IVF lists.")]
-        = DEFAULT_TARGET_RECALL,
-    seed: Annotated[int, typer.Option(help="Random seed (IVF clustering).")] = 0,
-    threads: Annotated[int | None, typer.Option(
-        help="CPU threads for FAISS (per Dask worker with --workers / --scheduler).")] = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
+    config=None,
 ) -> None:
-    """Stage 2: find every training row's neighbours with FAISS and build G."""
-    from awe.affinity.g import AffinityConfig
-    from awe.affinity.stage import build_g as build_g_lib
-
+    """Stage 2: find every training row's neighbours and build the affinity weights G."""
     with user_errors():
-        config = AffinityConfig(neighbors=_auto_int(neighbors, "--neighbors"), kernel=kernel,
-                                lam=lam, aggregate=aggregate,
-                                bias=bias, space=space, label_kernel=label_kernel,
-                                label_lambda=label_lambda, label_top=label_top,
-                                normalize=normalize, index=index,
-                                nprobe=nprobe, ef_search=ef_search, rerank=rerank,
-                                target_recall=target_recall, seed=seed, threads=threads)
-        stats, paths = build_g_lib(train_path, model, config,
+        stats, paths = build_g_lib(train_path, model, config(),
                                    cluster=ClusterOptions.from_options(scheduler, workers))
-        out.print(f"G over {stats['rows']} rows: {stats['index']} index, "
-                  f"recall@{stats['neighbors']} "
-                  f"{stats['recall@n']:.4f}, lambda {stats['lambda']:.4g}, "
-                  f"{stats['labels_per_row']} labels per row "
-                  f"({stats['index_seconds'] + stats['search_seconds'] + stats['g_seconds']:.1f}s)",
-                  highlight=False)
+        _g_summary(stats)
         _wrote(paths)
 
 
+def _g_summary(stats: dict) -> None:
+    _say(f"G over {stats['rows']} rows: {stats['index']} index, recall@{stats['neighbors']} "
+         f"{stats['recall@n']:.4f}, lambda {stats['lambda']:.4g}, {stats['labels_per_row']} "
+         f"labels per row "
+         f"({stats['index_seconds'] + stats['search_seconds'] + stats['g_seconds']:.1f}s)")
+
+
+InitOpt = Annotated[Literal[INITS], typer.Option(
+    help="Stage 3 starts from stage 1's U, V (wsabie) or at random.")]
+RoundsOpt = Annotated[str, typer.Option(
+    help="N: build-g -> retrain N times, each G from the newest model (the paper's step 4). "
+         f"auto: go on while a round raises the best validation P@k, at most {AUTO_MAX_ROUNDS} "
+         "rounds, and keep the best round's G and model.")]
+LabelBiasStartOpt = Annotated[str, typer.Option(
+    help="Stage 3: the start of the learned per-label offset beta in f = (G + b)((x U').V'_y + "
+         "beta_y); none: no beta, the paper's f = (G + b)(x U').V'_y.")]
+
+
+def _bias_start(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise AweError(f"--label-bias-start {text!r}: expected a number or none") from None
+
+
 @app.command()
-@training_options
+@run_options
+@config_flags(TrainConfig, defaults=STAGE3_DEFAULTS, exclude=("dim", "task", "init_scale"))
 def retrain(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN", help="The training parquet G "
                                                                     "was built on.")],
     model: Annotated[Path, typer.Option(help="Model directory (after `awe build-g`).")],
-    init: Annotated[str, typer.Option(help="wsabie (start from stage 1) | random.")] = "wsabie",
-    rounds: Annotated[str, typer.Option(
-        help="N: build-g -> retrain N times, each G from the newest model (the paper's step "
-             "4). auto: go on while a round raises the best validation P@k, at most "
-             f"{AUTO_MAX_ROUNDS} rounds, and keep the best round's G and model (1 round "
-             "without validation, or for recommendation with --valid-fraction).")] = "auto",
-    label_bias: Annotated[float | None, typer.Option(
-        help="Start of the learned per-label offset beta in f = (G + b)((x U').V'_y + beta_y)."
-    )] = LABEL_BIAS_DEFAULT,
-    no_label_bias: Annotated[bool, typer.Option(
-        "--no-label-bias", help="No beta: the paper's f = (G + b)(x U').V'_y.")] = False,
-    train_options: dict | None = None,
+    init: InitOpt = "wsabie",
+    rounds: RoundsOpt = "auto",
+    label_bias_start: LabelBiasStartOpt = str(LABEL_BIAS_DEFAULT),
+    config=None, run: dict | None = None,
 ) -> None:
-    """Stage 3: retrain the G-weighted model with WARP (lr default 0.01); writes
-    awe.safetensors."""
-    from awe.pipeline import retrain_awe
-    from awe.training.config import STAGE3_DEFAULTS
-
+    """Stage 3: retrain the G-weighted model with WARP; writes awe.safetensors."""
     with user_errors():
-        config = _train_config(train_options, STAGE3_DEFAULTS)
-        result, paths = retrain_awe(train_path, model, config, init=init, rounds=rounds,
-                                    label_bias=None if no_label_bias else label_bias,
-                                    **_run_options(train_options))
+        result, paths = retrain_awe(train_path, model, _train_config(config, run), init=init,
+                                    rounds=rounds, label_bias=_bias_start(label_bias_start),
+                                    **_run_options(run))
         _fit_summary(result)
         _wrote(paths)
+
+
+@app.command()
+@_columns_option
+@config_flags(AffinityConfig, exclude=("seed", "threads"), name="affinity", prefix="g_")
+@config_flags(TrainConfig)
+def fit(
+    train_path: Annotated[str, typer.Argument(metavar="TRAIN",
+                                              help="Parquet file, directory or glob.")],
+    model: Annotated[Path, typer.Option(help="Model directory to write.")],
+    valid: Annotated[str | None, typer.Option(
+        help="Validation parquet (instead of holding out --valid-fraction of TRAIN).")] = None,
+    label_bias: LabelBiasOpt = "auto",
+    init: InitOpt = "wsabie",
+    rounds: RoundsOpt = "auto",
+    label_bias_start: LabelBiasStartOpt = str(LABEL_BIAS_DEFAULT),
+    stage3_lr: Annotated[float, typer.Option(help="Stage 3's learning rate.")]
+        = STAGE3_DEFAULTS.lr,
+    stage3_epochs: Annotated[int, typer.Option(help="Stage 3's maximum epochs.")]
+        = STAGE3_DEFAULTS.epochs,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    config=None, affinity=None, columns: Columns | None = None,
+) -> None:
+    """All three stages: train (Wsabie), build-g (G) and retrain (AWE) into one model directory.
+
+    The training flags set stage 1; stage 3 takes its own --stage3-lr and --stage3-epochs and
+    inherits the others (seed, threads, negatives, validation, ...). The flags of G are those of
+    `awe build-g`."""
+    with user_errors():
+        stage1 = _train_config(config, {"valid": valid})
+        g_config = affinity(seed=stage1.seed, threads=stage1.threads)
+        stage3 = stage3_config(stage1, lr=stage3_lr, epochs=stage3_epochs)
+        result = fit_pipeline(train_path, model, stage1, g_config, stage3,
+                              label_bias=_bias_flag(label_bias),
+                              label_bias_start=_bias_start(label_bias_start), init=init,
+                              rounds=rounds, valid_path=valid, columns=columns,
+                              progress=not quiet, report=_say,
+                              cluster=ClusterOptions.from_options(scheduler, workers))
+        _fit_summary(result["wsabie"])
+        _g_summary(result["g"])
+        _fit_summary(result["awe"])
+        _wrote(result["paths"])
 
 
 @app.command("eval")
@@ -368,25 +382,22 @@ def eval_(
     k: Annotated[str, typer.Option(help="Comma-separated cut-offs.")] = "1,3,5,10",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")]
         = None,
-    rows: Annotated[str | None, typer.Option(
-        help="Comma-separated rows of the table: knn-input, knn-wsabie, wsabie, awe (default: "
-             "all the model has).")] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods (the table's rows): knn-input, knn-wsabie, wsabie, awe "
+             "(default: all the model has).")] = None,
     train: Annotated[str | None, typer.Option(
         "--train", help="Training parquet for the knn-input row (default: the one given to "
                         "build-g).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
     """Evaluate P@k, R@k, NDCG@k and MAP@k on a test set."""
-    from awe import artifacts
-    from awe.predict.evaluation import evaluate_model
-    from awe.ranking.metrics import parse_ks
-
     with user_errors():
         try:
             ks = parse_ks(k)
         except ValueError as exc:
             raise AweError(f"--k {k!r}: {exc}") from None
-        results = evaluate_model(model, test_path, ks, rows=rows.split(",") if rows else None,
+        results = evaluate_model(model, test_path, ks,
+                                 rows=methods.split(",") if methods else None,
                                  threads=threads, train_path=train)
         out.print(metrics_table(results, title=str(test_path)))
         if json_path is not None:
@@ -402,16 +413,16 @@ def score(
     out_path: Annotated[Path, typer.Option(
         "--out", help="Output parquet file for a single input file; otherwise a directory that "
                       "gets one output per input file, at its path relative to INPUT.")],
-    top_k: Annotated[int, typer.Option(help="Labels per row.")] = 10,
-    model_stage: Annotated[str | None, typer.Option(
-        help="wsabie | awe (default: the newest the model has).")] = None,
+    k: Annotated[int, typer.Option(help="Labels per row.")] = 10,
+    stage: Annotated[Literal["wsabie", "awe"] | None, typer.Option(
+        help="The model stage that scores (default: the newest the model has).")] = None,
     id_col: Annotated[list[str] | None, typer.Option(
         help="Column carried through to the output (repeatable; default: 'id' when "
              "present).")] = None,
     exclude_col: Annotated[str | None, typer.Option(
         help="List column of labels never ranked for its row, e.g. seen items (default: "
              "'exclude' when present).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows scored at a time.")] = 4096,
+    batch_rows: Annotated[int, typer.Option(help="Rows scored at a time.")] = DEFAULT_BATCH_ROWS,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch and FAISS (per worker with --workers / --scheduler).")]
         = None,
@@ -430,24 +441,20 @@ def score(
 
     Outputs are written to a temporary name and renamed; run again to finish an interrupted
     run: outputs already complete for the same model and options are skipped."""
-    from awe.predict.batch import ScoreOptions, score_files
-
     with user_errors():
-        options = ScoreOptions(k=top_k, stage=model_stage,
+        options = ScoreOptions(k=k, stage=stage,
                                id_cols=tuple(id_col) if id_col else None,
-                               exclude_col=exclude_col, batch_rows=batch_size,
+                               exclude_col=exclude_col, batch_rows=batch_rows,
                                skip_invalid=skip_invalid, overwrite=overwrite, threads=threads)
         summary = score_files(input_path, model, out_path, options,
                               cluster=ClusterOptions.from_options(scheduler, workers),
-                              report=lambda line: out.print(line, highlight=False,
-                                                            soft_wrap=True))
+                              report=_say)
         if summary.skipped:
-            out.print(f"skipped {len(summary.skipped)} output(s) already complete for this "
-                      f"model (--overwrite to score again)", highlight=False)
+            _say(f"skipped {len(summary.skipped)} output(s) already complete for this model "
+                 f"(--overwrite to score again)")
         if summary.written:
             extra = f", {summary.rejected} rejected" if summary.rejected else ""
-            out.print(f"scored {summary.rows} rows into {len(summary.written)} file(s){extra}",
-                      highlight=False)
+            _say(f"scored {summary.rows} rows into {len(summary.written)} file(s){extra}")
 
 
 @app.command()
@@ -472,8 +479,6 @@ def reproduce(
 ) -> None:
     """The paper's table end to end: data -> train -> build-g -> retrain -> eval, with the
     defaults tuned per dataset; writes a report (Markdown, CSV, JSON, configs, plots)."""
-    from awe.reproduce import reproduce as run_reproduce
-
     with user_errors():
         if out_dir is None:
             name = "custom" if train is not None else Path(dataset).name or "custom"
@@ -489,13 +494,17 @@ def reproduce(
         for name, values in report.table_rows():
             table.add_row(name, *(f"{v * 100:.2f}%" for v in values))
         out.print(table)
-        out.print("  ".join(f"{name} {sec:.1f}s" for name, sec in report.seconds.items())
-                  + f"  | total {sum(report.seconds.values()):.1f}s", highlight=False)
+        _say("  ".join(f"{name} {sec:.1f}s" for name, sec in report.seconds.items())
+             + f"  | total {sum(report.seconds.values()):.1f}s")
         _wrote(report.files)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m cli.main`
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console entry (`awe`, `python -m awe`): --debug may come anywhere on the line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args[1:]:
+        args = ["--debug", *(a for a in args if a != "--debug")]
+    app(args=args, prog_name="awe")
 
 
 if __name__ == "__main__":  # pragma: no cover

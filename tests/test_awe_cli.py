@@ -33,7 +33,7 @@ def test_train_build_g_retrain_eval(tmp_path, data):
                   "--quiet").exit_code == 0
     result = invoke("eval", test, "--model", model, "--k", "1")
     assert result.exit_code == 0 and "wsabie" in result.output and "awe" not in result.output
-    result = invoke("eval", test, "--model", model, "--rows", "awe")
+    result = invoke("eval", test, "--model", model, "--methods", "awe")
     assert result.exit_code == 2 and "build-g" in result.output
     result = invoke("build-g", train, "--model", model, "--neighbors", 7, "--kernel", "cosine",
                     "--aggregate", "max", "--index", "flat")
@@ -43,7 +43,7 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert (config["neighbors"], config["kernel"], config["aggregate"]) == (7, "cosine", "max")
     assert config["target_recall"] == 0.95
     result = invoke("retrain", train, "--model", model, "--epochs", 2, "--quiet",
-                    "--label-bias", 2.0, "--lr", 0.02)
+                    "--label-bias-start", 2.0, "--lr", 0.02)
     assert result.exit_code == 0, result.output
     stage3 = json.loads((model / "config.json").read_text())["stage3"]
     assert stage3["train"]["lr"] == 0.02 and stage3["label_bias_init"] == 2.0
@@ -58,7 +58,7 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert all(0 <= m["P@1"] <= 1 for m in metrics.values())
     # on two clusters per label, neighbours beat the linear model
     assert metrics["knn-wsabie"]["P@1"] > metrics["wsabie"]["P@1"]
-    result = invoke("eval", test, "--model", model, "--rows", "awe,wsabie", "--k", "1")
+    result = invoke("eval", test, "--model", model, "--methods", "awe,wsabie", "--k", "1")
     assert result.exit_code == 0
     # stage-3 weights record G's fingerprint; one built before --target-recall and --rerank
     # existed was the hash of the config without those keys, and a default G still hashes
@@ -100,7 +100,7 @@ def test_bf16_index_through_the_cli(tmp_path, data):
         stage2 = json.loads((model / "config.json").read_text())["stage2"]
         assert stage2["index"]["kind"] == kind and stage2["config"]["rerank"] == 4
         out = tmp_path / f"{kind}.json"
-        result = invoke("eval", test, "--model", model, "--rows", "knn-wsabie", "--k", "1",
+        result = invoke("eval", test, "--model", model, "--methods", "knn-wsabie", "--k", "1",
                         "--json", out)
         assert result.exit_code == 0, result.output
         rows[kind] = json.loads(out.read_text())["knn-wsabie"]["P@1"]
@@ -119,7 +119,7 @@ def test_user_errors_exit_2(tmp_path, data):
     for args in [("build-g", train, "--model", model, "--kernel", "rbf"),
                  ("build-g", train, "--model", tmp_path / "none"),
                  ("retrain", train, "--model", model, "--quiet"),  # no G yet
-                 ("eval", train, "--model", model, "--rows", "nope"),
+                 ("eval", train, "--model", model, "--methods", "nope"),
                  ("retrain", train, "--model", model, "--rounds", "some")]:
         result = invoke(*args)
         assert result.exit_code == 2, (args, result.output)
@@ -150,10 +150,10 @@ def test_python_api_fit_evaluate_predict_save_load(tmp_path, data):
 
 
 def test_api_refit_option_reaches_both_stages():
-    model = AWE(refit=False)
-    assert model.train_config.refit is False and model.retrain_config.refit is False
-    model = AWE(retrain={"refit": False})
-    assert model.train_config.refit is True and model.retrain_config.refit is False
+    stage1, _, stage3 = AWE(refit=False)._configs()
+    assert stage1.refit is False and stage3.refit is False
+    stage1, _, stage3 = AWE(retrain={"refit": False})._configs()
+    assert stage1.refit is True and stage3.refit is False
 
 
 def test_same_seed_same_awe_model(tmp_path, data):

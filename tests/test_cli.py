@@ -116,12 +116,12 @@ def test_help_lists_commands():
 
 
 def test_ctrl_c_exits_130_and_points_at_resume(tmp_path, monkeypatch):
-    import awe.pipeline
+    import cli.main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(awe.pipeline, "train_wsabie", interrupted)
+    monkeypatch.setattr(cli.main, "train_wsabie", interrupted)
     train = write_blobs(tmp_path / "t.parquet", 50)
     result = invoke("train", train, "--model", tmp_path / "m", "--quiet")
     assert result.exit_code == 130

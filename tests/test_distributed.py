@@ -116,7 +116,7 @@ def same_parameters_on_both_ranks(out: Path) -> int:
 
 def p_at_1(model_dir: Path, test: Path, row: str = "wsabie") -> float:
     done = runner.invoke(app, ["eval", str(test), "--model", str(model_dir), "--k", "1",
-                               "--rows", row, "--json", str(model_dir / "eval.json")])
+                               "--methods", row, "--json", str(model_dir / "eval.json")])
     assert done.exit_code == 0, done.output
     return json.loads((model_dir / "eval.json").read_text())[row]["P@1"]
 

@@ -101,7 +101,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def eval_json(model: Path, test: Path, rows: str, out: Path) -> dict:
-    invoke("eval", test, "--model", model, "--rows", rows, "--k", "1,3", "--json", out)
+    invoke("eval", test, "--model", model, "--methods", rows, "--k", "1,3", "--json", out)
     return json.loads(out.read_text())
 
 
@@ -208,7 +208,7 @@ def test_kill_build_g_then_run_again(tmp_path, data, renamed):
         assert "stage2" not in config and config["stage1"] == json.loads(
             (root / "stage2" / "config.json").read_text())["stage1"]
         rows = "wsabie"
-        result = runner.invoke(app, ["eval", str(test), "--model", str(model), "--rows",
+        result = runner.invoke(app, ["eval", str(test), "--model", str(model), "--methods",
                                      "knn-wsabie"])
         assert result.exit_code == 2 and "build-g" in result.output
     assert eval_json(model, test, rows, tmp_path / "e.json") == eval_json(
@@ -238,7 +238,7 @@ def test_kill_score_then_run_again(tmp_path, data):
     for part in range(4):
         pq.write_table(table.slice(part * 30, 30), inputs / f"part-{part}.parquet",
                        row_group_size=10)
-    options = ("--model", model, "--top-k", 3, "--threads", 1)
+    options = ("--model", model, "--k", 3, "--threads", 1)
     reference = tmp_path / "reference"
     invoke("score", inputs, "--out", reference, *options)
 

@@ -320,9 +320,8 @@ def _no_labels_in_any_row(tmp, m):
 def _empty_file(tmp, m):
     f = tmp / "a.parquet"
     f.write_bytes(b"")
-    return _train_case(f, ["not a readable parquet file (Parquet file size is 0 bytes)"],
-                       _where(f),
-                       ["rewrite it, or remove it"])
+    return _train_case(f, ["not a readable parquet file: Parquet file size is 0 bytes"],
+                       _where(f), ["rewrite it", "or remove it"])
 
 
 def _zero_rows(tmp, m):
@@ -339,7 +338,7 @@ def _directory_of_zero_row_files(tmp, m):
 def _random_bytes(tmp, m):
     f = tmp / "a.parquet"
     f.write_bytes(np.random.default_rng(0).bytes(3000))
-    return _train_case(f, ["not a readable parquet file"], _where(f), ["rewrite it"])
+    return _train_case(f, ["not a parquet file"], _where(f), ["rewrite it", "to_parquet"])
 
 
 def _truncated_parquet(tmp, m):
@@ -347,7 +346,7 @@ def _truncated_parquet(tmp, m):
                          {"features": dense_rows(200), "labels": cycle_labels(200)}, DENSE)
     f = tmp / "a.parquet"
     f.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    return _train_case(f, ["not a readable parquet file"], _where(f), ["rewrite it"])
+    return _train_case(f, ["parquet file"], _where(f), ["rewrite it"])
 
 
 def _damaged_page(tmp, m, compression="none", checksum=True):

@@ -77,8 +77,8 @@ def tmp_files(directory):
 @pytest.mark.parametrize("stage", ["wsabie", "awe"])
 def test_single_file_is_the_eval_prediction_path(model, inputs, tmp_path, stage):
     out = tmp_path / "scored.parquet"
-    result = invoke("score", inputs / "a.parquet", "--model", model, "--out", out, "--top-k", 3,
-                    "--model-stage", stage, "--batch-size", 40)
+    result = invoke("score", inputs / "a.parquet", "--model", model, "--out", out, "--k", 3,
+                    "--stage", stage, "--batch-rows", 40)
     assert f"wrote {out}" in result.output
     table = read(out)
     assert table.column_names == ["id", "labels", "scores"]
@@ -99,7 +99,7 @@ def test_single_file_is_the_eval_prediction_path(model, inputs, tmp_path, stage)
 def test_default_stage_is_the_newest(model, inputs, tmp_path):
     invoke("score", inputs / "b.parquet", "--model", model, "--out", tmp_path / "a.parquet")
     invoke("score", inputs / "b.parquet", "--model", model, "--out", tmp_path / "b.parquet",
-           "--model-stage", "awe")
+           "--stage", "awe")
     assert read(tmp_path / "a.parquet").equals(read(tmp_path / "b.parquet"))
     assert len(read(tmp_path / "a.parquet").column("labels")[0]) == 6  # top-10 of 6 labels
 
@@ -129,19 +129,19 @@ def test_ids_pass_through(model, tmp_path, ids):
 
 def test_exclusion(model, inputs, tmp_path):
     plain = tmp_path / "plain.parquet"
-    invoke("score", inputs / "b.parquet", "--model", model, "--out", plain, "--top-k", 3)
+    invoke("score", inputs / "b.parquet", "--model", model, "--out", plain, "--k", 3)
     top = read(plain).column("labels").to_pylist()
     # exclude each row's best label (and an unknown one): the rest moves up, in the same order
     seen = pa.array([[labels[0], "never-seen"] for labels in top])
     source = rows(tmp_path / "in.parquet", 100, 2, ids=np.arange(1000, 1100), seen=seen)
     out = tmp_path / "excluded.parquet"
-    invoke("score", source, "--model", model, "--out", out, "--top-k", 2, "--exclude-col",
+    invoke("score", source, "--model", model, "--out", out, "--k", 2, "--exclude-col",
            "seen")
     got = read(out).column("labels").to_pylist()
     assert got == [labels[1:3] for labels in top]
     # the contract's `exclude` column is used without the option
     source2 = rows(tmp_path / "in2.parquet", 100, 2, ids=np.arange(1000, 1100), exclude=seen)
-    invoke("score", source2, "--model", model, "--out", tmp_path / "e2.parquet", "--top-k", 2)
+    invoke("score", source2, "--model", model, "--out", tmp_path / "e2.parquet", "--k", 2)
     assert read(tmp_path / "e2.parquet").column("labels").to_pylist() == got
     result = invoke("score", source, "--model", model, "--out", tmp_path / "x.parquet",
                     "--exclude-col", "nope", code=2)
@@ -150,13 +150,13 @@ def test_exclusion(model, inputs, tmp_path):
 
 def test_directory_gives_one_output_per_file(model, inputs, tmp_path):
     out = tmp_path / "out"
-    result = invoke("score", inputs, "--model", model, "--out", out, "--top-k", 4)
+    result = invoke("score", inputs, "--model", model, "--out", out, "--k", 4)
     outputs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert outputs == ["a.parquet", "b.parquet", "sub/c.parquet"]
     assert "scored 320 rows into 3 file(s)" in result.output
     for name, n in (("a.parquet", 150), ("b.parquet", 100), ("sub/c.parquet", 70)):
         single = tmp_path / f"single-{n}.parquet"
-        invoke("score", inputs / name, "--model", model, "--out", single, "--top-k", 4)
+        invoke("score", inputs / name, "--model", model, "--out", single, "--k", 4)
         assert read(out / name).equals(read(single))
         assert read(out / name).num_rows == n
         # one output row group per input row group
@@ -164,7 +164,7 @@ def test_directory_gives_one_output_per_file(model, inputs, tmp_path):
                 == pq.read_metadata(inputs / name).num_row_groups)
     # a glob: paths relative to its fixed part
     glob_out = tmp_path / "glob"
-    invoke("score", f"{inputs}/**/*.parquet", "--model", model, "--out", glob_out, "--top-k", 4)
+    invoke("score", f"{inputs}/**/*.parquet", "--model", model, "--out", glob_out, "--k", 4)
     assert read(glob_out / "sub" / "c.parquet").equals(read(out / "sub" / "c.parquet"))
 
 
@@ -180,21 +180,21 @@ def test_out_inside_the_input_directory(model, tmp_path):
 
 def test_run_again_skips_current_outputs(model, inputs, tmp_path):
     out = tmp_path / "out"
-    invoke("score", inputs, "--model", model, "--out", out, "--top-k", 2)
+    invoke("score", inputs, "--model", model, "--out", out, "--k", 2)
     inodes = {p.name: p.stat().st_ino for p in out.rglob("*.parquet")}
-    result = invoke("score", inputs, "--model", model, "--out", out, "--top-k", 2)
+    result = invoke("score", inputs, "--model", model, "--out", out, "--k", 2)
     assert "skipped 3 output(s)" in result.output and "wrote" not in result.output
     assert {p.name: p.stat().st_ino for p in out.rglob("*.parquet")} == inodes
     # other options, or --overwrite: written again
-    result = invoke("score", inputs, "--model", model, "--out", out, "--top-k", 3)
+    result = invoke("score", inputs, "--model", model, "--out", out, "--k", 3)
     assert result.output.count("wrote") == 3
     assert len(read(out / "a.parquet").column("labels")[0]) == 3
-    result = invoke("score", inputs, "--model", model, "--out", out, "--top-k", 3,
+    result = invoke("score", inputs, "--model", model, "--out", out, "--k", 3,
                     "--overwrite")
     assert result.output.count("wrote") == 3
     # a damaged output is not complete: written again
     (out / "b.parquet").write_bytes((out / "b.parquet").read_bytes()[:100])
-    result = invoke("score", inputs, "--model", model, "--out", out, "--top-k", 3)
+    result = invoke("score", inputs, "--model", model, "--out", out, "--k", 3)
     assert result.output.count("wrote") == 1 and read(out / "b.parquet").num_rows == 100
 
 
@@ -216,10 +216,10 @@ def test_another_model_scores_again(model, inputs, tmp_path):
                              out).output
     # the Wsabie stage did not change: its output stays current
     invoke("score", inputs / "b.parquet", "--model", copy, "--out", tmp_path / "w.parquet",
-           "--model-stage", "wsabie")
+           "--stage", "wsabie")
     invoke("build-g", train, "--model", copy, "--neighbors", 4, "--threads", 1)
     assert "skipped" in invoke("score", inputs / "b.parquet", "--model", copy, "--out",
-                               tmp_path / "w.parquet", "--model-stage", "wsabie").output
+                               tmp_path / "w.parquet", "--stage", "wsabie").output
 
 
 def bad_rows_input(folder):
@@ -294,7 +294,7 @@ def test_sparse_inputs_and_out_of_range_ids(sparse_model, tmp_path):
     result = invoke("score", source, "--model", model, "--out", tmp_path / "o.parquet", code=2)
     assert "row 5, column 'feature_ids'" in result.output
     invoke("score", source, "--model", model, "--out", tmp_path / "o.parquet", "--skip-invalid",
-           "--top-k", 2)
+           "--k", 2)
     table = read(tmp_path / "o.parquet")
     assert table.num_rows == 19 and "u5" not in table.column("id").to_pylist()
     assert read(tmp_path / "o.rejects.parquet").column("row").to_pylist() == [5]
@@ -302,14 +302,14 @@ def test_sparse_inputs_and_out_of_range_ids(sparse_model, tmp_path):
 
 def test_python_api_matches_the_cli(model, inputs, tmp_path):
     loaded = AWE.load(model)
-    frame = loaded.score(inputs / "a.parquet", k=3)
+    frame = loaded.predict(inputs / "a.parquet", k=3)
     invoke("score", inputs / "a.parquet", "--model", model, "--out", tmp_path / "o.parquet",
-           "--top-k", 3)
+           "--k", 3)
     cli = read(tmp_path / "o.parquet").to_pandas()
     assert list(frame.columns) == ["id", "labels", "scores"]
     assert frame["id"].tolist() == cli["id"].tolist()
     assert [list(x) for x in frame["labels"]] == [list(x) for x in cli["labels"]]
-    in_memory = loaded.score(pq.read_table(inputs / "a.parquet").to_pandas(), k=3,
+    in_memory = loaded.predict(pq.read_table(inputs / "a.parquet").to_pandas(), k=3,
                              batch_rows=33)
     assert [list(x) for x in in_memory["labels"]] == [list(x) for x in cli["labels"]]
     summary = loaded.score_files(inputs, tmp_path / "api", k=3)
@@ -345,7 +345,7 @@ def cluster():
 def test_dask_equals_local(model, inputs, tmp_path, cluster):
     address, client = cluster
     local, remote = tmp_path / "local", tmp_path / "dask"
-    options = ("--model", model, "--top-k", 4, "--batch-size", 50)
+    options = ("--model", model, "--k", 4, "--batch-rows", 50)
     # and another thread count: a batch's result does not depend on it
     invoke("score", inputs, "--out", local, *options, "--threads", 2)
     invoke("score", inputs, "--out", remote, "--scheduler", address, *options, "--threads", 1)
@@ -363,7 +363,7 @@ def test_dask_equals_local(model, inputs, tmp_path, cluster):
 
 def test_dask_local_workers_and_awe_stage_with_rejects(model, tmp_path):
     folder = bad_rows_input(tmp_path / "in")
-    options = ("--model", model, "--skip-invalid", "--top-k", 3)
+    options = ("--model", model, "--skip-invalid", "--k", 3)
     invoke("score", folder, "--out", tmp_path / "local", *options)
     invoke("score", folder, "--out", tmp_path / "dask", "--workers", 2, *options)
     for name in ("a.parquet", "b.parquet", "b.rejects.parquet"):

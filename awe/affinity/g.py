@@ -42,7 +42,8 @@ from awe.csr import Csr
 from awe.errors import AweError
 from awe.io.reader import Examples
 from awe.models.wsabie import batch_inputs
-from awe.neighbors.index import DEFAULT_TARGET_RECALL, IndexConfig, NeighbourIndex
+from awe.neighbors.index import DEFAULT_TARGET_RECALL, INDEX_KINDS, IndexConfig, NeighbourIndex
+from awe.options import option
 
 INDEX_FILE = "index.faiss"
 AFFINITY_FILE = "affinity.safetensors"
@@ -55,30 +56,40 @@ LAMBDA_SAMPLE = 2000  # rows searched to set lambda when no training G is needed
 class AffinityConfig:
     """Every option of stage 2; saved in config.json (with the resolved lambdas)."""
 
-    # "auto": 20 (the paper's) for annotation; 100 for recommendation, where x is a user id and
-    # 20 neighbours carry too few of a user's items (docs/decisions.md)
-    neighbors: int | str = "auto"
-    kernel: str = "gaussian"
-    lam: float | None = None  # gaussian scale; None: 1 / median squared neighbour distance
-    aggregate: str = "sum"
-    bias: float = 0.0  # b in f = (G + b) * s: the weight of labels no neighbour carries
-    space: str = "wsabie"
-    label_kernel: str = "exact"
-    label_lambda: float | None = None  # None: 1 / median squared distance between label vectors
-    label_top: int = 64  # labels kept per row with the soft label kernel (G is dense otherwise)
-    # "max": divide each row of G by its largest weight, so stage 3 sees every row's G on one
-    # scale (docs/decisions.md: better on all three benchmark datasets); "none": the raw sums
-    normalize: str = "max"
-    index: str = "auto"
-    nprobe: int | None = None
-    ef_search: int | None = None
-    rerank: int | None = None  # bf16 index: candidates beyond n re-ranked; None: calibrated
-    # IVF / HNSW / bf16 calibration: the recall@n (2-SE lower bound on a sample) nprobe or efSearch
-    # must reach; lower trades neighbours for speed at scale (docs/decisions.md)
-    target_recall: float = DEFAULT_TARGET_RECALL
-    batch_rows: int = 4096
-    seed: int = 0
-    threads: int | None = None
+    neighbors: int | str = option(
+        "auto", "Neighbours per row (n); auto: 20 (the paper's) for annotation, 100 for "
+                "recommendation, where 20 neighbours carry too few of a user's items.")
+    kernel: str = option("gaussian", "Affinity kernel k(e, e_i).", KERNELS)
+    lam: float | None = option(None, "Gaussian scale lambda (default: 1 / median squared "
+                                     "neighbour distance).", flag="--lambda")
+    aggregate: str = option("sum", "Aggregate of the neighbours' weights per label.",
+                            AGGREGATES)
+    bias: float = option(0.0, "b in f = (G + b) (x U').V'_y: the weight of labels no "
+                              "neighbour carries.")
+    space: str = option("wsabie", "Where neighbours are searched: wsabie (x U) or input (x "
+                                  "itself, the paper's G_orig).", SPACES)
+    label_kernel: str = option("exact", "exact (the label match) or embedding (exp(-lambda_y "
+                                        "|V y - V y_i|^2), the paper's footnote).",
+                               LABEL_KERNELS)
+    label_lambda: float | None = option(None, "lambda_y of --label-kernel embedding (default: 1 "
+                                              "/ median squared label-vector distance).")
+    label_top: int = option(64, "Labels kept per row with --label-kernel embedding.")
+    normalize: str = option("max", "max divides each row of G by its largest weight, so stage "
+                                   "3 sees every row on one scale; none keeps the raw sums.",
+                            NORMALIZE)
+    index: str = option("auto", "Neighbour index. bf16 scores every row from bfloat16 copies "
+                                "(fast with AMX or AVX512-BF16) and re-ranks in float32.",
+                        INDEX_KINDS)
+    nprobe: int | None = option(None, "IVF lists searched (default: calibrated).")
+    ef_search: int | None = option(None, "HNSW search breadth (default: calibrated).")
+    rerank: int | None = option(None, "bf16 index: candidates beyond n re-ranked in float32 "
+                                      "(default: calibrated).")
+    target_recall: float = option(
+        DEFAULT_TARGET_RECALL, "Recall@n the IVF / HNSW / bf16 search breadth is calibrated to "
+                               "reach on a sample; lower is faster at scale.")
+    batch_rows: int = option(4096, "Rows embedded and searched at a time.")
+    seed: int = option(0, "Random seed (IVF clustering).")
+    threads: int | None = option(None, "CPU threads for FAISS and torch (default: all cores).")
 
     def __post_init__(self):
         checks = [
@@ -112,7 +123,6 @@ class AffinityConfig:
         return replace(self, neighbors=int(neighbors))
 
     def index_config(self):
-
         return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
                            rerank=self.rerank, target_recall=self.target_recall, seed=self.seed)
 

@@ -19,6 +19,7 @@ vocabulary, is an error: the text could mean anything.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import os
 from collections.abc import Iterator
@@ -207,8 +208,14 @@ def _open_fragment(file: Path) -> pads.Fragment:
         dataset = pads.dataset(str(file), format=_PARQUET)
         return next(iter(dataset.get_fragments()))
     except (pa.ArrowInvalid, pa.ArrowException, OSError, StopIteration) as exc:
-        raise DataError(f"not a readable parquet file ({_short(exc, file)})", file=str(file),
-                        hint="rewrite it, or remove it from the input") from exc
+        reason = _short(exc, file)
+        what = ("not a parquet file" if "magic bytes" in reason
+                else f"not a readable parquet file: {reason}")
+        raise DataError(what, file=str(file),
+                        hint="awe reads parquet: rewrite it, convert it (e.g. "
+                             "pandas.read_csv(path).to_parquet('data.parquet'), list columns as "
+                             "lists; `awe data svmlight FILE` for LIBSVM / XMC text), or remove "
+                             "it from the input") from exc
 
 
 def _short(exc: Exception, file: Path | None = None) -> str:
@@ -356,15 +363,15 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
 
 
 def _input_kind(file: Path, columns: Columns) -> str:
-    names = set(file_schema(file).names)
+    names = file_schema(file).names
     if columns.features in names:
         return "dense"
     if columns.feature_ids in names:
         return "sparse"
     raise DataError(f"no feature column: expected '{columns.features}' (dense) or "
                     f"'{columns.feature_ids}' (sparse)", file=str(file),
-                    hint=f"columns present: {', '.join(names) or 'none'}; rename the column, or "
-                         f"name it with --features-col / --feature-ids-col when training")
+                    hint=f"{present_columns(names, columns.features)}; rename the column, or "
+                         f"name it with --features-col / --feature-ids-col")
 
 
 def _wanted(columns: Columns, kind: str) -> list[str]:
@@ -377,12 +384,19 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
+def present_columns(names: list[str], wanted: str) -> str:
+    """Every column of the file, and the one closest to ``wanted`` when one is close."""
+    close = difflib.get_close_matches(wanted, names, n=1, cutoff=0.5)
+    return (f"columns present: {', '.join(names) or 'none'}"
+            + (f" (did you mean '{close[0]}'?)" if close else ""))
+
+
 def _column(batch: pa.RecordBatch, name: str, file: Path, offset: int, option: str) -> pa.Array:
     idx = batch.schema.get_field_index(name)
-    if idx < 0:
+    if idx < 0:  # the batch holds the wanted columns only: list the file's
         raise DataError("missing column", file=str(file), column=name,
-                        hint=f"columns present: {', '.join(batch.schema.names) or 'none'}; "
-                             f"rename the column, or name it with {option} when training")
+                        hint=f"{present_columns(file_schema(file).names, name)}; rename the "
+                             f"column, or name it with {option}")
     return batch.column(idx)
 
 

@@ -23,7 +23,6 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -551,13 +550,7 @@ class JobWriter:
 
     @staticmethod
     def _temporary(path: Path) -> Path:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise artifacts.cannot_write(path, exc) from exc
-        os.close(fd)
-        return Path(name)
+        return artifacts.temporary_next_to(path)
 
     def write(self, table: pa.Table, rejects: pa.Table | None) -> None:
         if table.num_rows:

@@ -9,41 +9,53 @@ import torch
 
 from awe.errors import AweError
 from awe.io.reader import TASKS
+from awe.options import option
 from awe.training.optim import OPTIMIZERS
-from awe.training.warp import (
-    RANK_WEIGHTS,
-)
+from awe.training.warp import RANK_WEIGHTS
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Every hyper-parameter of a training stage; saved in config.json and used to rebuild."""
 
-    dim: int = 64
-    epochs: int = 60
-    lr: float = 0.05
-    negatives: int = 100  # K: draws per positive pair (the WARP sampling budget)
-    margin: float = 1.0
-    rank_weight: str = "harmonic"
-    optimizer: str = "adagrad"
-    # project rows of U and V to norm <= C (the paper's regulariser); "auto": 1.5 for
-    # recommendation (identity inputs overfit without it), none for annotation
-    max_norm: float | str | None = "auto"
-    weight_decay: float = 0.0  # L2 on the rows a step touches
-    # positive pairs per step; "auto": 2048 for recommendation (many pairs per row, speed),
-    # 1024 for annotation (fewer pairs per epoch: more steps measured better on Fashion-MNIST)
-    batch_size: int | str = "auto"
-    init_scale: float = 0.1  # |x U| at the start, for x of the rows' RMS norm (model.Wsabie)
-    task: str | None = None  # None: from the data's metadata (awe data), else annotation
-    valid_fraction: float = 0.0
-    valid_k: int | None = None  # P@k picking the best epoch: 1 (annotation), 10 (recommendation)
-    patience: int = 10
-    refit: bool = True  # after picking the epoch on a held-out fraction, retrain on all rows
-    seed: int = 0
-    threads: int | None = None
-    device: str = "cpu"
-    # stream the training files through a shuffle buffer of this many rows (None: load them)
-    shuffle_buffer: int | None = None
+    dim: int = option(64, "Embedding dimension D.")
+    epochs: int = option(60, "Maximum epochs (early stopping on validation P@k may stop "
+                             "sooner).")
+    lr: float = option(0.05, "Learning rate.")
+    negatives: int = option(100, "WARP sampling budget K: negatives drawn per positive at "
+                                 "most.")
+    margin: float = option(1.0, "WARP margin.")
+    rank_weight: str = option("harmonic", "WARP rank weight: harmonic (the paper's) or log "
+                                          "(LightFM's).", RANK_WEIGHTS)
+    optimizer: str = option("adagrad", "Optimiser of the touched rows.", OPTIMIZERS)
+    max_norm: float | str | None = option(
+        "auto", "Project rows of U and V to norm <= C (the paper's regulariser); auto: 1.5 for "
+                "recommendation (identity inputs overfit without it), none for annotation.")
+    weight_decay: float = option(0.0, "L2 on the rows a step touches.")
+    batch_size: int | str = option(
+        "auto", "Positive (row, label) pairs per step; auto: 2048 for recommendation, 1024 for "
+                "annotation.")
+    init_scale: float = option(0.1, "Scale of |x U| at the start, for x of the rows' RMS "
+                                    "norm.")
+    task: str | None = option(None, "annotation or recommendation (default: recorded by `awe "
+                                    "data`, else annotation).", TASKS)
+    valid_fraction: float = option(
+        0.1, "Hold out this fraction of the training rows for validation: whole rows "
+             "(annotation) or a fraction of each row's labels (recommendation); 0: no "
+             "validation, train for --epochs.")
+    valid_k: int | None = option(None, "Pick the best epoch by validation P@k at this k "
+                                       "(default: 1 for annotation, 10 for recommendation).")
+    patience: int = option(10, "Early-stopping patience in epochs.")
+    refit: bool = option(
+        True, "After picking the epoch on the validation rows, train a new model on every row "
+              "for that many epochs; --no-refit keeps the best epoch's weights.")
+    seed: int = option(0, "Random seed.")
+    threads: int | None = option(None, "CPU threads for torch (default: all cores).")
+    device: str = option("cpu", "cpu, cuda, or auto (cuda when torch sees one).",
+                         ("cpu", "cuda", "auto"))
+    shuffle_buffer: int | None = option(
+        None, "Stream the training files instead of loading them: shards in a seeded random "
+              "order, rows shuffled in a buffer of this many rows (memory: buffer + model).")
 
     def __post_init__(self):
         checks = [
