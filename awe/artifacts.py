@@ -62,6 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, file_mode())  # writers that recreate the file (safetensors) too
         os.replace(tmp_path, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -384,19 +384,27 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def present_columns(names: list[str], wanted: str) -> str:
-    """Every column of the file, and the one closest to ``wanted`` when one is close."""
-    close = difflib.get_close_matches(wanted, names, n=1, cutoff=0.5)
+def present_columns(names: list[str], wanted: str, usual: str | None = None) -> str:
+    """Every column of the file, and the likely one: the contract's usual name for the column
+    (``usual``) when the file has it, else the name closest to ``wanted``."""
+    close = [usual] if usual in names else difflib.get_close_matches(wanted, names, n=1,
+                                                                      cutoff=0.5)
     return (f"columns present: {', '.join(names) or 'none'}"
-            + (f" (did you mean '{close[0]}'?)" if close else ""))
+            + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
+def _usual(option: str) -> str | None:
+    """The contract's default name of the column an option (``--labels-col``) names."""
+    return getattr(Columns(), option.removeprefix("--").removesuffix("-col").replace("-", "_"),
+                   None)
 
 
 def _column(batch: pa.RecordBatch, name: str, file: Path, offset: int, option: str) -> pa.Array:
     idx = batch.schema.get_field_index(name)
     if idx < 0:  # the batch holds the wanted columns only: list the file's
         raise DataError("missing column", file=str(file), column=name,
-                        hint=f"{present_columns(file_schema(file).names, name)}; rename the "
-                             f"column, or name it with {option}")
+                        hint=f"{present_columns(file_schema(file).names, name, _usual(option))}"
+                             f"; rename the column, or name it with {option}")
     return batch.column(idx)
 
 
