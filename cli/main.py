@@ -22,6 +22,7 @@ from awe.dask_cluster import ClusterOptions
 from awe.errors import AweError
 from awe.io import datasets as datasets_lib
 from awe.io.reader import Columns
+from awe.io.svmlight import convert_svmlight
 from awe.pipeline import fit_pipeline, retrain_awe, stage3_config, train_wsabie
 from awe.predict.batch import DEFAULT_BATCH_ROWS, ScoreOptions, score_files
 from awe.predict.evaluation import evaluate_model
@@ -108,35 +109,88 @@ def _wrote(paths) -> None:
 ColumnOpt = Annotated[str, typer.Option(help="Column name (see the data contract).")]
 
 
-def _columns(features: str, feature_ids: str, feature_values: str, labels: str, exclude: str,
-             id_col: str) -> Columns:
-    return Columns(features, feature_ids, feature_values, labels, exclude, id_col)
+data_app = typer.Typer(no_args_is_help=True,
+                       help="Convert or generate a dataset into the data contract (parquet).")
+app.add_typer(data_app, name="data")
+OutDirOpt = Annotated[Path, typer.Option("--out", help="Directory for train.parquet and "
+                                                       "test.parquet.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 
 
-@app.command()
-def data(
-    name: Annotated[str, typer.Argument(help="synthetic | fashion-mnist | movielens")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for train.parquet and "
-                                                        "test.parquet.")],
-    source: Annotated[Path | None, typer.Option(help="Raw files (fashion-mnist IDX folder, "
-                                                     "movielens ml-100k folder).")] = None,
-    preset: Annotated[str, typer.Option(help="synthetic: magnatagatune | imagenet")]
-        = "magnatagatune",
-    rows: Annotated[int | None, typer.Option(help="synthetic: training rows")] = None,
-    test_rows: Annotated[int | None, typer.Option(help="synthetic: test rows")] = None,
-    classes: Annotated[int | None, typer.Option(help="synthetic: number of labels")] = None,
+def _made(paths) -> None:
+    _wrote(paths if len(paths) <= 8 else [*paths[:3], f"... {len(paths) - 6} more ...",
+                                          *paths[-3:]])
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out_dir: OutDirOpt,
+    preset: Annotated[Literal["magnatagatune", "imagenet"], typer.Option(
+        help="The shape of the paper's datasets to imitate.")] = "magnatagatune",
+    rows: Annotated[int | None, typer.Option(help="Training rows (default: the preset's).")]
+        = None,
+    test_rows: Annotated[int | None, typer.Option(help="Test rows (default: the preset's).")]
+        = None,
+    classes: Annotated[int | None, typer.Option(help="Labels (default: the preset's).")] = None,
     shards: Annotated[int | None, typer.Option(
-        help="synthetic: write train/ and test/ directories of this many parquet shards, "
-             "generated a row group at a time (for data larger than memory).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+        help="Write train/ and test/ directories of this many parquet shards, generated a row "
+             "group at a time (for data larger than memory).")] = None,
+    seed: SeedOpt = 0,
 ) -> None:
-    """Convert or generate a dataset into the data contract (train.parquet, test.parquet)."""
+    """Generate a synthetic dataset shaped like one of the paper's (embedded, no download)."""
     with user_errors():
-        paths = datasets_lib.make_dataset(name, out_dir, source=source, preset=preset, seed=seed,
-                                          rows=rows, test_rows=test_rows, classes=classes,
-                                          shards=shards)
-        _wrote(paths if len(paths) <= 8 else [*paths[:3], f"... {len(paths) - 6} more ...",
-                                              *paths[-3:]])
+        _made(datasets_lib.make_dataset("synthetic", out_dir, preset=preset, seed=seed,
+                                        rows=rows, test_rows=test_rows, classes=classes,
+                                        shards=shards))
+
+
+@data_app.command("fashion-mnist")
+def data_fashion_mnist(
+    out_dir: OutDirOpt,
+    source: Annotated[Path, typer.Option(help="The folder of the IDX files.")]
+        = Path(datasets_lib.FASHION_MNIST_DEFAULT),
+) -> None:
+    """Fashion-MNIST (annotation: 10 classes of 28 x 28 images) from its IDX files."""
+    with user_errors():
+        _made(datasets_lib.make_dataset("fashion-mnist", out_dir, source=source))
+
+
+@data_app.command("movielens")
+def data_movielens(
+    out_dir: OutDirOpt,
+    source: Annotated[Path, typer.Option(help="The GroupLens ml-100k folder (u.data).")],
+    seed: SeedOpt = 0,
+) -> None:
+    """MovieLens 100K as implicit feedback (recommendation: users -> movies rated >= 4)."""
+    with user_errors():
+        _made(datasets_lib.make_dataset("movielens", out_dir, source=source, seed=seed))
+
+
+@data_app.command("svmlight")
+def data_svmlight(
+    file: Annotated[Path, typer.Argument(
+        metavar="FILE", help="A LIBSVM / Extreme Classification Repository multi-label file "
+                             "(.gz, .bz2, .xz too).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory: FILE's rows go to "
+                                                        "OUT/NAME/part-*.parquet.")],
+    shard_rows: Annotated[int | None, typer.Option(help="Rows per parquet file (default: one "
+                                                        "file).")] = None,
+    zero_based: Annotated[bool | None, typer.Option(
+        "--zero-based/--one-based", show_default=False,
+        help="Feature ids start at 0 or at 1 (default: zero-based when some id is 0).")] = None,
+    task: Annotated[Literal["annotation", "recommendation"], typer.Option(
+        help="Recorded in the files for training.")] = "annotation",
+) -> None:
+    """Convert `l1,l2 f:v f:v` lines (with or without the `N D L` header) into the contract:
+    feature_ids, feature_values, labels (integers) and id (the line's row number)."""
+    with user_errors():
+        summary = convert_svmlight(file, out_dir, shard_rows=shard_rows, zero_based=zero_based,
+                                   task=task)
+        _say(f"{summary.rows} rows, {summary.n_features} features, {summary.n_labels} labels"
+             + (f"; {summary.rows_without_labels} rows without labels (training needs a label "
+                f"on every row: drop them, or use those files for scoring)"
+                if summary.rows_without_labels else ""))
+        _made(summary.files)
 
 
 # Options of the training commands that steer the run rather than set a hyper-parameter.

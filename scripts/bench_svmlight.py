@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from awe.svmlight import convert_svmlight  # noqa: E402
+from awe.io.svmlight import convert_svmlight  # noqa: E402
 
 
 def generate(path: Path, rows: int, features: int, labels: int, first_id: int, seed: int = 0,

@@ -226,3 +226,24 @@ def test_api_path_and_frame_inputs_agree(api_model, tmp_path):
     from_frame = api_model.predict(frame, k=2)
     assert from_path["id"].tolist() == list(range(20))
     assert [list(a) for a in from_path.labels] == [list(a) for a in from_frame.labels]
+
+
+def test_data_svmlight_converts_a_file_that_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = ["60 12 3"]
+    for i in range(60):
+        label = i % 3
+        ids = sorted({label * 4 + int(j) for j in rng.integers(0, 4, 3)})
+        lines.append(f"{label} " + " ".join(f"{j}:{rng.uniform(0.5, 1):.3f}" for j in ids))
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    result = invoke("data", "svmlight", tmp_path / "train.txt", "--out", tmp_path / "data")
+    assert result.exit_code == 0, result.output
+    assert "60 rows, 12 features, 3 labels" in result.output
+    converted = tmp_path / "data" / "train"
+    assert sorted(p.name for p in converted.iterdir()) == ["part-00000.parquet"]
+    table = pq.read_table(converted)
+    assert table.column_names == ["id", "feature_ids", "feature_values", "labels"]
+    trained = invoke("train", converted, "--model", tmp_path / "m", *FAST)
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["schema"]["kind"] == "sparse" and config["schema"]["n_features"] == 12

@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from awe import svmlight
-from awe.data import load_examples, read_task, resolve_files, scan
 from awe.errors import AweError, DataError
-from awe.svmlight import N_FEATURES_KEY, SOURCE_KEY, convert_svmlight
-from awe.train import TrainConfig, train_wsabie
+from awe.io import svmlight
+from awe.io.reader import load_examples, read_task, resolve_files, scan
+from awe.io.svmlight import N_FEATURES_KEY, SOURCE_KEY, convert_svmlight
+from awe.pipeline import train_wsabie
+from awe.training.config import TrainConfig
 
 
 def random_rows(n: int, n_features: int = 30, n_labels: int = 5, seed: int = 0,
@@ -88,7 +89,7 @@ def test_round_trip_zero_based(tmp_path, with_header):
     assert summary.n_features == (50 if with_header else max_id + 1)
     back, found, examples = read_back(summary.out_dir)
     same(rows, back)
-    assert found.schema.kind == "sparse" and found.schema.n_features == max_id + 1
+    assert found.schema.kind == "sparse" and found.schema.n_features == summary.n_features
     assert examples.ids.to_pylist() == list(range(40))
     assert read_task(summary.files) == "annotation"
     meta = pq.read_schema(summary.files[0]).metadata

@@ -38,6 +38,9 @@ from awe.errors import AweError, DataError
 
 TASKS = ("annotation", "recommendation")
 TASK_METADATA_KEY = b"awe.task"
+# the width sparse feature ids index, when the source states it (an svmlight header): test rows
+# may use ids no training row has
+N_FEATURES_METADATA_KEY = b"awe.n_features"
 DEFAULT_BATCH_ROWS = 65_536
 # Sparse feature ids index rows of U (n_features x D): an id beyond this is a hash or a raw key,
 # not an index, and would ask for an impossible U.
@@ -233,6 +236,13 @@ def file_schema(file: Path) -> pa.Schema:
     return _open_fragment(file).physical_schema
 
 
+def stated_width(files: list[Path]) -> int:
+    """The feature width the files' metadata states (0: none stated)."""
+    meta = file_schema(files[0]).metadata or {}
+    value = meta.get(N_FEATURES_METADATA_KEY)
+    return int(value) if value else 0
+
+
 def read_task(files: list[Path]) -> str | None:
     """The task recorded by ``awe data`` in the parquet metadata, if any."""
     meta = file_schema(files[0]).metadata or {}
@@ -352,7 +362,9 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
                         hint="the input is empty; point to files that hold examples")
     if kind == "dense":
         width = _common_width(widths, n_rows, columns)
-    elif width == 0:
+    else:
+        width = max(width, stated_width(files))
+    if width == 0:
         raise DataError("no feature ids in any row", file=str(path), column=columns.feature_ids,
                         hint="every example needs features; check the column")
     if not uniques:
@@ -712,6 +724,16 @@ def _label_block(batch, name, vocab: LabelVocab, file, offset, required: bool,
     rows_u, ids_u = np.divmod(key, max(len(vocab), 1))
     labels = Csr.from_lengths(np.bincount(rows_u, minlength=n), ids_u)
     return labels, unknown
+
+
+def list_array(values: np.ndarray | pa.Array, lengths: np.ndarray,
+               value_type: pa.DataType) -> pa.ListArray:
+    """A list array whose row i holds the next ``lengths[i]`` entries of ``values``."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    if not isinstance(values, pa.Array):
+        values = pa.array(values, type=value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
 
 
 def write_table(path: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> None:

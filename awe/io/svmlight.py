@@ -38,15 +38,21 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .artifacts import cannot_write
-from .data import MAX_FEATURE_ID, TASK_METADATA_KEY, TASKS
-from .datasets import SHARD_ROW_GROUP, _list_array
-from .errors import AweError, DataError
+from awe.artifacts import cannot_write
+from awe.errors import AweError, DataError
+from awe.io.datasets import SHARD_ROW_GROUP
+from awe.io.reader import (
+    MAX_FEATURE_ID,
+    N_FEATURES_METADATA_KEY,
+    TASK_METADATA_KEY,
+    TASKS,
+    list_array,
+)
 
 __all__ = ["N_FEATURES_KEY", "SOURCE_KEY", "SvmlightSummary", "convert_svmlight"]
 
 # parquet schema metadata written next to the task (awe.task)
-N_FEATURES_KEY = b"awe.n_features"  # from the header: the width the feature ids index
+N_FEATURES_KEY = N_FEATURES_METADATA_KEY  # from the header: the width the feature ids index
 SOURCE_KEY = b"awe.source"  # JSON: format, file name, header, zero_based
 LINES_PER_BLOCK = SHARD_ROW_GROUP  # one block of lines is one row group
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -396,9 +402,9 @@ def _parse_block(raw: list[bytes], first_line: int, state: _State) -> pa.Table |
     n = len(line_no)
     table = pa.table({
         "id": pa.array(np.arange(state.rows, state.rows + n, dtype=np.int64)),
-        "feature_ids": _list_array(ids, n_ids, pa.int64()),
-        "feature_values": _list_array(values, n_ids, pa.float32()),
-        "labels": _list_array(labels, n_labels, pa.int64()),
+        "feature_ids": list_array(ids, n_ids, pa.int64()),
+        "feature_values": list_array(values, n_ids, pa.float32()),
+        "labels": list_array(labels, n_labels, pa.int64()),
     })
     state.rows += n
     state.nnz += len(ids)
