@@ -28,7 +28,7 @@ from awe.reproduce import ALGORITHMS, reproduce  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
-# Published numbers the issues quote for the real datasets (not from this script).
+# Published numbers for the real datasets, as anchors (not from this script).
 ANCHORS = {
     "fashion-mnist": "Anchors (P@1): kNN 0.858, LightFM WARP 0.847, logistic regression 0.844, "
                      "SVC-rbf 0.897 (Fashion-MNIST paper's benchmark).",

@@ -56,7 +56,7 @@ class AffinityConfig:
     """Every option of stage 2; saved in config.json (with the resolved lambdas)."""
 
     # "auto": 20 (the paper's) for annotation; 100 for recommendation, where x is a user id and
-    # 20 neighbours carry too few of a user's items (docs/decisions.md)
+    # 20 neighbours carry too few of a user's items (docs/method.md)
     neighbors: int | str = "auto"
     kernel: str = "gaussian"
     lam: float | None = None  # gaussian scale; None: 1 / median squared neighbour distance
@@ -67,14 +67,14 @@ class AffinityConfig:
     label_lambda: float | None = None  # None: 1 / median squared distance between label vectors
     label_top: int = 64  # labels kept per row with the soft label kernel (G is dense otherwise)
     # "max": divide each row of G by its largest weight, so stage 3 sees every row's G on one
-    # scale (docs/decisions.md: better on all three benchmark datasets); "none": the raw sums
+    # scale (docs/method.md: better on all three benchmark datasets); "none": the raw sums
     normalize: str = "max"
     index: str = "auto"
     nprobe: int | None = None
     ef_search: int | None = None
     rerank: int | None = None  # bf16 index: candidates beyond n re-ranked; None: calibrated
     # IVF / HNSW / bf16 calibration: the recall@n (2-SE lower bound on a sample) nprobe or efSearch
-    # must reach; lower trades neighbours for speed at scale (docs/decisions.md)
+    # must reach; lower trades neighbours for speed at scale (docs/method.md)
     target_recall: float = DEFAULT_TARGET_RECALL
     batch_rows: int = 4096
     seed: int = 0
