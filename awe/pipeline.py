@@ -147,7 +147,7 @@ def train_wsabie(train_path, model_dir, config: TrainConfig = TrainConfig(), *,
 
     ``label_bias``: f = (x U) . V_y + beta_y with a learned per-label offset (LightFM's item
     bias; False gives the paper's Wsabie); "auto": on for annotation, off for recommendation
-    (docs/decisions.md). ``checkpoints``: write MODEL/checkpoint/wsabie.safetensors at the end of
+    (docs/method.md). ``checkpoints``: write MODEL/checkpoint/wsabie.safetensors at the end of
     every epoch (and every ``checkpoint_every`` batches); removed once the model is written.
     ``resume``: continue from it. ``report`` receives one-line notes (resuming, replacing a
     checkpoint).

@@ -1,18 +1,19 @@
 #!/usr/bin/env python
-"""The README's reproduced tables: `awe reproduce` on every dataset, in one process.
+"""The reproduced tables of docs/benchmarks.md: `awe reproduce` on every dataset, in one process.
 
   python scripts/bench_reproduce.py [--datasets magnatagatune,imagenet,fashion-mnist,movielens]
-                                    [--threads 2] [--out runs/reproduce] [--update-readme]
+                                    [--threads 2] [--out runs/reproduce] [--update-docs]
 
 Each dataset's report lands in OUT/DATASET (as `awe reproduce --dataset DATASET --out ...`
 writes it); OUT/tables.md gathers the four tables with the anchors' published numbers, and
-`--update-readme` puts that text into README.md between its reproduce markers, so the README's
-numbers are always this script's output.
+`--update-docs` puts that text into docs/benchmarks.md between its reproduce markers, so the
+numbers there are always this script's output.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import sys
@@ -27,7 +28,7 @@ from awe.reproduce import ALGORITHMS, reproduce  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
-# Published numbers the issues quote for the real datasets (not from this script).
+# Published numbers for the real datasets, as anchors (not from this script).
 ANCHORS = {
     "fashion-mnist": "Anchors (P@1): kNN 0.858, LightFM WARP 0.847, logistic regression 0.844, "
                      "SVC-rbf 0.897 (Fashion-MNIST paper's benchmark).",
@@ -40,6 +41,23 @@ ANCHORS = {
                 "paper's run had 10M examples and 21k classes (see scripts/bench_scale.py for "
                 "the scale runs).",
 }
+
+
+def machine() -> str:
+    """The CPU model, cores and memory, from /proc (Linux), else what platform says."""
+    model, memory = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f", {int(line.split()[1]) / 2**20:.0f} GiB"
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores{memory})"
 
 
 def section(report, threads: int) -> str:
@@ -66,13 +84,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--ml-source", type=Path, default=SHARED / "ml-100k")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite the reproduce section of docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = [f"Measured with `python scripts/bench_reproduce.py --threads {args.threads}` on "
-             f"{platform.machine()} with {args.threads} threads (the development machine: 2 "
-             f"cores, 24 GiB, no GPU; torch {torch.__version__} CPU). Best of each column in "
-             f"bold.", ""]
+             f"{machine()}, torch {torch.__version__}, {args.threads} threads. Best of each "
+             f"column in bold.", ""]
     for name in args.datasets.split(","):
         source = args.ml_source if name == "movielens" else None
         report = reproduce(name, args.out / name, source=source, threads=args.threads)
@@ -81,15 +99,15 @@ def main() -> None:
         parts.append(text)
     tables = "\n".join(parts).rstrip() + "\n"
     (args.out / "tables.md").write_text(tables)
-    if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
+    if args.update_docs:
+        doc = ROOT / "docs" / "benchmarks.md"
+        text = doc.read_text()
         if BEGIN not in text or END not in text:
-            sys.exit(f"README.md has no {BEGIN} ... {END} markers")
+            sys.exit(f"docs/benchmarks.md has no {BEGIN} ... {END} markers")
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
                       lambda _: f"{BEGIN}\n{tables}{END}", text, flags=re.S)
-        readme.write_text(text)
-        print("updated README.md")
+        doc.write_text(text)
+        print("updated docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ worker with --threads / --workers threads. The Wsabie stage's local runs alterna
 runs of the anchor, the float32 product for every label (AWE_BF16_SCREEN=0, the code before
 awe.screen), and report the ratio. Peak RSS: the child's ru_maxrss while scoring
 --rss-rows rows (Wsabie stage, the smallest L). The load average is recorded with every run:
-the development machine is shared, so times are upper bounds. So is the share of CPU time the
-hypervisor took during each run (steal, from /proc/stat): 43% of it in one run of session 10,
-nearly one of the 2 cores.
+on a shared machine times are upper bounds. So is the share of CPU time the
+hypervisor took during each run (steal, from /proc/stat): up to 43% of it in one run on a
+2-core machine, nearly one of the cores.
 """
 
 from __future__ import annotations

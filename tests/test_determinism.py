@@ -2,7 +2,7 @@
 
 Two full runs of the pipeline (train -> build-g -> retrain -> eval), each in its own process, at
 2 threads, must write the same bytes (timings aside). Which paths are not deterministic, and why,
-is in docs/decisions.md ("Determinism").
+is in docs/method.md ("Determinism").
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_two_processes_same_seed_same_bytes(tmp_path):
 
 def test_multithreaded_steps_are_repeatable(tmp_path):
     """Steps big enough to run on 2 intra-op threads (batch x dim >= STEP_PARALLEL_MIN) give the
-    same weights twice (another thread count gives other bits: docs/decisions.md)."""
+    same weights twice (another thread count gives other bits: docs/method.md)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1024, 64)).astype(np.float32)
     labels = [[f"c{i}"] for i in rng.integers(0, 50, size=1024)]

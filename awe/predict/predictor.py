@@ -162,7 +162,7 @@ class Predictor:
                 raise AweError(f"the {row} row searches the training rows: pass --train TRAIN")
             # exact search, whatever the size: the paper's kNN rows are exact kNN, and the
             # queries are the evaluated rows only (an IVF build over 300k x 474 inputs cost
-            # more than exact search of 10k test rows; docs/decisions.md)
+            # more than exact search of 10k test rows; docs/method.md)
             config = replace(self.affinity.config, space=space, label_kernel="exact",
                              lam=None, index="flat", nprobe=None, ef_search=None)
             embed_u = None

@@ -1,7 +1,7 @@
 """The top k of f(x, y) = e . V_y + beta_y over every label from bfloat16 products, exactly.
 
 Scoring every label in float32 and selecting the top k cost ~10 µs a row at L = 1000 on
-one core (session 10's machine). Here the [B, L] product is taken from bfloat16 copies of e
+one core (Intel, AMX, 2 cores). Here the [B, L] product is taken from bfloat16 copies of e
 and [V | beta] (native bfloat16 products on CPUs with AMX or AVX512-BF16: 1.0-1.5 µs a row),
 its error bounded a row, and only the labels that the bound cannot rule out (~13 of 1000)
 are scored in float32: ~6 µs a row in all. The result is the float32 top k itself, ties by
@@ -22,8 +22,8 @@ or with more than a quarter of its labels at or above the cut, is left to the ca
 candidate slots hold -1, and :func:`awe.evaluate.ranked_top_k` scores it densely.
 
 The Wsabie stage ranks through :func:`screened_scores`, and the AWE stage's rows with fewer
-than k G labels through :func:`screened_after_candidates`. docs/decisions.md (session 10)
-has the measurements.
+than k G labels through :func:`screened_after_candidates`. docs/method.md (section 5)
+and docs/benchmarks.md have the measurements.
 """
 
 from __future__ import annotations

@@ -128,13 +128,13 @@ STAGE3_DEFAULTS = TrainConfig(lr=0.01)
 # beta_y's starting value: f = G * (s + beta) starts near the kNN ranking refined by s
 LABEL_BIAS_DEFAULT = 3.0
 # --max-norm auto in stage 3 for recommendation: the G-weighted scores need longer rows than
-# stage 1's 1.5 (ML100K P@10 0.2278 at 3.0 vs 0.2255 at 1.5; docs/decisions.md)
+# stage 1's 1.5 (ML100K P@10 0.2278 at 3.0 vs 0.2255 at 1.5; docs/method.md)
 STAGE3_RECOMMENDATION_MAX_NORM = 3.0
 
 
 # --rounds auto: further rounds while the best validation P@k improves, at most this many rounds
 # (Fashion-MNIST: round 2 raised validation P@1 by 0.004 in every run, round 3 by +0.002 or
-# -0.001, at ~20 s a round against the issue's 2-minute pipeline; docs/decisions.md)
+# -0.001, at ~20 s a round against a whole pipeline of under 2 minutes; docs/method.md)
 AUTO_MAX_ROUNDS = 2
 
 

@@ -352,7 +352,7 @@ def scores_for_rows(model: Wsabie, examples: Examples, rows: np.ndarray,
         return model.all_scores(e, rows) if candidates is None else candidates
 
 
-# WARP's draws per positive come in blocks of 8, then x growth (see docs/decisions.md)
+# WARP's draws per positive come in blocks of 8, then x growth (see docs/method.md)
 WARP_FIRST_BLOCK, WARP_GROWTH = 8, 2
 # Score each batch row against every label up front when labels <= this x the draw budget.
 FULL_TABLE_LABELS_PER_DRAW = 1
@@ -538,7 +538,7 @@ class _ReducedGradients:
     Its views: the gradient of U (as ``U.weight`` stores it) and of V, of beta (if the model has
     one), which rows of U (sparse inputs) and of V some rank touched (the max-norm projection's
     rows), and the step's loss, violators and pairs. Dense, so its size is the model's, whatever
-    a step touches (docs/decisions.md has the cost).
+    a step touches (docs/method.md has the cost).
     """
 
     def __init__(self, model: Wsabie):
@@ -556,7 +556,7 @@ class _ReducedGradients:
 
 
 # Below this many elements in a step's [batch, dim] tensors, fit runs on one intra-op thread
-# (see docs/decisions.md)
+# (see docs/method.md)
 STEP_PARALLEL_MIN = 1 << 20
 
 

@@ -177,7 +177,7 @@ def sample_violators_from_table(positive_scores: torch.Tensor, table: torch.Tens
     (n - v) / (L - v), else one of the row's own labels, so the accepted draws up to it are
     N = 1 + Binomial(T - 1, (n - v) / (L - v)). Three random vectors a batch stand for up to
     ``budget`` label draws a pair (Fashion-MNIST, 1 thread: 5.2 -> 1.0 ms a step;
-    docs/decisions.md).
+    docs/method.md).
 
     Returns (found [P] bool, negative label [P] (-1 where none), N [P], 0 where none).
     """
