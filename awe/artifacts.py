@@ -156,10 +156,55 @@ def staged(directory: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+# Every fingerprint and digest in awe: SHA-256, the first 16 hex digits.
+DIGEST_CHARS = 16
+_FILE_CHUNK = 1 << 20
+
+
+class Digest:
+    """A SHA-256 fed piece by piece; :meth:`hex` is awe's short form (16 hex digits)."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def bytes(self, *chunks: bytes) -> Digest:
+        for chunk in chunks:
+            self._h.update(chunk)
+        return self
+
+    def text(self, *texts: str) -> Digest:
+        return self.bytes(*(t.encode() for t in texts))
+
+    def json(self, obj) -> Digest:
+        """The object as JSON with sorted keys (what is not JSON: its ``str``)."""
+        return self.text(json.dumps(obj, sort_keys=True, default=str))
+
+    def arrays(self, *arrays: np.ndarray) -> Digest:
+        """Each array's dtype, shape and bytes."""
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            self.bytes(str((a.dtype.str, a.shape)).encode(), a.tobytes())
+        return self
+
+    def file(self, path: str | os.PathLike) -> Digest:
+        """The bytes of a file; a missing one is a clear error."""
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_FILE_CHUNK):
+                    self._h.update(chunk)
+        except FileNotFoundError as exc:
+            raise AweError(f"{path}: missing file; train the model again") from exc
+        return self
+
+    def hex(self) -> str:
+        return self._h.hexdigest()[:DIGEST_CHARS]
+
+
 def tensor_digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+    """The digest of arrays (dtype, shape and bytes of each)."""
+    return Digest().arrays(*arrays).hex()
+
+
+def json_digest(obj) -> str:
+    """The digest of a JSON-able object (sorted keys): the fingerprint of a config section."""
+    return Digest().json(obj).hex()

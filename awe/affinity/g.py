@@ -13,7 +13,6 @@ Everything is vectorised over a batch of query rows; no loop over examples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -179,8 +178,8 @@ class Affinity:
             del config["target_recall"]  # G built before the option keeps its fingerprint
         if config["rerank"] is None:
             del config["rerank"]  # likewise
-        text = json.dumps(config, sort_keys=True) + str(self.index.n_rows)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return artifacts.Digest().text(json.dumps(config, sort_keys=True),
+                                       str(self.index.n_rows)).hex()
 
     def save(self, model_dir: Path, g_train: Csr) -> dict:
         """Write the index, the label store and G of the training rows; return the config
@@ -261,9 +260,9 @@ def _check_dtypes(path: Path, tensors: dict) -> None:
 
 def labels_digest(labels: Csr) -> str:
     """A short hash of a label store: tells whether stage 3 trains on the rows G was built on."""
-    h = hashlib.sha256(np.ascontiguousarray(labels.indptr, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(labels.indices, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
+    return artifacts.Digest().bytes(
+        np.ascontiguousarray(labels.indptr, dtype=np.int64).tobytes(),
+        np.ascontiguousarray(labels.indices, dtype=np.int64).tobytes()).hex()
 
 
 def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +38,7 @@ def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab
         "versions": artifacts.library_versions(),
         **(extra or {}),
     }
-    fingerprint = config_fingerprint(config["stage1"])
+    fingerprint = artifacts.json_digest(config["stage1"])
     config["stage1"]["fingerprint"] = fingerprint
     with artifacts.staged(model_dir) as stage:
         artifacts.write_json(stage / artifacts.LABELS, vocab.labels)
@@ -49,11 +47,6 @@ def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab
         artifacts.write_json(stage / artifacts.CONFIG, config)
     return [model_dir / artifacts.LABELS, model_dir / artifacts.WSABIE_WEIGHTS,
             model_dir / artifacts.CONFIG]
-
-
-def config_fingerprint(stage_config: dict) -> str:
-    text = json.dumps(stage_config, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_wsabie(model_dir: str | Path) -> SavedModel:
@@ -100,7 +93,7 @@ def save_awe(model_dir: str | Path, model: AffinityWsabie, train_config: dict, e
     section = {"model": asdict(model.shape), "bias": model.bias,
                "label_bias": model.label_bias is not None, "train": train_config,
                "stage2_fingerprint": config["stage2"]["fingerprint"], **extra}
-    section["fingerprint"] = config_fingerprint(section)
+    section["fingerprint"] = artifacts.json_digest(section)
     if config.pop("stage3", None) is not None:
         # the old stage 3 leaves config.json before its weights are replaced: a kill in between
         # leaves a model without stage 3, never a config.json naming weights it does not match

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hashlib
 import json
 import os
 import tempfile
@@ -72,7 +71,6 @@ REJECTS_SUFFIX = ".rejects.parquet"
 STAGES = ("wsabie", "awe")
 DEFAULT_BATCH_ROWS = 4096
 REJECT_COLUMNS = ("file", "row", "column", "reason")
-_FINGERPRINT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -157,17 +155,10 @@ def model_fingerprint(model_dir, stage: str) -> str:
     if stage == "awe":
         sections += ["stage2", "stage3"]
         files += [INDEX_FILE, AFFINITY_FILE, artifacts.AWE_WEIGHTS]
-    h = hashlib.sha256(json.dumps({s: config.get(s) for s in sections}, sort_keys=True,
-                                  default=str).encode())
-    h.update(stage.encode())
+    digest = artifacts.Digest().json({s: config.get(s) for s in sections}).text(stage)
     for name in files:
-        try:
-            with open(model_dir / name, "rb") as fh:
-                while chunk := fh.read(_FINGERPRINT_CHUNK):
-                    h.update(chunk)
-        except FileNotFoundError as exc:
-            raise AweError(f"{model_dir / name}: missing file; train the model again") from exc
-    return h.hexdigest()[:16]
+        digest.file(model_dir / name)
+    return digest.hex()
 
 
 def load_predictor(model_dir, stage: str | None):

@@ -80,18 +80,20 @@ class Predictor:
             return self.wsabie.all_scores(self.wsabie.embed(batch_inputs(examples, rows,
                                                                          self.device)))
         if kind == "knn-input":
-            return self._dense(self.input_affinity().rows_affinity(examples, rows), len(rows))
+            g = self.input_affinity().rows_affinity(examples, rows)
+            return g.to_dense(self.n_labels, self.device)
         if kind == "knn-wsabie" and self.wsabie_affinity() is not self.affinity:
-            return self._dense(self.wsabie_affinity().rows_affinity(examples, rows), len(rows))
+            g = self.wsabie_affinity().rows_affinity(examples, rows)
+            return g.to_dense(self.n_labels, self.device)
         if kind == "knn-wsabie":
-            return self._dense(self.affinity_rows(examples, rows), len(rows))
+            return self.affinity_rows(examples, rows).to_dense(self.n_labels, self.device)
         if kind == "awe":
             return self._awe_scores(self.affinity_rows(examples, rows),
                                     self.awe.embed(batch_inputs(examples, rows, self.device)))
         raise AweError(f"unknown row {kind!r}: choose from {', '.join(ROWS)}")
 
     def _awe_scores(self, g: Csr, e: torch.Tensor) -> torch.Tensor:
-        return awe_ranking_scores(self._dense(g, g.n_rows) + self.awe.bias,
+        return awe_ranking_scores(g.to_dense(self.n_labels, self.device) + self.awe.bias,
                                   self.awe.all_scores_plain(e))
 
     @torch.no_grad()
@@ -179,12 +181,6 @@ class Predictor:
                     raise AweError(f"the {row} row searches the training rows: {exc}; pass "
                                    f"--train TRAIN") from exc
         return self._baselines[space]
-
-    def _dense(self, g: Csr, n_rows: int) -> torch.Tensor:
-        out = torch.zeros(n_rows, self.n_labels)
-        out[torch.from_numpy(g.row_of_entry()), torch.from_numpy(g.indices)] = torch.from_numpy(
-            g.values.astype(np.float32))
-        return out.to(self.device)
 
     # -- top k
     @torch.no_grad()
