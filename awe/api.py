@@ -25,7 +25,7 @@ from awe.dask_cluster import ClusterOptions
 from awe.errors import AweError
 from awe.io.reader import load_examples
 from awe.pipeline import retrain_awe, train_wsabie
-from awe.predict.batch import DEFAULT_BATCH_ROWS, ScoreOptions, score_files, score_table
+from awe.predict.batch import SCORE_BATCH_ROWS, ScoreOptions, score_files, score_table
 from awe.predict.evaluation import evaluate_model
 from awe.predict.predictor import Predictor
 from awe.training.config import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS, TrainConfig, with_overrides
@@ -115,7 +115,7 @@ class AWE:
 
         options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,
                                exclude_col=exclude_col,
-                               batch_rows=batch_rows or DEFAULT_BATCH_ROWS)
+                               batch_rows=batch_rows or SCORE_BATCH_ROWS)
         if not isinstance(rows, (str, Path, pa.Table)):
             rows = pa.Table.from_pandas(rows, preserve_index=False)
         return score_table(self._require_dir(), rows, options,
@@ -132,7 +132,7 @@ class AWE:
 
         options = ScoreOptions(k=k, stage=stage, id_cols=tuple(id_cols) if id_cols else None,
                                exclude_col=exclude_col, skip_invalid=skip_invalid,
-                               overwrite=overwrite, batch_rows=batch_rows or DEFAULT_BATCH_ROWS,
+                               overwrite=overwrite, batch_rows=batch_rows or SCORE_BATCH_ROWS,
                                threads=threads)
         return score_files(input_path, self._require_dir(), out, options,
                            cluster=ClusterOptions.from_options(scheduler, workers))

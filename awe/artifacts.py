@@ -33,28 +33,47 @@ def cannot_write(path: Path, exc: OSError) -> AweError:
     return AweError(f"cannot write {path}: {reason} ({fix})")
 
 
+class AtomicFile:
+    """A temporary file next to ``path`` (``.<name>.<random>.tmp``): :meth:`commit` flushes it
+    to disk and renames it over ``path``; :meth:`discard` removes it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                       dir=self.path.parent)
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from exc
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        try:
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise cannot_write(self.path, exc) from exc
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``."""
-    path = Path(path)
+    file = AtomicFile(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise cannot_write(path, exc) from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        yield file.tmp
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
+        file.discard()
         if isinstance(exc, OSError):
-            raise cannot_write(path, exc) from exc
+            raise cannot_write(file.path, exc) from exc
         raise
+    file.commit()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

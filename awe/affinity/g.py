@@ -287,7 +287,7 @@ def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | 
     return np.ascontiguousarray(e.numpy(), dtype=np.float32)
 
 
-def _check_build(schema, n_rows: int, config: AffinityConfig, embed_u, label_vectors):
+def check_build(schema, n_rows: int, config: AffinityConfig, embed_u, label_vectors):
     if config.space == "input":
         if schema.kind == "sparse" and schema.n_features > MAX_DENSE_INPUT_WIDTH:
             raise AweError(f"--space input: the sparse input has {schema.n_features} "
@@ -313,7 +313,7 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
     config = config.resolved(train.task)
     if config.space == "input":
         embed_u = None
-    _check_build(train.schema, len(train), config, embed_u, label_vectors)
+    check_build(train.schema, len(train), config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors = np.concatenate([
         query_vectors(train, np.arange(s, min(s + config.batch_rows, len(train))), embed_u)

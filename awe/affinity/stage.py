@@ -15,19 +15,19 @@ from awe.affinity.g import (
     INDEX_FILE,
     Affinity,
     AffinityConfig,
-    _check_build,
     affinity_from_vectors,
+    check_build,
     query_vectors,
 )
 from awe.csr import Csr
-from awe.errors import AweError, DataError
+from awe.errors import AweError
 from awe.io.reader import (
-    _input_kind,
-    _wanted,
+    check_input_kind,
     concat_examples,
     iter_batches,
     resolve_files,
     training_block,
+    wanted_columns,
 )
 from awe.io.stream import list_shards
 from awe.models.saved import load_wsabie
@@ -52,11 +52,7 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
 
 
     files = resolve_files(path)
-    kind_here = _input_kind(files[0], schema.columns)
-    if kind_here != schema.kind:
-        raise DataError(f"the model was trained on {schema.kind} features but this file has "
-                        f"{kind_here} ones", file=str(files[0]),
-                        hint="use a model trained on the same kind of features")
+    check_input_kind(files, schema)
     n_rows = sum(s.n_rows for s in list_shards(files))
     width = schema.n_features if embed_u is None else embed_u.shape[1]
     mapped = None
@@ -87,7 +83,7 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
             pending = [block]
 
     try:
-        for file, offset, batch in iter_batches(files, _wanted(schema.columns, schema.kind),
+        for file, offset, batch in iter_batches(files, wanted_columns(schema.columns, schema.kind),
                                                 batch_rows):
             pending.append(training_block(batch, schema, vocab, file, offset, None))
             if sum(len(b) for b in pending) >= batch_rows:
@@ -162,7 +158,7 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
         embed_u = None
 
     n_rows = sum(s.n_rows for s in list_shards(resolve_files(train_path)))
-    _check_build(schema, n_rows, config, embed_u, label_vectors)
+    check_build(schema, n_rows, config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir)

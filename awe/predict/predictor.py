@@ -23,7 +23,7 @@ from awe.models.affinity_wsabie import awe_ranking_scores
 from awe.models.saved import load_awe, load_wsabie
 from awe.models.wsabie import batch_inputs
 from awe.ranking import screen
-from awe.ranking.topk import ranked_top_k
+from awe.ranking.topk import ranked_batches
 
 ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
 
@@ -196,11 +196,10 @@ class Predictor:
         if k < 1:
             raise AweError("--top-k must be >= 1")
         id_parts, score_parts, lengths = [], [], []
-        for start in range(0, len(examples), batch_rows):
-            rows = np.arange(start, min(start + batch_rows, len(examples)))
-            scores = self.ranking_scores(examples, rows, kind, k)
-            exclude = None if examples.exclude is None else examples.exclude.take(rows)
-            ids, values = (t.cpu().numpy() for t in ranked_top_k(scores, k, exclude))
+        for _, ids, values in ranked_batches(
+                lambda ex, rows: self.ranking_scores(ex, rows, kind, k), examples, k,
+                batch_rows):
+            ids, values = ids.cpu().numpy(), values.cpu().numpy()
             found = ids >= 0
             id_parts.append(ids[found])
             score_parts.append(values[found].astype(np.float32))
