@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from awe.affinity.g import (
     check_build,
     query_vectors,
 )
+from awe.card import read_card, write_card
 from awe.csr import Csr
 from awe.errors import AweError
 from awe.io.reader import (
@@ -127,7 +129,7 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
     if embed_u is None:
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
-    config = config.resolved(saved.config["stage1"]["train"].get("task"))
+    config = config.resolved(saved.card.stage1.train.task)
     if cluster is None:
         affinity, g_train, stats = build_affinity_streamed(
             train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
@@ -184,18 +186,15 @@ def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
     valid meanwhile), config.json then loses its stage2 (and stage3) section, the files are
     renamed in, and config.json gets the new section last.
     """
-    config = artifacts.read_json(model_dir / artifacts.CONFIG)
-    stale = config.pop("stage3", None) is not None
+    card = read_card(model_dir)
+    stale = card.stage3 is not None
     with artifacts.staged(model_dir) as stage:
-        section = affinity.save(stage, g_train)
-        section.update({"train_path": train_path, "source": source})
-        if stale or "stage2" in config:
-            artifacts.write_json(model_dir / artifacts.CONFIG,
-                                 {k: v for k, v in config.items() if k != "stage2"})
+        section = replace(affinity.save(stage, g_train), train_path=train_path, source=source)
+        if stale or card.stage2 is not None:
+            write_card(model_dir, card.stage1_only())
         if stale:
             (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
-        config["stage2"] = section
-        artifacts.write_json(stage / artifacts.CONFIG, config)  # renamed in last
+        write_card(stage, replace(card.stage1_only(), stage2=section))  # renamed in last
     metrics_path = model_dir / artifacts.METRICS
     metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     metrics["g"] = stats

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from awe import artifacts, dask_cluster
 from awe.affinity.g import AFFINITY_FILE, INDEX_FILE
+from awe.card import read_card
 from awe.csr import Csr
 from awe.dask_cluster import worker_cached
 from awe.errors import AweError, DataError
@@ -147,7 +148,7 @@ def model_fingerprint(model_dir, stage: str) -> str:
     Retraining or rebuilding G changes it; copying the model directory does not."""
 
     model_dir = Path(model_dir)
-    config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    config = read_card(model_dir).to_dict()
     sections = ["schema", "n_labels", "label_kind", "stage1"]
     files = [artifacts.LABELS, artifacts.WSABIE_WEIGHTS]
     if stage == "awe":

@@ -35,15 +35,15 @@ class Predictor:
 
         self.model_dir = Path(model_dir)
         saved = load_wsabie(self.model_dir)
-        self.schema, self.vocab, self.config = saved.schema, saved.vocab, saved.config
+        self.schema, self.vocab, self.card = saved.schema, saved.vocab, saved.card
         self.wsabie = saved.model.to(device)
         self.device = device
-        stage2 = self.config.get("stage2")
+        stage2 = self.card.stage2
         self.affinity = None if stage2 is None else Affinity.load(self.model_dir, stage2)
         self.awe = None
-        if "stage3" in self.config:
-            self.awe = load_awe(self.model_dir, self.config).to(device)
-        self.train_path = train_path or (stage2 or {}).get("train_path")
+        if self.card.stage3 is not None:
+            self.awe = load_awe(self.model_dir, self.card).to(device)
+        self.train_path = train_path or (stage2.train_path if stage2 is not None else None)
         self._baselines: dict = {}  # knn rows built on demand: space -> Affinity
         self._g_cache: tuple | None = None
         self._screens: dict = {}  # stage -> the bfloat16 copy of its labels (awe.screen)
