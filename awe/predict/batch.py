@@ -59,7 +59,7 @@ def score_task(model_dir: str, fingerprint: str, options, file: str, number: int
     """Score one row group on a worker (the model loaded once per worker process)."""
 
     def load():
-        predictor, stage = load_predictor(model_dir, options.stage)
+        predictor, stage = load_predictor(model_dir, options.stage, options.screen)
         return RowGroupScorer(predictor, stage, options)
 
     scorer = worker_cached("score", (model_dir, fingerprint, options), load)
@@ -82,6 +82,9 @@ class ScoreOptions:
     exclude_col: str | None = None  # None: the model's exclude column, when the file has it
     batch_rows: int = SCORE_BATCH_ROWS
     skip_invalid: bool = False
+    # rank through bfloat16 products (awe.ranking.screen; the same labels, scores to float32
+    # rounding); None: where the CPU has them natively. Recorded as decided.
+    screen: bool | None = None
     overwrite: bool = False  # not recorded: how to run, not what is written
     threads: int | None = None  # not recorded: the bytes do not depend on it
 
@@ -160,10 +163,10 @@ def model_fingerprint(model_dir, stage: str) -> str:
     return digest.hex()
 
 
-def load_predictor(model_dir, stage: str | None):
+def load_predictor(model_dir, stage: str | None, screen: bool | None = None):
     """The model directory's :class:`Predictor` and the stage it scores with."""
 
-    predictor = Predictor(model_dir)
+    predictor = Predictor(model_dir, screen=screen)
     stage = stage or predictor.newest()
     predictor.check_rows([stage])
     return predictor, stage
@@ -522,8 +525,8 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
     output is the same bytes.
     """
 
-    predictor, stage = load_predictor(model_dir, options.stage)
-    options = replace(options, stage=stage)
+    predictor, stage = load_predictor(model_dir, options.stage, options.screen)
+    options = replace(options, stage=stage, screen=predictor.screen)
     fingerprint = model_fingerprint(model_dir, stage)
     jobs = plan_jobs(input_path, out)
     check_input_kind([jobs[0].source], predictor.schema)
@@ -635,11 +638,12 @@ def score_table(model_dir, data, options: ScoreOptions = ScoreOptions(), predict
     """Scores of in-memory rows (a pyarrow Table) or of parquet files (path, directory, glob),
     as one pyarrow Table in input order (the rows of all files, for a path)."""
     if predictor is None:
-        predictor, stage = load_predictor(model_dir, options.stage)
+        predictor, stage = load_predictor(model_dir, options.stage, options.screen)
     else:
         stage = options.stage or predictor.newest()
         predictor.check_rows([stage])
-    scorer = RowGroupScorer(predictor, stage, replace(options, stage=stage))
+    scorer = RowGroupScorer(predictor, stage,
+                            replace(options, stage=stage, screen=predictor.screen))
     if isinstance(data, pa.Table):
         where = Path("<rows>")
         _, ids, exclude = scorer.columns_of(data.schema.names)

@@ -22,7 +22,7 @@ from awe.io.reader import Examples
 from awe.models.affinity_wsabie import awe_ranking_scores
 from awe.models.saved import load_awe, load_wsabie
 from awe.models.wsabie import batch_inputs
-from awe.ranking import screen
+from awe.ranking import screen as screen_lib
 from awe.ranking.topk import ranked_batches
 
 ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
@@ -31,13 +31,18 @@ ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
 class Predictor:
     """A loaded model directory that scores batches of rows; baselines are built on demand."""
 
-    def __init__(self, model_dir, train_path=None, device: str = "cpu"):
+    def __init__(self, model_dir, train_path=None, device: str = "cpu",
+                 screen: bool | None = None):
+        """``screen``: rank the Wsabie stage (and AWE rows short of G labels) through bfloat16
+        products on CPU (:mod:`awe.ranking.screen`); None: where the CPU has them natively.
+        The same labels either way; :attr:`screen` is what was decided."""
 
         self.model_dir = Path(model_dir)
         saved = load_wsabie(self.model_dir)
         self.schema, self.vocab, self.card = saved.schema, saved.vocab, saved.card
         self.wsabie = saved.model.to(device)
         self.device = device
+        self.screen = device == "cpu" and screen_lib.use_screen(screen)
         stage2 = self.card.stage2
         self.affinity = None if stage2 is None else Affinity.load(self.model_dir, stage2)
         self.awe = None
@@ -104,10 +109,10 @@ class Predictor:
         for ``awe`` with b = 0 G's labels, for ``wsabie`` with ``k`` (on CPUs with bfloat16
         products) the labels that can be in the top k (:mod:`awe.screen`; valid for any top k'
         <= k, with ``examples``' exclusions)."""
-        if kind == "wsabie" and k is not None and self.device == "cpu" and screen.enabled():
+        if kind == "wsabie" and k is not None and self.screen:
             e = self.wsabie.embed(batch_inputs(examples, rows, self.device))
             exclude = None if examples.exclude is None else examples.exclude.take(rows)
-            found = screen.screened_scores(e, self._screen_table(), k, exclude,
+            found = screen_lib.screened_scores(e, self._screen_table(), k, exclude,
                                            lambda short: self.wsabie.all_scores(e[short]))
             return self.wsabie.all_scores(e) if found is None else found
         if kind != "awe":
@@ -117,21 +122,21 @@ class Predictor:
         candidates = self.awe.candidate_scores(e, torch.from_numpy(np.asarray(rows)), g)
         if candidates is None:
             return self._awe_scores(g, e)
-        if k is not None and self.device == "cpu" and screen.enabled():
+        if k is not None and self.screen:
             # rows with fewer than k G labels: the others by stage 3's plain score, screened
             # (the table is built on the first short row: ~50 ms at L = 21,000)
-            candidates.rest = lambda at, exclude, k_rest: screen.screened_after_candidates(
+            candidates.rest = lambda at, exclude, k_rest: screen_lib.screened_after_candidates(
                 e.index_select(0, at), self._screen_table("awe"),
                 candidates.ids.index_select(0, at),
                 candidates.values.index_select(0, at), exclude, k_rest,
                 lambda where: candidates.dense(at.index_select(0, where)))
         return candidates
 
-    def _screen_table(self, stage: str = "wsabie") -> screen.ScreenTable:
+    def _screen_table(self, stage: str = "wsabie") -> screen_lib.ScreenTable:
         """The bfloat16 copy of a stage's labels [V | beta] (:mod:`awe.screen`), once."""
         if stage not in self._screens:
             model = self.wsabie if stage == "wsabie" else self.awe
-            self._screens[stage] = screen.ScreenTable(model.V.weight, model.label_bias)
+            self._screens[stage] = screen_lib.ScreenTable(model.V.weight, model.label_bias)
         return self._screens[stage]
 
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
