@@ -39,7 +39,7 @@ from awe.models.saved import load_awe, load_wsabie
 from awe.models.wsabie import batch_inputs
 from awe.options import config_fields, field_help
 from awe.pipeline import fit_pipeline, stage3_config
-from awe.predict.batch import DEFAULT_BATCH_ROWS, ScoreOptions, score_files, score_table
+from awe.predict.batch import SCORE_BATCH_ROWS, ScoreOptions, score_files, score_table
 from awe.predict.evaluation import evaluate_model
 from awe.predict.predictor import Predictor
 from awe.training.config import INITS, LABEL_BIAS_DEFAULT, TrainConfig
@@ -159,7 +159,7 @@ class AWE:
 
     def predict(self, X, k: int = 10, stage: str | None = None,
                 id_cols: list[str] | None = None, exclude_col: str | None = None,
-                batch_rows: int = DEFAULT_BATCH_ROWS) -> pd.DataFrame:
+                batch_rows: int = SCORE_BATCH_ROWS) -> pd.DataFrame:
         """Top-k labels of in-memory or on-disk rows, as a pandas DataFrame in input order: the
         id column(s) (default: ``id`` when present), ``labels``, ``scores`` (best first).
         ``exclude_col`` lists labels never ranked for the row; ``stage``: wsabie | awe (default:
@@ -211,7 +211,7 @@ class AWE:
     def score_files(self, input_path, out, *, k: int = 10, stage: str | None = None,
                     id_cols: list[str] | None = None, exclude_col: str | None = None,
                     skip_invalid: bool = False, overwrite: bool = False,
-                    batch_rows: int = DEFAULT_BATCH_ROWS, threads: int | None = None,
+                    batch_rows: int = SCORE_BATCH_ROWS, threads: int | None = None,
                     scheduler: str | None = None, workers: int | None = None):
         """``awe score``: stream ``input_path`` (file, directory, glob) into scored parquet under
         ``out`` (resumable; on Dask with ``scheduler`` or ``workers``); returns what was

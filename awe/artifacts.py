@@ -40,36 +40,49 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def temporary_next_to(path: Path) -> Path:
-    """A new, empty temporary file in ``path``'s directory, with the umask's mode (mkstemp's own
-    0600 would outlive the rename)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, file_mode())
-    except OSError as exc:
-        raise cannot_write(path, exc) from exc
-    os.close(fd)
-    return Path(tmp)
+class AtomicFile:
+    """A temporary file next to ``path`` (``.<name>.<random>.tmp``): :meth:`commit` flushes it
+    to disk, gives it the umask's mode (mkstemp's 0600, or that of a writer that recreates the
+    file, would outlive the rename) and renames it over ``path``; :meth:`discard` removes it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                       dir=self.path.parent)
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from exc
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        try:
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(self.tmp, file_mode())
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise cannot_write(self.path, exc) from exc
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``."""
-    path = Path(path)
-    tmp_path = temporary_next_to(path)
+    file = AtomicFile(path)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, file_mode())  # writers that recreate the file (safetensors) too
-        os.replace(tmp_path, path)
+        yield file.tmp
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
+        file.discard()
         if isinstance(exc, OSError):
-            raise cannot_write(path, exc) from exc
+            raise cannot_write(file.path, exc) from exc
         raise
+    file.commit()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -171,10 +184,55 @@ def staged(directory: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+# Every fingerprint and digest in awe: SHA-256, the first 16 hex digits.
+DIGEST_CHARS = 16
+_FILE_CHUNK = 1 << 20
+
+
+class Digest:
+    """A SHA-256 fed piece by piece; :meth:`hex` is awe's short form (16 hex digits)."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def bytes(self, *chunks: bytes) -> Digest:
+        for chunk in chunks:
+            self._h.update(chunk)
+        return self
+
+    def text(self, *texts: str) -> Digest:
+        return self.bytes(*(t.encode() for t in texts))
+
+    def json(self, obj) -> Digest:
+        """The object as JSON with sorted keys (what is not JSON: its ``str``)."""
+        return self.text(json.dumps(obj, sort_keys=True, default=str))
+
+    def arrays(self, *arrays: np.ndarray) -> Digest:
+        """Each array's dtype, shape and bytes."""
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            self.bytes(str((a.dtype.str, a.shape)).encode(), a.tobytes())
+        return self
+
+    def file(self, path: str | os.PathLike) -> Digest:
+        """The bytes of a file; a missing one is a clear error."""
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_FILE_CHUNK):
+                    self._h.update(chunk)
+        except FileNotFoundError as exc:
+            raise AweError(f"{path}: missing file; train the model again") from exc
+        return self
+
+    def hex(self) -> str:
+        return self._h.hexdigest()[:DIGEST_CHARS]
+
+
 def tensor_digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+    """The digest of arrays (dtype, shape and bytes of each)."""
+    return Digest().arrays(*arrays).hex()
+
+
+def json_digest(obj) -> str:
+    """The digest of a JSON-able object (sorted keys): the fingerprint of a config section."""
+    return Digest().json(obj).hex()

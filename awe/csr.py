@@ -89,6 +89,15 @@ class Csr:
         """row * n_cols + id for every entry: sorted when ids are sorted within rows."""
         return self.row_of_entry() * n_cols + self.indices
 
+    def to_dense(self, n_cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The rows as a float32 tensor [n_rows, n_cols]: the entries' values (1 without
+        values), 0 elsewhere."""
+        out = torch.zeros(self.n_rows, n_cols)
+        values = (torch.ones(len(self.indices)) if self.values is None
+                  else torch.from_numpy(self.values.astype(np.float32)))
+        out[torch.from_numpy(self.row_of_entry()), torch.from_numpy(self.indices)] = values
+        return out.to(device)
+
     def sorted_within_rows(self) -> Csr:
         order = np.lexsort((self.indices, self.row_of_entry()))
         values = None if self.values is None else self.values[order]

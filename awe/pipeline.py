@@ -24,6 +24,7 @@ from awe.affinity.g import (
 )
 from awe.affinity.stage import build_affinity_streamed, build_g, write_stage2
 from awe.artifacts import tensor_digest
+from awe.card import read_card, write_card
 from awe.errors import AweError
 from awe.io.reader import Columns, Examples, load_examples, scan
 from awe.io.stream import ShuffleStream
@@ -194,7 +195,7 @@ def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: Worl
         train, config, valid, progress, ck)
     if not world.is_main:  # the model is rank 0's to write (the weights are the same)
         return result, []
-    written = save_wsabie(model_dir, model, found.schema, found.vocab, config.to_dict())
+    written = save_wsabie(model_dir, model, found.schema, found.vocab, config)
     history_path = Path(model_dir) / artifacts.HISTORY
     artifacts.write_csv(history_path, result.history)
     metrics_path = Path(model_dir) / artifacts.METRICS
@@ -239,9 +240,7 @@ def _restore_round_files(model_dir: Path, round_no: int) -> None:
     config = model_dir / artifacts.CONFIG
     # without stage2/stage3 sections while the files are swapped: a kill in between leaves a
     # stage-1 model, never a config.json naming a G or weights it does not match
-    section = artifacts.read_json(config)
-    artifacts.write_json(config, {k: v for k, v in section.items()
-                                  if k not in ("stage2", "stage3")})
+    write_card(model_dir, read_card(model_dir).stage1_only())
     for name in _ROUND_FILES:
         if name != artifacts.CONFIG and (kept / name).exists():
             os.replace(kept / name, model_dir / name)
@@ -293,16 +292,16 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     max_rounds, auto_rounds = parse_rounds(rounds)
     model_dir = Path(model_dir)
     saved = load_wsabie(model_dir)
-    if "stage2" not in saved.config:
+    if saved.card.stage2 is None:
         raise AweError(f"{model_dir}: no affinity weights G; run `awe build-g` first")
-    task = saved.config["stage1"]["train"].get("task")
+    task = saved.card.stage1.train.task
     if config.max_norm == "auto" and task == "recommendation":
         config = replace(config, max_norm=STAGE3_RECOMMENDATION_MAX_NORM)
     config = config.resolved(task, resolve_device(config.device))
     if config.threads:
         torch.set_num_threads(config.threads)
-    affinity, g_train = Affinity.load(model_dir, saved.config["stage2"], with_train_g=True)
-    g_fingerprint = saved.config["stage2"].get("fingerprint")
+    affinity, g_train = Affinity.load(model_dir, saved.card.stage2, with_train_g=True)
+    g_fingerprint = saved.card.stage2.fingerprint
     train = _training_rows(train_path, saved.schema, saved.vocab, config)
     streaming = isinstance(train, ShuffleStream)
     _check_same_rows(len(train), train.labels() if streaming else train.labels, affinity,
@@ -326,7 +325,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     first_round = 1
     if checkpoints:
         run = {"stage": "awe", "config": config.to_dict(), "init": init, "rounds": str(rounds),
-               "label_bias": label_bias, "stage1": saved.config["stage1"].get("fingerprint"),
+               "label_bias": label_bias, "stage1": saved.card.stage1.fingerprint,
                "data": data_identity(train), "valid": data_identity(valid)}
         ck = open_checkpoint(model_dir, "awe", run, checkpoint_every, resume, report, world)
         if ck.resuming:
@@ -364,13 +363,12 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                         train, len(saved.vocab), affinity.config, start["U"].clone(),
                         start["V"].clone())
                 written += write_stage2(model_dir, affinity, g_train, stats,
-                                        saved.config["stage2"].get("train_path",
-                                                                   str(train_path)),
+                                        saved.card.stage2.train_path or str(train_path),
                                         f"awe round {round_no - 1}")
             world.barrier()  # the others read the G rank 0 built: one G for every rank
             if not world.is_main:
-                section = artifacts.read_json(model_dir / artifacts.CONFIG)["stage2"]
-                affinity, g_train = Affinity.load(model_dir, section, with_train_g=True)
+                affinity, g_train = Affinity.load(model_dir, read_card(model_dir).stage2,
+                                                  with_train_g=True)
             g_fingerprint = affinity.fingerprint()
         if mid_round and ck.saved_outer.get("g_fingerprint") != g_fingerprint:
             raise AweError(f"{model_dir}: G changed since the checkpoint was written (build-g "
@@ -406,9 +404,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             result = kept_result or result
             break
         if world.is_main:
-            written += save_awe(model_dir, model, config.to_dict(),
-                                {"init": init, "rounds": str(rounds), "round": round_no,
-                                 "label_bias_init": label_bias})
+            written += save_awe(model_dir, model, config, init=init, rounds=str(rounds),
+                                round_no=round_no, label_bias_init=label_bias)
         best = {"round": round_no, "score": score,
                 "metrics": _stage_metrics(result, fitted, validated, ck)}
         kept_result = result

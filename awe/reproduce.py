@@ -24,6 +24,7 @@ import torch
 from awe import artifacts
 from awe.affinity.g import AffinityConfig
 from awe.affinity.stage import build_g
+from awe.card import read_card
 from awe.errors import AweError
 from awe.io import datasets
 from awe.pipeline import retrain_awe, train_wsabie
@@ -262,7 +263,7 @@ def table_csv(report: Report) -> str:
 def write_report(report: Report, model: Path, recipe: Recipe, g_stats: dict,
                  data: dict) -> list[Path]:
     out = report.out
-    config = artifacts.read_json(model / artifacts.CONFIG)
+    config = read_card(model).to_dict()
     resolved = {"dataset": report.dataset, "data": data,
                 "stage1": config.get("stage1"), "stage2": config.get("stage2"),
                 "stage3": config.get("stage3"), "label_bias": recipe.label_bias}

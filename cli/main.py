@@ -24,7 +24,7 @@ from awe.io import datasets as datasets_lib
 from awe.io.reader import Columns
 from awe.io.svmlight import convert_svmlight
 from awe.pipeline import fit_pipeline, retrain_awe, stage3_config, train_wsabie
-from awe.predict.batch import DEFAULT_BATCH_ROWS, ScoreOptions, score_files
+from awe.predict.batch import SCORE_BATCH_ROWS, ScoreOptions, score_files
 from awe.predict.evaluation import evaluate_model
 from awe.ranking.metrics import parse_ks
 from awe.reproduce import reproduce as run_reproduce
@@ -476,7 +476,7 @@ def score(
     exclude_col: Annotated[str | None, typer.Option(
         help="List column of labels never ranked for its row, e.g. seen items (default: "
              "'exclude' when present).")] = None,
-    batch_rows: Annotated[int, typer.Option(help="Rows scored at a time.")] = DEFAULT_BATCH_ROWS,
+    batch_rows: Annotated[int, typer.Option(help="Rows scored at a time.")] = SCORE_BATCH_ROWS,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch and FAISS (per worker with --workers / --scheduler).")]
         = None,

@@ -18,7 +18,7 @@ kernel set-up for that shape, reported as cold_first_call_s); rows/s is the medi
 --repeats runs. Dask: the child starts a local cluster of --workers processes first (not timed;
 reported) and scores through it, each
 worker with --threads / --workers threads. The Wsabie stage's local runs alternate with
-runs of the anchor, the float32 product for every label (AWE_BF16_SCREEN=0, the code before
+runs of the anchor, the float32 product for every label (ScoreOptions(screen=False), the code before
 awe.screen), and report the ratio. Peak RSS: the child's ru_maxrss while scoring
 --rss-rows rows (Wsabie stage, the smallest L). The load average is recorded with every run:
 on a shared machine times are upper bounds. So is the share of CPU time the
@@ -129,12 +129,14 @@ def child(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--warmup", help="a small input scored first, untimed")
+    parser.add_argument("--screen", action=argparse.BooleanOptionalAction, default=True,
+                        help="rank through bfloat16 products (ScoreOptions.screen)")
     a = parser.parse_args(argv)
     from awe.dask_cluster import ClusterOptions
     from awe.predict.batch import ScoreOptions, score_files
 
     options = ScoreOptions(k=10, stage=a.stage, threads=a.threads, overwrite=True,
-                           batch_rows=a.batch_size)
+                           batch_rows=a.batch_size, screen=a.screen)
     cluster, cluster_seconds, stack = None, 0.0, None
     if a.workers:
         import contextlib
@@ -150,7 +152,7 @@ def child(argv: list[str]) -> None:
         stack.enter_context(distributed.Client(local)).wait_for_workers(a.workers)
         cluster = ClusterOptions(scheduler=local.scheduler_address)
         options = ScoreOptions(k=10, stage=a.stage, overwrite=True, batch_rows=a.batch_size,
-                               threads=max(1, a.threads // a.workers))
+                               threads=max(1, a.threads // a.workers), screen=a.screen)
         cluster_seconds = time.perf_counter() - t0
     # the first call in a process imports and initialises (torch kernels, FAISS, arrow): ~3 s
     # here, once per process, not per row; timed apart and reported as cold_seconds
@@ -183,7 +185,8 @@ def run_child(args, model: Path, source: Path, stage: str, workers: int = 0,
            "--out", str(out), "--stage", stage, "--threads", str(args.threads),
            "--workers", str(workers), "--batch-size", str(args.batch_size),
            "--warmup", str(Path(args.root) / f"warmup-{args.batch_size}.parquet")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "AWE_BF16_SCREEN": "1" if screen else "0"}
+    cmd.append("--screen" if screen else "--no-screen")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"child failed: {result.stderr[-2000:]}")
@@ -208,7 +211,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="0: no Dask runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-anchor", dest="anchor", action="store_false",
-                        help="skip the Wsabie stage's float32-product runs (AWE_BF16_SCREEN=0)")
+                        help="skip the Wsabie stage's float32-product runs (screen off)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--root", default="runs/bench-score")
     parser.add_argument("--out", default="runs/bench-score.json")
@@ -238,7 +241,7 @@ def main() -> None:
         model = make_model(root, n_labels, args)
         for stage in ("wsabie", "awe"):
             for workers in (0, args.workers) if args.workers else (0,):
-                # the anchor: the float32 product for every label (AWE_BF16_SCREEN=0), its
+                # the anchor: the float32 product for every label (screen off), its
                 # runs alternating with the screened ones
                 anchor = stage == "wsabie" and not workers and args.anchor
                 runs, dense = [], []

@@ -350,7 +350,7 @@ def test_retrain_uses_the_one_training_loop(trained, tmp_path, monkeypatch):
         return real_fit(m, *args, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "fit", spy)
-    retrain_awe(train, model, TrainConfig(epochs=1), rounds=2)
+    retrain_awe(train, model, TrainConfig(epochs=1, valid_fraction=0.0), rounds=2)
     assert seen == ["AffinityWsabie", "AffinityWsabie"]
     saved = json.loads((model / "config.json").read_text())
     assert saved["stage2"]["source"] == "awe round 1" and saved["stage3"]["round"] == 2

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from awe.csr import Csr
 from awe.errors import AweError
-from awe.io.reader import MAX_FEATURE_ID, Examples, InputSchema, LabelVocab, load_examples, scan
+from awe.io.reader import Examples, InputSchema, LabelVocab, load_examples, scan
+from awe.io.validate import MAX_FEATURE_ID
 from awe.ranking.metrics import METRICS, RankingMetrics
 from awe.ranking.topk import mask_excluded, top_k
 

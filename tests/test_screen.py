@@ -231,19 +231,21 @@ def compare_with_and_without_screen(monkeypatch, model_dir, test, kind, k, spied
     from awe.predict.evaluation import evaluate_model
     from awe.predict.predictor import Predictor
 
-    predictor = Predictor(model_dir)
+    predictor = Predictor(model_dir, screen=True)
+    dense_predictor = Predictor(model_dir, screen=False)
+    assert predictor.screen and not dense_predictor.screen
     examples = load_examples(test, predictor.schema, predictor.vocab, require_labels=False)
     assert examples.exclude is not None and examples.exclude.nnz
     calls = []
     original = getattr(screen, spied)
     monkeypatch.setattr(screen, spied,
                         lambda *a, **kw: calls.append(len(a[0])) or original(*a, **kw))
-    monkeypatch.setattr(screen, "_ENABLED", True)
     with_screen = predictor.predict_table(examples, k=k, kind=kind)
-    metrics_on = evaluate_model(model_dir, test, [1, k], rows=[kind])
-    monkeypatch.setattr(screen, "_ENABLED", False)
-    dense = predictor.predict_table(examples, k=k, kind=kind)
-    metrics_off = evaluate_model(model_dir, test, [1, k], rows=[kind])
+    metrics_on = evaluate_model(model_dir, test, [1, k], rows=[kind], screen=True)
+    seen = len(calls)
+    dense = dense_predictor.predict_table(examples, k=k, kind=kind)
+    metrics_off = evaluate_model(model_dir, test, [1, k], rows=[kind], screen=False)
+    assert len(calls) == seen  # the screen off: never called
     assert with_screen.column("labels").equals(dense.column("labels"))
     on = np.concatenate(with_screen.column("scores").to_numpy(zero_copy_only=False))
     off = np.concatenate(dense.column("scores").to_numpy(zero_copy_only=False))
@@ -389,3 +391,31 @@ def test_awe_rows_short_of_candidates_with_and_without_the_screen(tmp_path, monk
     calls, n_rows = compare_with_and_without_screen(monkeypatch, tmp_path / "m", test, "awe",
                                                     10, "screened_after_candidates")
     assert sum(calls) > n_rows // 2, "most rows are short of 10 G labels"
+
+
+def test_score_files_records_the_screen_and_scores_alike(tmp_path):
+    """The screen is a scoring option: recorded (as decided) in the output's metadata, and the
+    outputs with and without it hold the same labels and scores (to float32 rounding)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from awe.cpu import native_bf16
+    from awe.pipeline import train_wsabie
+    from awe.predict.batch import METADATA_KEY, ScoreOptions, score_files
+    from awe.training.config import TrainConfig
+
+    train, test = labelled_rows(tmp_path)
+    train_wsabie(train, tmp_path / "m", TrainConfig(dim=16, epochs=1, threads=1, seed=0,
+                                                    valid_fraction=0.0), checkpoints=False)
+    tables, recorded = {}, {}
+    for flag in (True, False, None):
+        out = tmp_path / f"scores-{flag}.parquet"
+        score_files(test, tmp_path / "m", out, ScoreOptions(k=5, screen=flag, threads=1))
+        meta = json.loads(pq.read_metadata(out).metadata[METADATA_KEY])
+        recorded[flag], tables[flag] = meta["options"]["screen"], pq.read_table(out)
+    assert recorded == {True: True, False: False, None: native_bf16()}
+    assert tables[True].column("labels").equals(tables[False].column("labels"))
+    on, off = (np.concatenate(tables[f].column("scores").to_numpy(zero_copy_only=False))
+               for f in (True, False))
+    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,6 @@ Everything is vectorised over a batch of query rows; no loop over examples.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -135,6 +134,37 @@ class AffinityConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+@dataclass(frozen=True)
+class AffinitySection:
+    """Stage 2 in the model card: the resolved options, the index's parameters, the label
+    store's size and digest, the fingerprint of the files, where the training rows came from."""
+
+    config: AffinityConfig
+    index: dict  # the index kind and NeighbourIndex.params
+    n_rows: int
+    n_labels: int
+    train_digest: str
+    fingerprint: str
+    train_path: str | None = None
+    source: str | None = None  # "wsabie" or "awe round N": the embedding G was built from
+
+    def to_dict(self) -> dict:
+        d = {"config": self.config.to_dict(), "index": dict(self.index), "n_rows": self.n_rows,
+             "n_labels": self.n_labels, "train_digest": self.train_digest,
+             "fingerprint": self.fingerprint}
+        if self.train_path is not None:
+            d["train_path"] = self.train_path
+        if self.source is not None:
+            d["source"] = self.source
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AffinitySection:
+        return cls(AffinityConfig.from_dict(d["config"]), dict(d["index"]),
+                   int(d.get("n_rows", 0)), int(d["n_labels"]), d.get("train_digest"),
+                   d.get("fingerprint"), d.get("train_path"), d.get("source"))
+
+
 # ----------------------------------------------------------------------------- the stage-2 model
 
 
@@ -189,11 +219,11 @@ class Affinity:
             del config["target_recall"]  # G built before the option keeps its fingerprint
         if config["rerank"] is None:
             del config["rerank"]  # likewise
-        text = json.dumps(config, sort_keys=True) + str(self.index.n_rows)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return artifacts.Digest().text(json.dumps(config, sort_keys=True),
+                                       str(self.index.n_rows)).hex()
 
-    def save(self, model_dir: Path, g_train: Csr) -> dict:
-        """Write the index, the label store and G of the training rows; return the config
+    def save(self, model_dir: Path, g_train: Csr) -> AffinitySection:
+        """Write the index, the label store and G of the training rows; return the model card's
         section (config.json itself is the caller's: it is written last)."""
         self.index.save(model_dir / INDEX_FILE)
         tensors = {"train_label_indptr": torch.from_numpy(self.train_labels.indptr),
@@ -209,25 +239,17 @@ class Affinity:
         fingerprint = self.fingerprint()
         artifacts.write_tensors(model_dir / AFFINITY_FILE, tensors,
                                 {"fingerprint": fingerprint})
-        return {"config": self.config.to_dict(), "index": {"kind": self.index.kind,
-                                                           **self.index.params},
-                "n_rows": self.index.n_rows, "n_labels": self.n_labels,
-                "train_digest": labels_digest(self.train_labels), "fingerprint": fingerprint}
+        return AffinitySection(self.config, {"kind": self.index.kind, **self.index.params},
+                               self.index.n_rows, self.n_labels,
+                               labels_digest(self.train_labels), fingerprint)
 
     @classmethod
-    def load(cls, model_dir: Path, section: dict, with_train_g: bool = False,
+    def load(cls, model_dir: Path, section: AffinitySection, with_train_g: bool = False,
              ) -> Affinity | tuple[Affinity, Csr]:
-
-        try:
-            config = AffinityConfig.from_dict(section["config"])
-            index_params = dict(section["index"])
-            n_labels = int(section["n_labels"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AweError(f"{model_dir / artifacts.CONFIG}: the stage2 section is damaged "
-                           f"({exc}); run `awe build-g` again") from exc
+        """The stage-2 model of a directory whose model card has ``section``."""
         tensors = artifacts.read_tensors(model_dir / AFFINITY_FILE)
         _check_dtypes(model_dir / AFFINITY_FILE, tensors)
-        index = NeighbourIndex.load(model_dir / INDEX_FILE, index_params)
+        index = NeighbourIndex.load(model_dir / INDEX_FILE, section.index)
         try:
             labels = Csr(tensors["train_label_indptr"].numpy(),
                          tensors["train_label_ids"].numpy().astype(np.int64))
@@ -235,10 +257,10 @@ class Affinity:
         except KeyError as exc:
             raise AweError(f"{model_dir / AFFINITY_FILE}: missing {exc}; run `awe build-g` "
                            f"again") from exc
-        affinity = cls(config, index, labels, norms, tensors.get("embed_U"),
-                       tensors.get("label_V"), n_labels)
+        affinity = cls(section.config, index, labels, norms, tensors.get("embed_U"),
+                       tensors.get("label_V"), section.n_labels)
         if (labels.n_rows != index.n_rows or len(norms) != index.n_rows
-                or affinity.fingerprint() != section.get("fingerprint")):
+                or affinity.fingerprint() != section.fingerprint):
             raise AweError(f"{model_dir}: the neighbour index and the stage-2 files do not match "
                            f"(an interrupted or mixed build); run `awe build-g` again")
         if not with_train_g:
@@ -271,9 +293,9 @@ def _check_dtypes(path: Path, tensors: dict) -> None:
 
 def labels_digest(labels: Csr) -> str:
     """A short hash of a label store: tells whether stage 3 trains on the rows G was built on."""
-    h = hashlib.sha256(np.ascontiguousarray(labels.indptr, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(labels.indices, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
+    return artifacts.Digest().bytes(
+        np.ascontiguousarray(labels.indptr, dtype=np.int64).tobytes(),
+        np.ascontiguousarray(labels.indices, dtype=np.int64).tobytes()).hex()
 
 
 def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | None,
@@ -298,7 +320,7 @@ def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | 
     return np.ascontiguousarray(e.numpy(), dtype=np.float32)
 
 
-def _check_build(schema, n_rows: int, config: AffinityConfig, embed_u, label_vectors):
+def check_build(schema, n_rows: int, config: AffinityConfig, embed_u, label_vectors):
     if config.space == "input":
         if schema.kind == "sparse" and schema.n_features > MAX_DENSE_INPUT_WIDTH:
             raise AweError(f"--space input: the sparse input has {schema.n_features} "
@@ -324,7 +346,7 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
     config = config.resolved(train.task)
     if config.space == "input":
         embed_u = None
-    _check_build(train.schema, len(train), config, embed_u, label_vectors)
+    check_build(train.schema, len(train), config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors = np.concatenate([
         query_vectors(train, np.arange(s, min(s + config.batch_rows, len(train))), embed_u)

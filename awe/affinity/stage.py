@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +16,20 @@ from awe.affinity.g import (
     INDEX_FILE,
     Affinity,
     AffinityConfig,
-    _check_build,
     affinity_from_vectors,
+    check_build,
     query_vectors,
 )
+from awe.card import read_card, write_card
 from awe.csr import Csr
-from awe.errors import AweError, DataError
+from awe.errors import AweError
 from awe.io.reader import (
-    _input_kind,
-    _wanted,
+    check_input_kind,
     concat_examples,
     iter_batches,
     resolve_files,
     training_block,
+    wanted_columns,
 )
 from awe.io.stream import list_shards
 from awe.models.saved import load_wsabie
@@ -52,11 +54,7 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
 
 
     files = resolve_files(path)
-    kind_here = _input_kind(files[0], schema.columns)
-    if kind_here != schema.kind:
-        raise DataError(f"the model was trained on {schema.kind} features but this file has "
-                        f"{kind_here} ones", file=str(files[0]),
-                        hint="use a model trained on the same kind of features")
+    check_input_kind(files, schema)
     n_rows = sum(s.n_rows for s in list_shards(files))
     width = schema.n_features if embed_u is None else embed_u.shape[1]
     mapped = None
@@ -87,7 +85,7 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
             pending = [block]
 
     try:
-        for file, offset, batch in iter_batches(files, _wanted(schema.columns, schema.kind),
+        for file, offset, batch in iter_batches(files, wanted_columns(schema.columns, schema.kind),
                                                 batch_rows):
             pending.append(training_block(batch, schema, vocab, file, offset, None))
             if sum(len(b) for b in pending) >= batch_rows:
@@ -131,7 +129,7 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
     if embed_u is None:
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
-    config = config.resolved(saved.config["stage1"]["train"].get("task"))
+    config = config.resolved(saved.card.stage1.train.task)
     if cluster is None:
         affinity, g_train, stats = build_affinity_streamed(
             train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
@@ -162,7 +160,7 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
         embed_u = None
 
     n_rows = sum(s.n_rows for s in list_shards(resolve_files(train_path)))
-    _check_build(schema, n_rows, config, embed_u, label_vectors)
+    check_build(schema, n_rows, config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir)
@@ -188,18 +186,15 @@ def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
     valid meanwhile), config.json then loses its stage2 (and stage3) section, the files are
     renamed in, and config.json gets the new section last.
     """
-    config = artifacts.read_json(model_dir / artifacts.CONFIG)
-    stale = config.pop("stage3", None) is not None
+    card = read_card(model_dir)
+    stale = card.stage3 is not None
     with artifacts.staged(model_dir) as stage:
-        section = affinity.save(stage, g_train)
-        section.update({"train_path": train_path, "source": source})
-        if stale or "stage2" in config:
-            artifacts.write_json(model_dir / artifacts.CONFIG,
-                                 {k: v for k, v in config.items() if k != "stage2"})
+        section = replace(affinity.save(stage, g_train), train_path=train_path, source=source)
+        if stale or card.stage2 is not None:
+            write_card(model_dir, card.stage1_only())
         if stale:
             (model_dir / artifacts.AWE_WEIGHTS).unlink(missing_ok=True)
-        config["stage2"] = section
-        artifacts.write_json(stage / artifacts.CONFIG, config)  # renamed in last
+        write_card(stage, replace(card.stage1_only(), stage2=section))  # renamed in last
     metrics_path = model_dir / artifacts.METRICS
     metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     metrics["g"] = stats

@@ -35,8 +35,7 @@ import pyarrow.parquet as pq
 
 from awe.artifacts import atomic_path, cannot_write
 from awe.errors import AweError, DataError
-from awe.io.reader import TASK_METADATA_KEY, TASKS, resolve_files
-from awe.io.reader import read_task as data_read_task
+from awe.io.reader import TASK_METADATA_KEY, TASKS, read_task
 
 __all__ = [
     "DATASETS",
@@ -106,11 +105,6 @@ def write_split(out_dir: str | os.PathLike, train: pa.Table, test: pa.Table,
             pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
         written.append(path)
     return written
-
-
-def read_task(path: str | os.PathLike) -> str | None:
-    """The ``awe.task`` recorded in a parquet file's schema metadata, or None when absent."""
-    return data_read_task(resolve_files(path))
 
 
 # --------------------------------------------------------------------------------------------

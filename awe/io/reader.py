@@ -19,7 +19,6 @@ vocabulary, is an error: the text could mean anything.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
 import os
 from collections.abc import Iterator
@@ -35,16 +34,28 @@ import pyarrow.parquet as pq
 from awe.artifacts import atomic_path
 from awe.csr import Csr
 from awe.errors import AweError, DataError
+from awe.io.validate import (
+    ListColumn,
+    Problem,
+    dense_problems,
+    first_true,
+    id_problems,
+    is_list,
+    label_column,
+    present_columns,
+    raise_first,
+    require_column,
+    short,
+    value_problems,
+)
 
 TASKS = ("annotation", "recommendation")
 TASK_METADATA_KEY = b"awe.task"
 # the width sparse feature ids index, when the source states it (an svmlight header): test rows
 # may use ids no training row has
 N_FEATURES_METADATA_KEY = b"awe.n_features"
-DEFAULT_BATCH_ROWS = 65_536
-# Sparse feature ids index rows of U (n_features x D): an id beyond this is a hash or a raw key,
-# not an index, and would ask for an impossible U.
-MAX_FEATURE_ID = 2**31 - 2
+# rows of a record batch read from parquet at a time
+READ_BATCH_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,7 @@ def _coerce_labels(values: pa.Array, kind: str) -> pa.Array:
         return values.cast(pa.int64() if kind == "int" else pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise AweError(f"labels of type {values.type} do not fit the model's {kind} labels "
-                       f"({_short(exc)}; write them as {kind}s)") from exc
+                       f"({short(exc)}; write them as {kind}s)") from exc
 
 
 @dataclass
@@ -211,7 +222,7 @@ def _open_fragment(file: Path) -> pads.Fragment:
         dataset = pads.dataset(str(file), format=_PARQUET)
         return next(iter(dataset.get_fragments()))
     except (pa.ArrowInvalid, pa.ArrowException, OSError, StopIteration) as exc:
-        reason = _short(exc, file)
+        reason = short(exc, file)
         what = ("not a parquet file" if "magic bytes" in reason
                 else f"not a readable parquet file: {reason}")
         raise DataError(what, file=str(file),
@@ -219,17 +230,6 @@ def _open_fragment(file: Path) -> pads.Fragment:
                              "pandas.read_csv(path).to_parquet('data.parquet'), list columns as "
                              "lists; `awe data svmlight FILE` for LIBSVM / XMC text), or remove "
                              "it from the input") from exc
-
-
-def _short(exc: Exception, file: Path | None = None) -> str:
-    """The gist of a library error on one line; without the file name, which the error names."""
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    text = text.splitlines()[0]
-    if file is not None and str(file) in text:  # "...from '<file>'...: <reason>"
-        text = text.rsplit(": ", 1)[-1].replace(str(file), "the file")
-    return text[:200]
 
 
 def file_schema(file: Path) -> pa.Schema:
@@ -243,14 +243,16 @@ def stated_width(files: list[Path]) -> int:
     return int(value) if value else 0
 
 
-def read_task(files: list[Path]) -> str | None:
-    """The task recorded by ``awe data`` in the parquet metadata, if any."""
+def read_task(path: str | os.PathLike | list[Path]) -> str | None:
+    """The ``awe.task`` that ``awe data`` recorded in the parquet metadata (of the first file of
+    a path, directory, glob or list of files), or None when absent."""
+    files = path if isinstance(path, list) else resolve_files(path)
     meta = file_schema(files[0]).metadata or {}
     value = meta.get(TASK_METADATA_KEY)
     return value.decode() if value else None
 
 
-def iter_batches(files: list[Path], columns: list[str], batch_rows: int = DEFAULT_BATCH_ROWS,
+def iter_batches(files: list[Path], columns: list[str], batch_rows: int = READ_BATCH_ROWS,
                  ) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
     """Yield (file, first row of the batch within the file, batch) for every record batch.
 
@@ -270,12 +272,12 @@ def row_group_sizes(file: Path) -> list[int]:
     try:
         return [g.row_groups[0].num_rows for g in fragment.split_by_row_group()]
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"cannot read the file's metadata ({_short(exc)})", file=str(file),
+        raise DataError(f"cannot read the file's metadata ({short(exc)})", file=str(file),
                         hint="the file is damaged or truncated; rewrite it") from exc
 
 
 def iter_row_group(file: Path, number: int, offset: int, columns: list[str],
-                   batch_rows: int = DEFAULT_BATCH_ROWS,
+                   batch_rows: int = READ_BATCH_ROWS,
                    ) -> Iterator[tuple[Path, int, pa.RecordBatch]]:
     """The record batches of row group ``number`` of ``file``, whose first row is row ``offset``
     of the file: (file, first row of the batch within the file, batch)."""
@@ -286,7 +288,7 @@ def iter_row_group(file: Path, number: int, offset: int, columns: list[str],
         group = fragment.split_by_row_group()[number]
         n_rows = group.row_groups[0].num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"cannot read the file's metadata ({_short(exc)})", file=str(file),
+        raise DataError(f"cannot read the file's metadata ({short(exc)})", file=str(file),
                         hint="the file is damaged or truncated; rewrite it") from exc
     read = 0
     try:
@@ -298,7 +300,7 @@ def iter_row_group(file: Path, number: int, offset: int, columns: list[str],
     except (pa.ArrowException, OSError) as exc:
         last = offset + max(n_rows, read + 1) - 1
         raise DataError(f"cannot read rows {offset}..{last} (row group {number}): "
-                        f"{_short(exc)}", file=str(file), row=offset,
+                        f"{short(exc)}", file=str(file), row=offset,
                         hint="the file is damaged or truncated; rewrite it, or remove "
                              "it from the input") from exc
     if read != n_rows:
@@ -321,33 +323,34 @@ class ScanResult:
     mean_sq_norm: float = 1.0
 
 
-def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROWS) -> ScanResult:
+def scan(path, columns: Columns = Columns(), batch_rows: int = READ_BATCH_ROWS) -> ScanResult:
     """One streaming pass: input kind and width, the label vocabulary, the row count, the task,
     the mean squared row norm."""
     files = resolve_files(path)
-    kind = _input_kind(files[0], columns)
+    kind = input_kind(files[0], columns)
     width = 0
     sq_norms = 0.0
     widths: dict[int, list] = {}  # dense: width -> [rows, file, first row]
     label_kind = None
     uniques: set = set()
     n_rows = 0
-    for file, offset, batch in iter_batches(files, _wanted(columns, kind), batch_rows):
+    for file, offset, batch in iter_batches(files, wanted_columns(columns, kind), batch_rows):
         n_rows += batch.num_rows
         if kind == "dense":
             sq_norms += _sum_of_squares(_count_widths(widths, batch, columns, file, offset))
         else:
-            ids = _sparse_ids(batch, columns, file, offset)
+            ids = _sparse_ids(batch, columns, file, offset, None)
             if len(ids.indices):
                 width = max(width, int(ids.indices.max()) + 1)
             if batch.schema.get_field_index(columns.feature_values) >= 0:
-                sq_norms += _sum_of_squares(_list_parts(
-                    batch.column(batch.schema.get_field_index(columns.feature_values)),
-                    columns.feature_values, file, offset, "float")[1])
+                values = ListColumn(batch.column(columns.feature_values),
+                                    columns.feature_values, file, "float")
+                raise_first(values.null_problems(), file, offset)
+                sq_norms += _sum_of_squares(values.values)
             else:
                 sq_norms += len(ids.indices)
-        labels = _label_column(batch, columns.labels, file, offset, required=True)
-        flat = labels.flatten() if _is_list(labels.type) else labels
+        labels = label_column(batch, columns.labels, file, required=True)
+        flat = labels.flatten() if is_list(labels.type) else labels
         flat = flat.drop_null()
         this_kind = "int" if pa.types.is_integer(flat.type) else "string"
         if label_kind is not None and len(flat) and this_kind != label_kind:
@@ -374,7 +377,7 @@ def scan(path, columns: Columns = Columns(), batch_rows: int = DEFAULT_BATCH_ROW
                       read_task(files), sq_norms / n_rows)
 
 
-def _input_kind(file: Path, columns: Columns) -> str:
+def input_kind(file: Path, columns: Columns) -> str:
     names = file_schema(file).names
     if columns.features in names:
         return "dense"
@@ -386,89 +389,35 @@ def _input_kind(file: Path, columns: Columns) -> str:
                          f"name it with --features-col / --feature-ids-col")
 
 
-def _wanted(columns: Columns, kind: str) -> list[str]:
+def check_input_kind(files: list[Path], schema: InputSchema) -> None:
+    """The files hold the kind of features (dense or sparse) the model was trained on."""
+    kind = input_kind(files[0], schema.columns)
+    if kind != schema.kind:
+        raise DataError(f"the model was trained on {schema.kind} features but this file has "
+                        f"{kind} ones", file=str(files[0]),
+                        hint="use a model trained on the same kind of features")
+
+
+def wanted_columns(columns: Columns, kind: str) -> list[str]:
     feats = [columns.features] if kind == "dense" else [columns.feature_ids,
                                                         columns.feature_values]
     return [*feats, columns.labels, columns.exclude, columns.id]
 
 
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def present_columns(names: list[str], wanted: str, usual: str | None = None) -> str:
-    """Every column of the file, and the likely one: the contract's usual name for the column
-    (``usual``) when the file has it, else the name closest to ``wanted``."""
-    close = [usual] if usual in names else difflib.get_close_matches(wanted, names, n=1,
-                                                                      cutoff=0.5)
-    return (f"columns present: {', '.join(names) or 'none'}"
-            + (f"; did you mean '{close[0]}'?" if close else ""))
-
-
-def _usual(option: str) -> str | None:
-    """The contract's default name of the column an option (``--labels-col``) names."""
-    return getattr(Columns(), option.removeprefix("--").removesuffix("-col").replace("-", "_"),
-                   None)
-
-
-def _column(batch: pa.RecordBatch, name: str, file: Path, offset: int, option: str) -> pa.Array:
-    idx = batch.schema.get_field_index(name)
-    if idx < 0:  # the batch holds the wanted columns only: list the file's
-        raise DataError("missing column", file=str(file), column=name,
-                        hint=f"{present_columns(file_schema(file).names, name, _usual(option))}"
-                             f"; rename the column, or name it with {option}")
-    return batch.column(idx)
-
-
-def _first_true(mask: np.ndarray) -> int:
-    return int(np.flatnonzero(mask)[0])
-
-
-def _list_parts(arr: pa.Array, name: str, file: Path, offset: int,
-                numeric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths per row, flat values as numpy) of a list column; nulls are errors."""
-    want = "list<float32>" if numeric == "float" else "list<int64>"
-    if not _is_list(arr.type):
-        raise DataError(f"expected a list of {numeric}s, found {arr.type}", file=str(file),
-                        column=name, hint=f"write the column as {want}")
-    if arr.null_count:
-        bad = _first_true(arr.is_null().to_numpy(zero_copy_only=False))
-        raise DataError("null value", file=str(file), row=offset + bad, column=name,
-                        hint="fill in or drop the row")
-    if pa.types.is_fixed_size_list(arr.type):
-        lengths = np.full(len(arr), arr.type.list_size, dtype=np.int64)
-        flat = arr.flatten()
-    else:
-        lengths = np.asarray(pc.list_value_length(arr).to_numpy(zero_copy_only=False),
-                             dtype=np.int64)
-        flat = arr.flatten()
-    vtype = flat.type
-    ok = pa.types.is_integer(vtype) if numeric == "int" else (
-        pa.types.is_floating(vtype) or pa.types.is_integer(vtype))
-    if not ok:
-        raise DataError(f"expected {numeric} values, found {vtype}", file=str(file),
-                        column=name, hint=f"write the column as {want}")
-    if flat.null_count:
-        flat_null = flat.is_null().to_numpy(zero_copy_only=False)
-        row = np.searchsorted(np.cumsum(lengths), _first_true(flat_null), side="right")
-        raise DataError("null inside the list", file=str(file), row=offset + int(row),
-                        column=name, hint="fill in or drop the row")
-    return lengths, flat.to_numpy(zero_copy_only=False)
-
-
 def _count_widths(widths: dict[int, list], batch, columns, file, offset) -> np.ndarray:
     """Tally the dense width of every row: width -> [rows, file, first row]; returns the
     batch's feature values, flat."""
-    lengths, features = _list_parts(_column(batch, columns.features, file, offset,
-                                            "--features-col"),
-                                    columns.features, file, offset, "float")
-    values, first, counts = np.unique(lengths, return_index=True, return_counts=True)
+    features = ListColumn(require_column(batch, columns.features, file, "--features-col",
+                                          "features"),
+                          columns.features, file, "float")
+    raise_first(features.null_problems(), file, offset)
+    values, first, counts = np.unique(features.lengths, return_index=True, return_counts=True)
     for width, row, count in zip(values.tolist(), first.tolist(), counts.tolist(), strict=True):
         if width in widths:
             widths[width][0] += count
         else:
             widths[width] = [count, file, offset + row]
-    return features
+    return features.values
 
 
 def _sum_of_squares(values: np.ndarray) -> float:
@@ -501,54 +450,11 @@ def _common_width(widths: dict[int, list], n_rows: int, columns: Columns) -> int
     return width
 
 
-def _sparse_ids(batch, columns, file, offset) -> Csr:
-    lengths, ids = _list_parts(_column(batch, columns.feature_ids, file, offset,
-                                       "--feature-ids-col"), columns.feature_ids, file, offset,
-                               "int")
-    if len(ids) and ids.max() > MAX_FEATURE_ID:  # before the cast: uint64 would wrap
-        bad = _first_true(ids > MAX_FEATURE_ID)
-        row = np.searchsorted(np.cumsum(lengths), bad, side="right")
-        raise DataError(f"feature id {ids[bad]} is too large (at most {MAX_FEATURE_ID})",
-                        file=str(file), row=offset + int(row), column=columns.feature_ids,
-                        hint="feature ids index the model's rows: remap them to 0..n-1")
-    ids = ids.astype(np.int64, copy=False)
-    if len(ids) and ids.min() < 0:
-        row = np.searchsorted(np.cumsum(lengths), _first_true(ids < 0), side="right")
-        raise DataError("negative feature id", file=str(file), row=offset + int(row),
-                        column=columns.feature_ids, hint="feature ids are 0..n-1")
-    return Csr.from_lengths(lengths, ids)
-
-
-def _label_column(batch, name, file, offset, required: bool) -> pa.Array | None:
-    if batch.schema.get_field_index(name) < 0:
-        if required:
-            _column(batch, name, file, offset, "--labels-col")  # raises: missing column
-        return None
-    arr = batch.column(batch.schema.get_field_index(name))
-    t = arr.type
-    inner = t.value_type if _is_list(t) else t
-    if pa.types.is_dictionary(inner):  # e.g. a pandas categorical
-        inner = inner.value_type
-        arr = arr.cast(pa.list_(inner) if _is_list(t) else inner)
-    if pa.types.is_integer(inner) and inner != pa.int64():
-        try:  # one integer type for the vocabulary; uint64 beyond int64 is refused
-            arr = arr.cast(pa.list_(pa.int64()) if _is_list(t) else pa.int64())
-        except pa.ArrowInvalid as exc:
-            raise DataError(f"label does not fit a signed 64-bit integer ({_short(exc)})",
-                            file=str(file), column=name,
-                            hint="use smaller integer labels, or strings") from exc
-    if not (pa.types.is_integer(inner) or pa.types.is_string(inner)
-            or pa.types.is_large_string(inner) or pa.types.is_null(inner)):
-        raise DataError(f"labels must be strings or integers, found {t}", file=str(file),
-                        column=name, hint="convert the labels to strings or integers")
-    return arr
-
-
 # ----------------------------------------------------------------------------- loading
 
 
 def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_labels: bool = True,
-                  batch_rows: int = DEFAULT_BATCH_ROWS, task: str | None = None) -> Examples:
+                  batch_rows: int = READ_BATCH_ROWS, task: str | None = None) -> Examples:
     """Stream ``path`` into validated :class:`Examples` for a model with ``schema`` and ``vocab``.
 
     Unknown labels are counted per row (they are misses at evaluation); in training
@@ -556,21 +462,17 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
     """
     files = resolve_files(path)
     cols = schema.columns
-    kind_here = _input_kind(files[0], cols)
-    if kind_here != schema.kind:
-        raise DataError(f"the model was trained on {schema.kind} features but this file has "
-                        f"{kind_here} ones", file=str(files[0]),
-                        hint="use a model trained on the same kind of features")
+    check_input_kind(files, schema)
     dense_parts, sparse_parts, label_parts, unknown_parts, exclude_parts, id_parts = (
         [], [], [], [], [], [])
     has_exclude = has_ids = False
-    for file, offset, batch in iter_batches(files, _wanted(cols, schema.kind), batch_rows):
+    for file, offset, batch in iter_batches(files, wanted_columns(cols, schema.kind), batch_rows):
         n = batch.num_rows
         if schema.kind == "dense":
-            dense_parts.append(_dense_block(batch, schema, file, offset))
+            dense_parts.append(dense_block(batch, schema, file, offset))
         else:
-            sparse_parts.append(_sparse_block(batch, schema, file, offset))
-        labels, unknown = _label_block(batch, cols.labels, vocab, file, offset,
+            sparse_parts.append(sparse_block(batch, schema, file, offset))
+        labels, unknown = label_block(batch, cols.labels, vocab, file, offset,
                                        required=require_labels)
         label_parts.append(labels)
         unknown_parts.append(unknown)
@@ -578,11 +480,11 @@ def load_examples(path, schema: InputSchema, vocab: LabelVocab, *, require_label
             empty = (labels.lengths + unknown) == 0
             if empty.any():
                 raise DataError("row has no labels", file=str(file),
-                                row=offset + _first_true(empty), column=cols.labels,
+                                row=offset + first_true(empty), column=cols.labels,
                                 hint="every training row needs >= 1 label")
         if batch.schema.get_field_index(cols.exclude) >= 0:
             has_exclude = True
-            exclude_parts.append(_label_block(batch, cols.exclude, vocab, file, offset,
+            exclude_parts.append(label_block(batch, cols.exclude, vocab, file, offset,
                                               required=False)[0])
         else:
             exclude_parts.append(Csr.empty(n))
@@ -616,14 +518,14 @@ def training_block(batch: pa.RecordBatch, schema: InputSchema, vocab: LabelVocab
     """One record batch as validated training :class:`Examples` (inputs and labels; every row
     needs a label), with the same checks and messages as :func:`load_examples`."""
     if schema.kind == "dense":
-        dense, sparse = _dense_block(batch, schema, file, offset), None
+        dense, sparse = dense_block(batch, schema, file, offset), None
     else:
-        dense, sparse = None, _sparse_block(batch, schema, file, offset)
-    labels, unknown = _label_block(batch, schema.columns.labels, vocab, file, offset,
+        dense, sparse = None, sparse_block(batch, schema, file, offset)
+    labels, unknown = label_block(batch, schema.columns.labels, vocab, file, offset,
                                    required=True)
     empty = (labels.lengths + unknown) == 0
     if empty.any():
-        raise DataError("row has no labels", file=str(file), row=offset + _first_true(empty),
+        raise DataError("row has no labels", file=str(file), row=offset + first_true(empty),
                         column=schema.columns.labels, hint="every training row needs >= 1 label")
     return Examples(schema, dense, sparse, labels, unknown, task=task)
 
@@ -643,65 +545,88 @@ def concat_examples(parts: list[Examples]) -> Examples:
         affinity=None if first.affinity is None else Csr.concat([p.affinity for p in parts]))
 
 
-def _dense_block(batch, schema: InputSchema, file, offset) -> np.ndarray:
+def dense_block(batch: pa.RecordBatch, schema: InputSchema, file: Path, offset: int,
+                ) -> np.ndarray:
+    """The dense features of a record batch, validated: [rows, n_features] float32."""
     name = schema.columns.features
-    lengths, flat = _list_parts(_column(batch, name, file, offset, "--features-col"), name,
-                                file, offset, "float")
-    wrong = lengths != schema.n_features
-    if wrong.any():
-        row = _first_true(wrong)
-        raise DataError(f"has {lengths[row]} features, expected {schema.n_features}",
-                        file=str(file), row=offset + row, column=name,
-                        hint="every row needs the same width as the training data")
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: rejected below
-        x = flat.astype(np.float32, copy=False).reshape(len(lengths), schema.n_features)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        raise DataError("NaN or infinite feature value", file=str(file),
-                        row=offset + _first_true(~finite), column=name,
-                        hint="replace the value or drop the row")
-    return x
+    col = ListColumn(require_column(batch, name, file, "--features-col", "features"), name,
+                     file, "float")
+    values = col.float32()
+    raise_first(dense_problems(col, schema.n_features, values), file, offset)
+    return values.reshape(len(col.lengths), schema.n_features)
 
 
-def _sparse_block(batch, schema: InputSchema, file, offset) -> Csr:
+def _sparse_ids(batch: pa.RecordBatch, columns: Columns, file: Path, offset: int,
+                n_features: int | None) -> Csr:
+    col = ListColumn(require_column(batch, columns.feature_ids, file, "--feature-ids-col",
+                                    "feature_ids"),
+                     columns.feature_ids, file, "int")
+    raise_first(id_problems(col, n_features), file, offset)
+    return Csr.from_lengths(col.lengths, col.values.astype(np.int64, copy=False))
+
+
+def sparse_block(batch: pa.RecordBatch, schema: InputSchema, file: Path, offset: int) -> Csr:
+    """The sparse features of a record batch, validated: ids with float32 values (1 where the
+    file has no values column)."""
     cols = schema.columns
-    ids = _sparse_ids(batch, cols, file, offset)
-    too_big = ids.indices >= schema.n_features
-    if too_big.any():
-        row = int(ids.row_of_entry()[_first_true(too_big)])
-        raise DataError(f"feature id {int(ids.indices[too_big][0])} is out of range "
-                        f"(the model knows ids 0..{schema.n_features - 1})", file=str(file),
-                        row=offset + row, column=cols.feature_ids,
-                        hint="drop ids the training data never had, or retrain with them")
+    ids = _sparse_ids(batch, cols, file, offset, schema.n_features)
     if batch.schema.get_field_index(cols.feature_values) >= 0:
-        lengths, values = _list_parts(batch.column(batch.schema.get_field_index(
-            cols.feature_values)), cols.feature_values, file, offset, "float")
-        mismatch = lengths != ids.lengths
-        if mismatch.any():
-            row = _first_true(mismatch)
-            raise DataError(f"{lengths[row]} values for {ids.lengths[row]} feature ids",
-                            file=str(file), row=offset + row, column=cols.feature_values,
-                            hint="give one value per id, or no values column (values default "
-                                 "to 1)")
-        with np.errstate(over="ignore"):  # beyond float32 becomes inf: rejected below
-            values = values.astype(np.float32, copy=False)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            row = int(ids.row_of_entry()[_first_true(bad)])
-            raise DataError("NaN or infinite feature value", file=str(file), row=offset + row,
-                            column=cols.feature_values, hint="replace the value or drop the row")
+        col = ListColumn(batch.column(cols.feature_values), cols.feature_values, file, "float")
+        values = col.float32()
+        raise_first(value_problems(col, ids.lengths, values), file, offset)
     else:
         values = np.ones(len(ids.indices), dtype=np.float32)
     return Csr(ids.indptr, ids.indices, values)
 
 
-def _label_block(batch, name, vocab: LabelVocab, file, offset, required: bool,
-                 ) -> tuple[Csr, np.ndarray]:
-    arr = _label_column(batch, name, file, offset, required=required)
+def invalid_rows(batch: pa.RecordBatch, schema: InputSchema,
+                 ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Rows whose features cannot be read: (row positions, column, reason), each row with the
+    first problem :func:`dense_block` or :func:`sparse_block` would report for it.
+
+    A problem of a whole column (missing, not a list of numbers) is no row's: it stays an error.
+    """
+    cols = schema.columns
+    problems: list[Problem] = []
+    try:
+        if schema.kind == "dense":
+            col = ListColumn(require_column(batch, cols.features, Path(), ""), cols.features,
+                             Path(), "float")
+            problems += dense_problems(col, schema.n_features, col.float32())
+        else:
+            ids = ListColumn(require_column(batch, cols.feature_ids, Path(), ""),
+                             cols.feature_ids, Path(), "int")
+            problems += id_problems(ids, schema.n_features)
+            if batch.schema.get_field_index(cols.feature_values) >= 0:
+                col = ListColumn(batch.column(cols.feature_values), cols.feature_values,
+                                 Path(), "float")
+                problems += value_problems(col, ids.lengths, col.float32())
+    except DataError:
+        pass  # a column-wide problem: reading the batch reports it
+    marked = np.zeros(batch.num_rows, dtype=bool)
+    rows, column, reason = [], [], []
+    for problem in problems:
+        new = problem.rows[~marked[problem.rows]]
+        marked[new] = True
+        rows.append(new)
+        column += [problem.column] * len(new)
+        reason += [problem.reason] * len(new)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), [], []
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    bad = np.concatenate(rows)[order]
+    return bad, [column[i] for i in order], [reason[i] for i in order]
+
+
+def label_block(batch: pa.RecordBatch, name: str, vocab: LabelVocab, file: Path, offset: int,
+                required: bool) -> tuple[Csr, np.ndarray]:
+    """Label ids of a label (or exclude) column, sorted and unique within rows, and the count of
+    each row's labels outside the vocabulary; empty rows when the column is absent."""
+    arr = label_column(batch, name, file, required=required)
     n = batch.num_rows
     if arr is None:
         return Csr.empty(n), np.zeros(n, dtype=np.int64)
-    if _is_list(arr.type):
+    if is_list(arr.type):
         lengths = np.asarray(pc.list_value_length(arr).fill_null(0).to_numpy(
             zero_copy_only=False), dtype=np.int64)
         flat = arr.flatten()

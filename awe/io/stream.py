@@ -28,14 +28,14 @@ from awe.io.reader import (
     Examples,
     InputSchema,
     LabelVocab,
-    _label_block,
-    _wanted,
     concat_examples,
     iter_row_group,
+    label_block,
     read_task,
     resolve_files,
     row_group_sizes,
     training_block,
+    wanted_columns,
 )
 
 # rows read at a time: a block; the buffer holds at most buffer_rows more
@@ -177,13 +177,13 @@ class ShuffleStream:
         for shard in self.shards:
             for file, offset, batch in iter_row_group(shard.file, shard.row_group, shard.offset,
                                                       [name], self.block_rows):
-                parts.append(_label_block(batch, name, self.vocab, file, offset, True)[0])
+                parts.append(label_block(batch, name, self.vocab, file, offset, True)[0])
         return Csr.concat(parts)
 
     def _read(self, shard: Shard, exclude: bool = True,
               ) -> Iterator[tuple[Examples, np.ndarray]]:
         """Blocks of a shard as (validated examples, their global row numbers)."""
-        columns = _wanted(self.schema.columns, self.schema.kind)
+        columns = wanted_columns(self.schema.columns, self.schema.kind)
         for file, offset, batch in iter_row_group(shard.file, shard.row_group, shard.offset,
                                                   columns, self.block_rows):
             block = training_block(batch, self.schema, self.vocab, file, offset, self.task)

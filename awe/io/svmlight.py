@@ -42,12 +42,12 @@ from awe.artifacts import cannot_write
 from awe.errors import AweError, DataError
 from awe.io.datasets import SHARD_ROW_GROUP
 from awe.io.reader import (
-    MAX_FEATURE_ID,
     N_FEATURES_METADATA_KEY,
     TASK_METADATA_KEY,
     TASKS,
     list_array,
 )
+from awe.io.validate import MAX_FEATURE_ID
 
 __all__ = ["N_FEATURES_KEY", "SOURCE_KEY", "SvmlightSummary", "convert_svmlight"]
 

@@ -126,11 +126,7 @@ class AffinityTable:
         self.g = g
         self.dense = self.padded = self.keys = self.values = None
         if g.n_rows * n_labels <= self.DENSE_LIMIT:
-            rows = torch.from_numpy(g.row_of_entry())
-            ids = torch.from_numpy(g.indices)
-            self.dense = torch.zeros(g.n_rows, n_labels)
-            self.dense[rows, ids] = torch.from_numpy(g.values.astype(np.float32))
-            self.dense = self.dense.to(device)
+            self.dense = g.to_dense(n_labels, device)
         elif PaddedRows.fits(g, n_labels):
             self.padded = PaddedRows(g, device)
         else:
@@ -155,8 +151,4 @@ class AffinityTable:
     def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return self.dense.index_select(0, rows)
-        part = self.g.take(rows.cpu().numpy())
-        out = torch.zeros(len(rows), self.n_labels)
-        out[torch.from_numpy(part.row_of_entry()), torch.from_numpy(part.indices)] = (
-            torch.from_numpy(part.values.astype(np.float32)))
-        return out.to(rows.device)
+        return self.g.take(rows.cpu().numpy()).to_dense(self.n_labels, rows.device)

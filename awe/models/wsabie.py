@@ -18,7 +18,7 @@ from awe.csr import Csr
 from awe.io.reader import Examples
 from awe.ranking.dots import gathered_dots
 from awe.ranking.topk import CandidateScores
-from awe.training.optim import renorm_rows
+from awe.training.optim import project_to_ball_, renorm_rows
 
 
 @dataclass(frozen=True)
@@ -207,8 +207,7 @@ class Wsabie(nn.Module):
     @torch.no_grad()
     def project_dense_u(self, max_norm: float) -> None:
         """Dense U is touched everywhere; its rows are the columns of Linear.weight."""
-        w = self.U.weight
-        w.mul_(max_norm / w.norm(dim=0).clamp(min=max_norm))
+        project_to_ball_(self.U.weight, max_norm, dim=0)
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hashlib
 import json
 import os
 from collections import deque
@@ -30,25 +29,25 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from awe import artifacts, dask_cluster
 from awe.affinity.g import AFFINITY_FILE, INDEX_FILE
+from awe.card import read_card
 from awe.csr import Csr
 from awe.dask_cluster import worker_cached
 from awe.errors import AweError, DataError
 from awe.io.reader import (
     Examples,
-    _dense_block,
-    _input_kind,
-    _is_list,
-    _label_block,
-    _sparse_block,
+    check_input_kind,
+    dense_block,
     file_schema,
+    invalid_rows,
     iter_row_group,
+    label_block,
     resolve_files,
     row_group_sizes,
+    sparse_block,
 )
 from awe.predict.predictor import Predictor
 from awe.ranking.topk import SCORES_PER_BATCH
@@ -60,7 +59,7 @@ def score_task(model_dir: str, fingerprint: str, options, file: str, number: int
     """Score one row group on a worker (the model loaded once per worker process)."""
 
     def load():
-        predictor, stage = load_predictor(model_dir, options.stage)
+        predictor, stage = load_predictor(model_dir, options.stage, options.screen)
         return RowGroupScorer(predictor, stage, options)
 
     scorer = worker_cached("score", (model_dir, fingerprint, options), load)
@@ -69,9 +68,8 @@ def score_task(model_dir: str, fingerprint: str, options, file: str, number: int
 METADATA_KEY = b"awe.score"
 REJECTS_SUFFIX = ".rejects.parquet"
 STAGES = ("wsabie", "awe")
-DEFAULT_BATCH_ROWS = 4096
+SCORE_BATCH_ROWS = 4096  # rows scored at a time (one record batch of the input)
 REJECT_COLUMNS = ("file", "row", "column", "reason")
-_FINGERPRINT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,11 @@ class ScoreOptions:
     stage: str | None = None  # wsabie | awe; None: the newest the model has
     id_cols: tuple[str, ...] | None = None  # None: the model's id column, when the file has it
     exclude_col: str | None = None  # None: the model's exclude column, when the file has it
-    batch_rows: int = DEFAULT_BATCH_ROWS
+    batch_rows: int = SCORE_BATCH_ROWS
     skip_invalid: bool = False
+    # rank through bfloat16 products (awe.ranking.screen; the same labels, scores to float32
+    # rounding); None: where the CPU has them natively. Recorded as decided.
+    screen: bool | None = None
     overwrite: bool = False  # not recorded: how to run, not what is written
     threads: int | None = None  # not recorded: the bytes do not depend on it
 
@@ -150,29 +151,22 @@ def model_fingerprint(model_dir, stage: str) -> str:
     Retraining or rebuilding G changes it; copying the model directory does not."""
 
     model_dir = Path(model_dir)
-    config = artifacts.read_json(model_dir / artifacts.CONFIG)
+    config = read_card(model_dir).to_dict()
     sections = ["schema", "n_labels", "label_kind", "stage1"]
     files = [artifacts.LABELS, artifacts.WSABIE_WEIGHTS]
     if stage == "awe":
         sections += ["stage2", "stage3"]
         files += [INDEX_FILE, AFFINITY_FILE, artifacts.AWE_WEIGHTS]
-    h = hashlib.sha256(json.dumps({s: config.get(s) for s in sections}, sort_keys=True,
-                                  default=str).encode())
-    h.update(stage.encode())
+    digest = artifacts.Digest().json({s: config.get(s) for s in sections}).text(stage)
     for name in files:
-        try:
-            with open(model_dir / name, "rb") as fh:
-                while chunk := fh.read(_FINGERPRINT_CHUNK):
-                    h.update(chunk)
-        except FileNotFoundError as exc:
-            raise AweError(f"{model_dir / name}: missing file; train the model again") from exc
-    return h.hexdigest()[:16]
+        digest.file(model_dir / name)
+    return digest.hex()
 
 
-def load_predictor(model_dir, stage: str | None):
+def load_predictor(model_dir, stage: str | None, screen: bool | None = None):
     """The model directory's :class:`Predictor` and the stage it scores with."""
 
-    predictor = Predictor(model_dir)
+    predictor = Predictor(model_dir, screen=screen)
     stage = stage or predictor.newest()
     predictor.check_rows([stage])
     return predictor, stage
@@ -356,78 +350,13 @@ def scoring_examples(batch: pa.RecordBatch, schema, vocab, file: Path, offset: i
     n = batch.num_rows
     dense = sparse = None
     if schema.kind == "dense":
-        dense = _dense_block(batch, schema, file, offset)
+        dense = dense_block(batch, schema, file, offset)
     else:
-        sparse = _sparse_block(batch, schema, file, offset)
+        sparse = sparse_block(batch, schema, file, offset)
     excluded = None
     if exclude is not None:
-        excluded = _label_block(batch, exclude, vocab, file, offset, required=False)[0]
+        excluded = label_block(batch, exclude, vocab, file, offset, required=False)[0]
     return Examples(schema, dense, sparse, Csr.empty(n), np.zeros(n, dtype=np.int64), excluded)
-
-
-def invalid_rows(batch: pa.RecordBatch, schema) -> tuple[np.ndarray, list[str], list[str]]:
-    """Rows whose features cannot be scored: (row positions, column, reason), vectorised.
-
-    A problem of a whole column (missing, not a list of numbers) is no row's: it stays an error.
-    """
-    n = batch.num_rows
-    marked = np.zeros(n, dtype=bool)  # the first problem found is the row's reason
-    reason = np.full(n, "", dtype=object)
-    column = np.full(n, "", dtype=object)
-
-    def mark(rows: np.ndarray, name: str, text: str) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
-        rows = rows[~marked[rows]]
-        marked[rows] = True
-        reason[rows], column[rows] = text, name
-
-    def parts(name: str, numeric: str):
-        idx = batch.schema.get_field_index(name)
-        if idx < 0:
-            return None
-        arr = batch.column(idx)
-        if not _is_list(arr.type):
-            return None  # a column-wide problem: scoring_examples reports it
-        mark(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)), name, "null value")
-        lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
-        flat = pc.list_flatten(arr)
-        parent = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-        ok = (pa.types.is_integer(flat.type) if numeric == "int"
-              else pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type))
-        if not ok:
-            return None
-        nulls = flat.is_null().to_numpy(zero_copy_only=False)
-        mark(parent[nulls], name, "null inside the list")
-        values = flat.fill_null(0).to_numpy(zero_copy_only=False)
-        return np.asarray(lengths, dtype=np.int64), values, parent
-
-    cols = schema.columns
-    if schema.kind == "dense":
-        got = parts(cols.features, "float")
-        if got is not None:
-            lengths, values, parent = got
-            mark(np.flatnonzero(lengths != schema.n_features), cols.features,
-                 f"wrong number of features (expected {schema.n_features})")
-            with np.errstate(over="ignore", invalid="ignore"):
-                finite = np.isfinite(values.astype(np.float32))
-            mark(parent[~finite], cols.features, "NaN or infinite feature value")
-    else:
-        got = parts(cols.feature_ids, "int")
-        if got is not None:
-            id_lengths, ids, parent = got
-            out_of_range = (ids < 0) | (ids >= schema.n_features)
-            mark(parent[out_of_range], cols.feature_ids,
-                 f"feature id out of range (the model knows 0..{schema.n_features - 1})")
-            got = parts(cols.feature_values, "float")
-            if got is not None:
-                lengths, values, parent = got
-                mark(np.flatnonzero(lengths != id_lengths), cols.feature_values,
-                     "not one value per feature id")
-                with np.errstate(over="ignore", invalid="ignore"):
-                    finite = np.isfinite(values.astype(np.float32))
-                mark(parent[~finite], cols.feature_values, "NaN or infinite feature value")
-    bad = np.flatnonzero(marked)
-    return bad, column[bad].tolist(), reason[bad].tolist()
 
 
 # ----------------------------------------------------------------------------- files
@@ -537,20 +466,16 @@ class JobWriter:
     def __init__(self, job: Job, schema: pa.Schema):
         self.job, self.schema, self.rejected, self.rows = job, schema, 0, 0
         remove_stale_temporaries(job.target)
-        self._out = self._temporary(job.target)
+        self._out = artifacts.AtomicFile(job.target)
         # a dictionary for the label names only (they repeat; ids and float scores do not, and
         # trying one for them cost more than the rest of the write), the scores split by byte
         # (they compress): 200k rows x top-10 written in 0.15 s instead of 0.37, 40% smaller
         self._writer = pq.ParquetWriter(
-            self._out, schema, write_page_checksum=True,
+            self._out.tmp, schema, write_page_checksum=True,
             use_dictionary=["labels.list.element"],
             column_encoding={"scores.list.element": "BYTE_STREAM_SPLIT"})
-        self._rejects_tmp: Path | None = None
+        self._rejects: artifacts.AtomicFile | None = None
         self._rejects_writer = None
-
-    @staticmethod
-    def _temporary(path: Path) -> Path:
-        return artifacts.temporary_next_to(path)
 
     def write(self, table: pa.Table, rejects: pa.Table | None) -> None:
         if table.num_rows:
@@ -558,8 +483,8 @@ class JobWriter:
             self.rows += table.num_rows
         if rejects is not None and rejects.num_rows:
             if self._rejects_writer is None:
-                self._rejects_tmp = self._temporary(self.job.rejects)
-                self._rejects_writer = pq.ParquetWriter(self._rejects_tmp, rejects.schema)
+                self._rejects = artifacts.AtomicFile(self.job.rejects)
+                self._rejects_writer = pq.ParquetWriter(self._rejects.tmp, rejects.schema)
             self._rejects_writer.write_table(rejects.cast(self._rejects_writer.schema))
             self.rejected += rejects.num_rows
 
@@ -569,13 +494,11 @@ class JobWriter:
         written = []
         if self._rejects_writer is not None:
             self._rejects_writer.close()
-            _fsync(self._rejects_tmp)
-            os.replace(self._rejects_tmp, self.job.rejects)
+            self._rejects.commit()
             written.append(self.job.rejects)
         else:  # no rejects now: one from an earlier run would describe another output
             self.job.rejects.unlink(missing_ok=True)
-        _fsync(self._out)
-        os.replace(self._out, self.job.target)
+        self._out.commit()
         return [self.job.target, *written]
 
     def abort(self) -> None:
@@ -583,14 +506,9 @@ class JobWriter:
             if writer is not None:
                 with contextlib.suppress(Exception):
                     writer.close()
-        for tmp in (self._out, self._rejects_tmp):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+        for file in (self._out, self._rejects):
+            if file is not None:
+                file.discard()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -607,15 +525,11 @@ def score_files(input_path, model_dir, out, options: ScoreOptions = ScoreOptions
     output is the same bytes.
     """
 
-    predictor, stage = load_predictor(model_dir, options.stage)
-    options = replace(options, stage=stage)
+    predictor, stage = load_predictor(model_dir, options.stage, options.screen)
+    options = replace(options, stage=stage, screen=predictor.screen)
     fingerprint = model_fingerprint(model_dir, stage)
     jobs = plan_jobs(input_path, out)
-    kind = _input_kind(jobs[0].source, predictor.schema.columns)
-    if kind != predictor.schema.kind:
-        raise DataError(f"the model was trained on {predictor.schema.kind} features but this "
-                        f"file has {kind} ones", file=str(jobs[0].source),
-                        hint="use a model trained on the same kind of features")
+    check_input_kind([jobs[0].source], predictor.schema)
     summary = ScoreSummary()
     scorer = RowGroupScorer(predictor, stage, options)
     todo = []
@@ -724,11 +638,12 @@ def score_table(model_dir, data, options: ScoreOptions = ScoreOptions(), predict
     """Scores of in-memory rows (a pyarrow Table) or of parquet files (path, directory, glob),
     as one pyarrow Table in input order (the rows of all files, for a path)."""
     if predictor is None:
-        predictor, stage = load_predictor(model_dir, options.stage)
+        predictor, stage = load_predictor(model_dir, options.stage, options.screen)
     else:
         stage = options.stage or predictor.newest()
         predictor.check_rows([stage])
-    scorer = RowGroupScorer(predictor, stage, replace(options, stage=stage))
+    scorer = RowGroupScorer(predictor, stage,
+                            replace(options, stage=stage, screen=predictor.screen))
     if isinstance(data, pa.Table):
         where = Path("<rows>")
         _, ids, exclude = scorer.columns_of(data.schema.names)

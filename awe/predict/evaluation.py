@@ -14,7 +14,7 @@ from awe.ranking.topk import SCORES_PER_BATCH
 
 def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] | None = None,
                    threads: int | None = None, batch_rows: int = 2048, train_path=None,
-                   ) -> dict[str, dict[str, float]]:
+                   screen: bool | None = None) -> dict[str, dict[str, float]]:
     """Metrics of each row of the paper's table on ``test_path``: {row: {metric: value}}.
 
     ``rows`` default to every row the model directory supports (see ``awe.score.ROWS``).
@@ -22,7 +22,7 @@ def evaluate_model(model_dir, test_path, ks: Sequence[int], rows: Sequence[str] 
 
     if threads:
         torch.set_num_threads(threads)
-    predictor = Predictor(model_dir, train_path=train_path)
+    predictor = Predictor(model_dir, train_path=train_path, screen=screen)
     rows = list(rows) if rows else predictor.available()
     predictor.check_rows(rows)
     test = load_examples(test_path, predictor.schema, predictor.vocab, require_labels=False)

@@ -22,8 +22,8 @@ from awe.io.reader import Examples
 from awe.models.affinity_wsabie import awe_ranking_scores
 from awe.models.saved import load_awe, load_wsabie
 from awe.models.wsabie import batch_inputs
-from awe.ranking import screen
-from awe.ranking.topk import ranked_top_k
+from awe.ranking import screen as screen_lib
+from awe.ranking.topk import ranked_batches
 
 ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
 
@@ -31,19 +31,24 @@ ROWS = ("knn-input", "knn-wsabie", "wsabie", "awe")
 class Predictor:
     """A loaded model directory that scores batches of rows; baselines are built on demand."""
 
-    def __init__(self, model_dir, train_path=None, device: str = "cpu"):
+    def __init__(self, model_dir, train_path=None, device: str = "cpu",
+                 screen: bool | None = None):
+        """``screen``: rank the Wsabie stage (and AWE rows short of G labels) through bfloat16
+        products on CPU (:mod:`awe.ranking.screen`); None: where the CPU has them natively.
+        The same labels either way; :attr:`screen` is what was decided."""
 
         self.model_dir = Path(model_dir)
         saved = load_wsabie(self.model_dir)
-        self.schema, self.vocab, self.config = saved.schema, saved.vocab, saved.config
+        self.schema, self.vocab, self.card = saved.schema, saved.vocab, saved.card
         self.wsabie = saved.model.to(device)
         self.device = device
-        stage2 = self.config.get("stage2")
+        self.screen = device == "cpu" and screen_lib.use_screen(screen)
+        stage2 = self.card.stage2
         self.affinity = None if stage2 is None else Affinity.load(self.model_dir, stage2)
         self.awe = None
-        if "stage3" in self.config:
-            self.awe = load_awe(self.model_dir, self.config).to(device)
-        self.train_path = train_path or (stage2 or {}).get("train_path")
+        if self.card.stage3 is not None:
+            self.awe = load_awe(self.model_dir, self.card).to(device)
+        self.train_path = train_path or (stage2.train_path if stage2 is not None else None)
         self._baselines: dict = {}  # knn rows built on demand: space -> Affinity
         self._g_cache: tuple | None = None
         self._screens: dict = {}  # stage -> the bfloat16 copy of its labels (awe.screen)
@@ -80,18 +85,20 @@ class Predictor:
             return self.wsabie.all_scores(self.wsabie.embed(batch_inputs(examples, rows,
                                                                          self.device)))
         if kind == "knn-input":
-            return self._dense(self.input_affinity().rows_affinity(examples, rows), len(rows))
+            g = self.input_affinity().rows_affinity(examples, rows)
+            return g.to_dense(self.n_labels, self.device)
         if kind == "knn-wsabie" and self.wsabie_affinity() is not self.affinity:
-            return self._dense(self.wsabie_affinity().rows_affinity(examples, rows), len(rows))
+            g = self.wsabie_affinity().rows_affinity(examples, rows)
+            return g.to_dense(self.n_labels, self.device)
         if kind == "knn-wsabie":
-            return self._dense(self.affinity_rows(examples, rows), len(rows))
+            return self.affinity_rows(examples, rows).to_dense(self.n_labels, self.device)
         if kind == "awe":
             return self._awe_scores(self.affinity_rows(examples, rows),
                                     self.awe.embed(batch_inputs(examples, rows, self.device)))
         raise AweError(f"unknown row {kind!r}: choose from {', '.join(ROWS)}")
 
     def _awe_scores(self, g: Csr, e: torch.Tensor) -> torch.Tensor:
-        return awe_ranking_scores(self._dense(g, g.n_rows) + self.awe.bias,
+        return awe_ranking_scores(g.to_dense(self.n_labels, self.device) + self.awe.bias,
                                   self.awe.all_scores_plain(e))
 
     @torch.no_grad()
@@ -102,10 +109,10 @@ class Predictor:
         for ``awe`` with b = 0 G's labels, for ``wsabie`` with ``k`` (on CPUs with bfloat16
         products) the labels that can be in the top k (:mod:`awe.screen`; valid for any top k'
         <= k, with ``examples``' exclusions)."""
-        if kind == "wsabie" and k is not None and self.device == "cpu" and screen.enabled():
+        if kind == "wsabie" and k is not None and self.screen:
             e = self.wsabie.embed(batch_inputs(examples, rows, self.device))
             exclude = None if examples.exclude is None else examples.exclude.take(rows)
-            found = screen.screened_scores(e, self._screen_table(), k, exclude,
+            found = screen_lib.screened_scores(e, self._screen_table(), k, exclude,
                                            lambda short: self.wsabie.all_scores(e[short]))
             return self.wsabie.all_scores(e) if found is None else found
         if kind != "awe":
@@ -115,21 +122,21 @@ class Predictor:
         candidates = self.awe.candidate_scores(e, torch.from_numpy(np.asarray(rows)), g)
         if candidates is None:
             return self._awe_scores(g, e)
-        if k is not None and self.device == "cpu" and screen.enabled():
+        if k is not None and self.screen:
             # rows with fewer than k G labels: the others by stage 3's plain score, screened
             # (the table is built on the first short row: ~50 ms at L = 21,000)
-            candidates.rest = lambda at, exclude, k_rest: screen.screened_after_candidates(
+            candidates.rest = lambda at, exclude, k_rest: screen_lib.screened_after_candidates(
                 e.index_select(0, at), self._screen_table("awe"),
                 candidates.ids.index_select(0, at),
                 candidates.values.index_select(0, at), exclude, k_rest,
                 lambda where: candidates.dense(at.index_select(0, where)))
         return candidates
 
-    def _screen_table(self, stage: str = "wsabie") -> screen.ScreenTable:
+    def _screen_table(self, stage: str = "wsabie") -> screen_lib.ScreenTable:
         """The bfloat16 copy of a stage's labels [V | beta] (:mod:`awe.screen`), once."""
         if stage not in self._screens:
             model = self.wsabie if stage == "wsabie" else self.awe
-            self._screens[stage] = screen.ScreenTable(model.V.weight, model.label_bias)
+            self._screens[stage] = screen_lib.ScreenTable(model.V.weight, model.label_bias)
         return self._screens[stage]
 
     def affinity_rows(self, examples: Examples, rows: np.ndarray) -> Csr:
@@ -180,12 +187,6 @@ class Predictor:
                                    f"--train TRAIN") from exc
         return self._baselines[space]
 
-    def _dense(self, g: Csr, n_rows: int) -> torch.Tensor:
-        out = torch.zeros(n_rows, self.n_labels)
-        out[torch.from_numpy(g.row_of_entry()), torch.from_numpy(g.indices)] = torch.from_numpy(
-            g.values.astype(np.float32))
-        return out.to(self.device)
-
     # -- top k
     @torch.no_grad()
     def predict_table(self, examples: Examples, k: int = 10, kind: str | None = None,
@@ -200,11 +201,10 @@ class Predictor:
         if k < 1:
             raise AweError("--top-k must be >= 1")
         id_parts, score_parts, lengths = [], [], []
-        for start in range(0, len(examples), batch_rows):
-            rows = np.arange(start, min(start + batch_rows, len(examples)))
-            scores = self.ranking_scores(examples, rows, kind, k)
-            exclude = None if examples.exclude is None else examples.exclude.take(rows)
-            ids, values = (t.cpu().numpy() for t in ranked_top_k(scores, k, exclude))
+        for _, ids, values in ranked_batches(
+                lambda ex, rows: self.ranking_scores(ex, rows, kind, k), examples, k,
+                batch_rows):
+            ids, values = ids.cpu().numpy(), values.cpu().numpy()
             found = ids >= 0
             id_parts.append(ids[found])
             score_parts.append(values[found].astype(np.float32))

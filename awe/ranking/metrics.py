@@ -9,7 +9,7 @@ import torch
 
 from awe.csr import Csr, contains
 from awe.io.reader import Examples
-from awe.ranking.topk import ranked_top_k
+from awe.ranking.topk import ranked_batches
 
 METRICS = ("P", "R", "NDCG", "MAP")
 
@@ -75,11 +75,6 @@ def evaluate(score_rows: ScoreFn, examples: Examples, ks: Sequence[int],
     """Rank every label for every row with ``score_rows(examples, rows)`` (-> [B, L] scores or
     :class:`CandidateScores`) and score it."""
     metrics = RankingMetrics(ks)
-    kmax = max(metrics.ks)
-    for start in range(0, len(examples), batch_rows):
-        rows = np.arange(start, min(start + batch_rows, len(examples)))
-        scores = score_rows(examples, rows)
-        exclude = None if examples.exclude is None else examples.exclude.take(rows)
-        ids, _ = ranked_top_k(scores, kmax, exclude)
+    for rows, ids, _ in ranked_batches(score_rows, examples, max(metrics.ks), batch_rows):
         metrics.update(ids.cpu().numpy(), examples.labels.take(rows), examples.n_unknown[rows])
     return metrics.result()

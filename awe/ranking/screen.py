@@ -54,19 +54,11 @@ PAD_ROWS = 32
 MAX_SAFE = 1e37                # ||e|| max ||V_y|| beyond this: float32 sums could overflow
 
 
-_ENABLED: bool | None = None     # None: decided on first use (tests set it)
-
-
-def enabled() -> bool:
-    """Whether :func:`screened_scores` is worth running here: CPUs with native bfloat16
-    products (elsewhere torch emulates them, slower than the float32 product)."""
-    global _ENABLED
-    if _ENABLED is None:
-        import os
-
-
-        _ENABLED = native_bf16() and os.environ.get("AWE_BF16_SCREEN", "1") != "0"
-    return _ENABLED
+def use_screen(requested: bool | None) -> bool:
+    """Whether to rank through :func:`screened_scores`: as ``requested``; None (automatic):
+    on CPUs with native bfloat16 products (elsewhere torch emulates them, slower than the
+    float32 product). Either way the ranking is the float32 one."""
+    return native_bf16() if requested is None else bool(requested)
 
 
 def pad_width() -> int:

@@ -8,13 +8,14 @@ label id, so results never depend on the sort's whim.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from awe.csr import Csr, contains, pad_rows
+from awe.io.reader import Examples
 
 # rows x labels ranked at once where memory is bounded (`awe eval` at large L, validation when
 # streaming, `awe score`): 8M float32 scores, 32 MB a [rows, labels] temporary (21k labels: 399
@@ -52,6 +53,20 @@ class CandidateScores:
     # None returned: ``dense``
     rest: Callable[[torch.Tensor, Csr | None, int],
                    tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+
+def ranked_batches(score_rows: Callable[[Examples, np.ndarray], torch.Tensor | CandidateScores],
+                   examples: Examples, k: int, batch_rows: int,
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(rows, top-k label ids, their scores) of every batch of ``batch_rows`` rows of
+    ``examples``, ranked by ``score_rows(examples, rows)`` without each row's ``exclude`` labels
+    (:func:`ranked_top_k`): the ranking loop of ``awe eval`` and ``awe score``."""
+    for start in range(0, len(examples), batch_rows):
+        rows = np.arange(start, min(start + batch_rows, len(examples)))
+        scores = score_rows(examples, rows)
+        exclude = None if examples.exclude is None else examples.exclude.take(rows)
+        ids, values = ranked_top_k(scores, k, exclude)
+        yield rows, ids, values
 
 
 def ranked_top_k(scores: torch.Tensor | CandidateScores, k: int,

@@ -80,7 +80,7 @@ class RowOptimizer:
         else:
             part.add_(g, alpha=-self.lr)
         if max_norm is not None:
-            part.mul_(max_norm / part.norm(dim=1, keepdim=True).clamp_(min=max_norm))
+            project_to_ball_(part, max_norm)
         w.index_copy_(0, uniq, part)
 
     @torch.no_grad()
@@ -100,9 +100,7 @@ class RowOptimizer:
             self._project(touched, max_norm)
 
     def _project(self, touched: torch.Tensor, max_norm: float) -> None:
-        w = self.weight
-        scale = max_norm / w.norm(dim=1).clamp_(min=max_norm)
-        w.mul_(scale.masked_fill_(~touched, 1.0).unsqueeze(1))
+        project_to_ball_(self.weight, max_norm, where=touched)
 
     def _update(self, w: torch.Tensor, g: torch.Tensor, acc: torch.Tensor | None) -> None:
         if acc is None:
@@ -120,6 +118,14 @@ def renorm_rows(weight: torch.Tensor, rows: torch.Tensor | None, max_norm: float
     if rows is None or rows.numel() == 0:
         return
     # duplicate rows get identical values, so index_copy_ stays deterministic without unique()
-    sub = weight.index_select(0, rows)
-    sub.mul_(max_norm / sub.norm(dim=1, keepdim=True).clamp_(min=max_norm))
-    weight.index_copy_(0, rows, sub)
+    weight.index_copy_(0, rows, project_to_ball_(weight.index_select(0, rows), max_norm))
+
+
+def project_to_ball_(weight: torch.Tensor, max_norm: float, dim: int = 1,
+                     where: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale every row (``dim=1``; ``dim=0``: every column) of ``weight`` to norm <= ``max_norm``,
+    in place: the paper's max-norm regulariser. ``where`` (bool, one per row): only those rows."""
+    scale = max_norm / weight.norm(dim=dim, keepdim=True).clamp_(min=max_norm)
+    if where is not None:
+        scale.masked_fill_(~where.view(scale.shape), 1.0)
+    return weight.mul_(scale)
