@@ -350,11 +350,11 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             if world.is_main:
                 if streaming:  # the rows are read again, only their embeddings kept
                     affinity, g_train, stats = build_affinity_streamed(
-                        train_path, saved.schema, saved.vocab, affinity.config,
+                        train_path, saved.schema, saved.vocab, affinity.rebuild_config(),
                         start["U"].clone(), start["V"].clone(), model_dir)
                 else:
                     affinity, g_train, stats = build_affinity(
-                        train, len(saved.vocab), affinity.config, start["U"].clone(),
+                        train, len(saved.vocab), affinity.rebuild_config(), start["U"].clone(),
                         start["V"].clone())
                 written += write_stage2(model_dir, affinity, g_train, stats,
                                         saved.config["stage2"].get("train_path",

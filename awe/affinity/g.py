@@ -113,8 +113,11 @@ class AffinityConfig:
 
     def index_config(self):
 
+        # calibrated for recall@n at G's own n (before ``resolved``: the paper's 20)
+        n = self.neighbors if isinstance(self.neighbors, int) else IndexConfig.calibrate_n
         return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
-                           rerank=self.rerank, target_recall=self.target_recall, seed=self.seed)
+                           rerank=self.rerank, target_recall=self.target_recall,
+                           calibrate_n=n, seed=self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +142,14 @@ class Affinity:
     embed_u: torch.Tensor | None  # n_features x D (Wsabie space); None in input space
     label_vectors: torch.Tensor | None  # V for the soft label kernel
     n_labels: int
+    # the options set from the data (lam, label_lambda): a G built from another embedding
+    # estimates them again (:meth:`rebuild_config`)
+    estimated: tuple[str, ...] = ()
+
+    def rebuild_config(self) -> AffinityConfig:
+        """The options of a G over another embedding of the same rows (a further round): these,
+        with every value that was estimated from this embedding's distances left to estimate."""
+        return replace(self.config, **{name: None for name in self.estimated})
 
     # -- query vectors
     def query_vectors(self, examples: Examples, rows: np.ndarray) -> np.ndarray:
@@ -202,7 +213,8 @@ class Affinity:
         return {"config": self.config.to_dict(), "index": {"kind": self.index.kind,
                                                            **self.index.params},
                 "n_rows": self.index.n_rows, "n_labels": self.n_labels,
-                "train_digest": labels_digest(self.train_labels), "fingerprint": fingerprint}
+                "train_digest": labels_digest(self.train_labels), "fingerprint": fingerprint,
+                "estimated": list(self.estimated)}
 
     @classmethod
     def load(cls, model_dir: Path, section: dict, with_train_g: bool = False,
@@ -225,8 +237,10 @@ class Affinity:
         except KeyError as exc:
             raise AweError(f"{model_dir / AFFINITY_FILE}: missing {exc}; run `awe build-g` "
                            f"again") from exc
+        estimated = tuple(name for name in section.get("estimated", ())
+                          if name in ("lam", "label_lambda"))
         affinity = cls(config, index, labels, norms, tensors.get("embed_U"),
-                       tensors.get("label_V"), n_labels)
+                       tensors.get("label_V"), n_labels, estimated)
         if (labels.n_rows != index.n_rows or len(norms) != index.n_rows
                 or affinity.fingerprint() != section.get("fingerprint")):
             raise AweError(f"{model_dir}: the neighbour index and the stage-2 files do not match "
@@ -356,16 +370,19 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     else:
         sq_dists, ids = index.search(vectors[searched], config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
-    resolved = config
+    resolved, estimated = config, []
     if config.lam is None:
         resolved = replace(resolved, lam=default_lambda(sq_dists))
+        estimated.append("lam")
     if config.label_kernel == "embedding" and config.label_lambda is None:
         resolved = replace(resolved, label_lambda=default_label_lambda(label_vectors))
+        estimated.append("label_lambda")
     sq_norms = np.concatenate([  # in chunks: a float64 copy of all vectors would double them
         (vectors[s:s + config.batch_rows].astype(np.float64) ** 2).sum(1).astype(np.float32)
         for s in range(0, n, config.batch_rows)])
     affinity = Affinity(resolved, index, labels, sq_norms, embed_u,
-                        label_vectors if config.label_kernel == "embedding" else None, n_labels)
+                        label_vectors if config.label_kernel == "embedding" else None, n_labels,
+                        tuple(estimated))
     g_train = None
     if train_g:
         g_train = Csr.concat([

@@ -147,11 +147,12 @@ class Predictor:
 
     def wsabie_affinity(self):
         """The knn-wsabie baseline: G over stage-1 (Wsabie) embedding neighbours. It is the
-        stage-2 G itself unless that was built in input space (``--space input``)."""
+        stage-2 G itself unless that was built in input space (``--space input``) or from a
+        later round's U' (``awe retrain --rounds``)."""
         return self._baseline_affinity("wsabie")
 
     def _baseline_affinity(self, space: str):
-        if self.affinity.config.space == space:
+        if self.affinity.config.space == space and (space == "input" or self._stage1_space()):
             return self.affinity
         if space not in self._baselines:
             import tempfile
@@ -179,6 +180,13 @@ class Predictor:
                     raise AweError(f"the {row} row searches the training rows: {exc}; pass "
                                    f"--train TRAIN") from exc
         return self._baselines[space]
+
+    def _stage1_space(self) -> bool:
+        """Whether the stage-2 G searches stage 1's embedding (after a further round of
+        `awe retrain` it searches U', which the knn-wsabie row must not)."""
+        embed_u = self.affinity.embed_u
+        return embed_u is not None and torch.equal(embed_u,
+                                                   self.wsabie.u_matrix().detach().cpu())
 
     def _dense(self, g: Csr, n_rows: int) -> torch.Tensor:
         out = torch.zeros(n_rows, self.n_labels)
