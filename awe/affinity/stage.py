@@ -21,6 +21,7 @@ from awe.affinity.g import (
 )
 from awe.csr import Csr
 from awe.errors import AweError, DataError
+from awe.io.holdout import Holdout, kept_rows, training_labels
 from awe.io.reader import (
     _input_kind,
     _wanted,
@@ -132,9 +133,11 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
     config = config.resolved(saved.config["stage1"]["train"].get("task"))
+    holdout = validation_holdout(saved.config)
     if cluster is None:
         affinity, g_train, stats = build_affinity_streamed(
-            train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
+            train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir,
+            holdout=holdout)
     else:
         import shutil
         import tempfile
@@ -145,28 +148,49 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
             try:
                 affinity, g_train, stats = build_affinity_streamed(
                     train_path, saved.schema, saved.vocab, config, embed_u, label_vectors,
-                    model_dir, search_all=sharded_search(client, scratch,
-                                                                      config.threads))
+                    model_dir, search_all=sharded_search(client, scratch, config.threads),
+                    holdout=holdout)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
     return stats, written
 
 
+def validation_holdout(model_config: dict) -> Holdout | None:
+    """The validation rows stage 1 carved and never trained on (None: there are none); G is
+    built over the other rows, so a validation row's G is found as a new row's."""
+    holdout = Holdout.from_dict(model_config.get("stage1", {}).get("holdout"))
+    return holdout if holdout is not None and holdout.unseen else None
+
+
 def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                             embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
                             scratch_dir: Path, search_all=None, train_g: bool = True,
+                            holdout: Holdout | None = None,
                             ) -> tuple[Affinity, Csr | None, dict]:
-    """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result)."""
+    """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result).
+
+    ``holdout``: its validation rows (annotation) or held-out labels (recommendation) are left
+    out of the index and the label store."""
     if config.space == "input":
         embed_u = None
 
     n_rows = sum(s.n_rows for s in list_shards(resolve_files(train_path)))
-    _check_build(schema, n_rows, config, embed_u, label_vectors)
+    _check_build(schema, n_rows - (holdout.held if holdout and holdout.task == "annotation"
+                                   else 0), config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir)
     try:
+        if holdout is not None:
+            held = holdout.again(labels, train_path)
+            keep = kept_rows(len(vectors), held, holdout.task)
+            labels = training_labels(labels, held, holdout.task)
+            if len(keep) < len(vectors):  # in place: keep is sorted, so no row is overwritten
+                for s in range(0, len(keep), config.batch_rows):  # before it is read
+                    chunk = keep[s:s + config.batch_rows]
+                    vectors[s:s + len(chunk)] = vectors[chunk]
+                vectors = vectors[:len(keep)]
         if mapped is not None:
             vectors.flush()  # workers of the Dask path read the file
         return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
@@ -193,6 +217,9 @@ def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
     with artifacts.staged(model_dir) as stage:
         section = affinity.save(stage, g_train)
         section.update({"train_path": train_path, "source": source})
+        holdout = validation_holdout(config)
+        if holdout is not None:  # the rows G is built over: all but these
+            section["holdout"] = holdout.digest
         if stale or "stage2" in config:
             artifacts.write_json(model_dir / artifacts.CONFIG,
                                  {k: v for k, v in config.items() if k != "stage2"})

@@ -27,8 +27,11 @@ class SavedModel:
 
 
 def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab: LabelVocab,
-                train_config: dict, extra: dict | None = None) -> list[Path]:
-    """Write labels.json, wsabie.safetensors and config.json (last: it marks the model complete)."""
+                train_config: dict, extra: dict | None = None, holdout: dict | None = None,
+                ) -> list[Path]:
+    """Write labels.json, wsabie.safetensors and config.json (last: it marks the model complete).
+    ``holdout``: the validation rows carved from the training rows (:class:`awe.io.holdout.
+    Holdout`), recorded in the stage1 section for the later stages."""
     model_dir = Path(model_dir)
     config = {
         "format_version": artifacts.FORMAT_VERSION,
@@ -36,7 +39,7 @@ def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab
         "n_labels": len(vocab),
         "label_kind": vocab.kind,
         "stage1": {"model": asdict(model.shape), "label_bias": model.label_bias is not None,
-                   "train": train_config},
+                   "train": train_config, **({"holdout": holdout} if holdout else {})},
         "versions": artifacts.library_versions(),
         **(extra or {}),
     }

@@ -38,7 +38,9 @@ class TrainConfig:
     valid_fraction: float = 0.0
     valid_k: int | None = None  # P@k picking the best epoch: 1 (annotation), 10 (recommendation)
     patience: int = 10
-    refit: bool = True  # after picking the epoch on a held-out fraction, retrain on all rows
+    # after every choice is made on the held-out rows, retrain on all rows with the chosen
+    # epochs (stage 1: the later stages then have no unseen rows; docs/validation.md)
+    refit: bool = False
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
