@@ -20,6 +20,7 @@ from awe.io.holdout import Holdout
 from awe.io.reader import Columns, load_examples, scan
 from awe.pipeline import retrain_awe, train_wsabie
 from awe.predict.evaluation import evaluate_model
+from awe.predict.predictor import Predictor
 from awe.training.config import STAGE3_DEFAULTS, TrainConfig
 from tests.test_affinity import write_clusters
 
@@ -72,6 +73,10 @@ def test_annotation_validation_rows_never_enter_any_stage(tmp_path, fits):
     np.testing.assert_array_equal(valid.affinity.indptr, want.indptr)
     np.testing.assert_array_equal(valid.affinity.indices, want.indices)
     np.testing.assert_allclose(valid.affinity.values, want.values, rtol=1e-6)
+    # the baselines search the rows the awe row's G searches
+    predictor = Predictor(model)
+    assert predictor.input_affinity().index.n_rows == 300
+    assert predictor.wsabie_affinity().index.n_rows == 300
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["wsabie"]["valid_rows"] == metrics["awe"]["valid_rows"] == 100
     assert metrics["awe"]["validation"] == "holdout"
@@ -148,3 +153,24 @@ def test_stage_3_validation_estimates_test_precision(tmp_path):
     test = evaluate_model(model, tmp_path / "data" / "test.parquet", [1], rows=["awe"],
                           threads=1)["awe"]["P@1"]
     assert abs(valid - test) <= 0.03, (valid, test)
+
+
+def test_streamed_stages_hold_out_the_same_rows(tmp_path):
+    """With --shuffle-buffer the same rows are carved, indexed and validated on as in memory,
+    whichever way each stage reads them."""
+    data = write_clusters(tmp_path / "train.parquet", 400, 0)
+    seen = {}
+    for stage1, stage3 in ((None, 150), (150, None), (150, 150)):
+        model = tmp_path / f"m-{stage1}-{stage3}"
+        train_wsabie(data, model, TrainConfig(epochs=2, dim=8, valid_fraction=0.25,
+                                              shuffle_buffer=stage1))
+        build_g(data, model, AffinityConfig(neighbors=5, index="flat"))
+        retrain_awe(data, model, TrainConfig(epochs=1, lr=0.01, valid_fraction=0.25,
+                                             shuffle_buffer=stage3), rounds=2)
+        config = json.loads((model / "config.json").read_text())
+        metrics = json.loads((model / "metrics.json").read_text())
+        seen[stage1, stage3] = (config["stage1"]["holdout"]["digest"], config["stage2"]["n_rows"],
+                                metrics["wsabie"]["valid_rows"], metrics["awe"]["valid_rows"],
+                                metrics["awe"]["validation"])
+    assert len(set(seen.values())) == 1, seen
+    assert next(iter(seen.values()))[1:] == (300, 100, 100, "holdout")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from awe.affinity.g import Affinity
-from awe.affinity.stage import build_affinity_streamed
+from awe.affinity.stage import build_affinity_streamed, validation_holdout
 from awe.csr import Csr
 from awe.errors import AweError
 from awe.io.reader import Examples
@@ -175,11 +175,19 @@ class Predictor:
                 try:
                     self._baselines[space], _, _ = build_affinity_streamed(
                         self.train_path, self.schema, self.vocab, config, embed_u, None,
-                        Path(scratch), train_g=False)
+                        Path(scratch), train_g=False, holdout=self._holdout())
                 except AweError as exc:
                     raise AweError(f"the {row} row searches the training rows: {exc}; pass "
                                    f"--train TRAIN") from exc
         return self._baselines[space]
+
+    def _holdout(self):
+        """The validation rows G leaves out, which the baselines leave out too (same rows
+        searched as the awe row's G), when they search the rows G was built from."""
+        stage2 = self.config.get("stage2") or {}
+        if str(self.train_path) != str(stage2.get("train_path")):
+            return None
+        return validation_holdout(self.config)
 
     def _stage1_space(self) -> bool:
         """Whether the stage-2 G searches stage 1's embedding (after a further round of
