@@ -320,7 +320,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     train = _training_rows(train_path, saved.schema, saved.vocab, config)
     streaming = isinstance(train, ShuffleStream)
     all_rows, keep, valid = train, None, None
-    holdout = validation_holdout(saved.config)
+    holdout = validation_holdout(saved.config, built=True)
     train_labels = train.labels() if streaming else train.labels
     if holdout is not None:
         # stage 1's validation rows: no stage trained on them and G's index leaves them out, so
@@ -401,6 +401,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                     affinity, g_train, stats = build_affinity(
                         train, len(saved.vocab), affinity.rebuild_config(), start["U"].clone(),
                         start["V"].clone())
+                if holdout is not None:  # built over the training part only
+                    stats["holdout"] = holdout.digest
                 written += write_stage2(model_dir, affinity, g_train, stats,
                                         saved.config["stage2"].get("train_path",
                                                                    str(train_path)),

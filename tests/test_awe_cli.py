@@ -150,10 +150,10 @@ def test_python_api_fit_evaluate_predict_save_load(tmp_path, data):
 
 
 def test_api_refit_option_reaches_both_stages():
-    model = AWE(refit=False)
-    assert model.train_config.refit is False and model.retrain_config.refit is False
-    model = AWE(retrain={"refit": False})
-    assert model.train_config.refit is True and model.retrain_config.refit is False
+    model = AWE(refit=True)
+    assert model.train_config.refit is True and model.retrain_config.refit is True
+    model = AWE(retrain={"refit": True})
+    assert model.train_config.refit is False and model.retrain_config.refit is True
 
 
 def test_same_seed_same_awe_model(tmp_path, data):

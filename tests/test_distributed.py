@@ -209,7 +209,7 @@ CASES = {"train": _case_train, "resume": _case_resume, "stream": _case_stream,
          "retrain": _case_retrain, "diverge": _case_diverge}
 STREAM_CONFIG = replace(CONFIG, shuffle_buffer=1000, batch_size=256, epochs=10)
 STAGE3_CONFIG = replace(STAGE3_DEFAULTS, dim=CONFIG.dim, epochs=3,
-                        valid_fraction=0.1, seed=CONFIG.seed, threads=1)
+                        valid_fraction=0.1, refit=True, seed=CONFIG.seed, threads=1)
 
 
 def stream_of(shards) -> ShuffleStream:

@@ -128,13 +128,21 @@ def test_a_stage_refit_on_every_row_leaves_stage_3_no_unseen_rows(tmp_path):
     assert metrics["validation"] == "rows stage 1 trained on"
 
 
-def test_later_stages_refuse_other_training_rows(tmp_path):
+def test_g_over_other_rows_than_stage_1s_holds_none_out(tmp_path):
+    """G may be built over other rows than stage 1 trained on: none of them is held out, and
+    stage 3 on them has no unseen rows."""
     data = write_clusters(tmp_path / "train.parquet", 300, 0)
     other = write_clusters(tmp_path / "other.parquet", 310, 1)
     model = tmp_path / "m"
     train_wsabie(data, model, TrainConfig(epochs=1, dim=8, valid_fraction=0.2))
-    with pytest.raises(AweError, match="carved its validation rows"):
-        build_g(other, model, AffinityConfig(neighbors=5, index="flat"))
+    build_g(other, model, AffinityConfig(neighbors=5, index="flat"))
+    section = json.loads((model / "config.json").read_text())["stage2"]
+    assert section["n_rows"] == 310 and "holdout" not in section
+    with pytest.raises(AweError, match="not the training data G was built on"):
+        retrain_awe(data, model, TrainConfig(epochs=1, valid_fraction=0.2))
+    retrain_awe(other, model, TrainConfig(epochs=1, valid_fraction=0.2))
+    metrics = json.loads((model / "metrics.json").read_text())["awe"]
+    assert metrics["validation"] == "rows stage 1 trained on"
 
 
 @pytest.mark.slow

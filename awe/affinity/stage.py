@@ -156,11 +156,16 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
     return stats, written
 
 
-def validation_holdout(model_config: dict) -> Holdout | None:
+def validation_holdout(model_config: dict, built: bool = False) -> Holdout | None:
     """The validation rows stage 1 carved and never trained on (None: there are none); G is
-    built over the other rows, so a validation row's G is found as a new row's."""
+    built over the other rows, so a validation row's G is found as a new row's. ``built``: only
+    if the model's G was built so (not over rows other than stage 1's)."""
     holdout = Holdout.from_dict(model_config.get("stage1", {}).get("holdout"))
-    return holdout if holdout is not None and holdout.unseen else None
+    if holdout is None or not holdout.unseen:
+        return None
+    if built and (model_config.get("stage2") or {}).get("holdout") != holdout.digest:
+        return None
+    return holdout
 
 
 def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
@@ -182,8 +187,13 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir)
     try:
+        held = None
         if holdout is not None:
-            held = holdout.again(labels, train_path)
+            try:
+                held = holdout.again(labels, train_path)
+            except AweError:  # other rows than stage 1's: none of them was held out
+                holdout = None
+        if holdout is not None:
             keep = kept_rows(len(vectors), held, holdout.task)
             labels = training_labels(labels, held, holdout.task)
             if len(keep) < len(vectors):  # in place: keep is sorted, so no row is overwritten
@@ -193,8 +203,11 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                 vectors = vectors[:len(keep)]
         if mapped is not None:
             vectors.flush()  # workers of the Dask path read the file
-        return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
-                                     train_g, t0, search_all)
+        affinity, g_train, stats = affinity_from_vectors(
+            vectors, labels, len(vocab), config, embed_u, label_vectors, train_g, t0, search_all)
+        if holdout is not None:  # the rows G is built over: all but these
+            stats["holdout"] = holdout.digest
+        return affinity, g_train, stats
     finally:
         del vectors
         if mapped is not None:
@@ -217,9 +230,8 @@ def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
     with artifacts.staged(model_dir) as stage:
         section = affinity.save(stage, g_train)
         section.update({"train_path": train_path, "source": source})
-        holdout = validation_holdout(config)
-        if holdout is not None:  # the rows G is built over: all but these
-            section["holdout"] = holdout.digest
+        if stats.get("holdout"):  # the rows G is built over: all but stage 1's validation rows
+            section["holdout"] = stats["holdout"]
         if stale or "stage2" in config:
             artifacts.write_json(model_dir / artifacts.CONFIG,
                                  {k: v for k, v in config.items() if k != "stage2"})

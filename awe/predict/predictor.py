@@ -187,7 +187,7 @@ class Predictor:
         stage2 = self.config.get("stage2") or {}
         if str(self.train_path) != str(stage2.get("train_path")):
             return None
-        return validation_holdout(self.config)
+        return validation_holdout(self.config, built=True)
 
     def _stage1_space(self) -> bool:
         """Whether the stage-2 G searches stage 1's embedding (after a further round of
