@@ -247,7 +247,7 @@ class AWE:
     def _label_vectors(self, stage: str) -> torch.Tensor:
         if stage == "awe":
             return load_awe(self._require_dir(),
-                            load_wsabie(self._require_dir()).config).v_matrix().detach()
+                            load_wsabie(self._require_dir()).card).v_matrix().detach()
         return self.predictor().wsabie.v_matrix().detach()
 
     def _require_dir(self) -> Path:

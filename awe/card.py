@@ -37,10 +37,15 @@ class WsabieSection:
     label_bias: bool
     train: TrainConfig
     fingerprint: str = ""  # of the fields above; also in wsabie.safetensors' metadata
+    # the validation rows carved from the training rows (awe.io.holdout.Holdout.to_dict), which
+    # no stage trains on; None: no validation rows
+    holdout: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"model": asdict(self.model), "label_bias": self.label_bias,
              "train": self.train.to_dict()}
+        if self.holdout:
+            d["holdout"] = self.holdout
         return {**d, "fingerprint": self.fingerprint} if self.fingerprint else d
 
     def fingerprinted(self) -> WsabieSection:
@@ -50,7 +55,8 @@ class WsabieSection:
     @classmethod
     def from_dict(cls, d: dict) -> WsabieSection:
         return cls(_shape(d["model"]), bool(d.get("label_bias", False)),
-                   TrainConfig.from_dict(d["train"]), d.get("fingerprint", ""))
+                   TrainConfig.from_dict(d["train"]), d.get("fingerprint", ""),
+                   d.get("holdout"))
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from awe.affinity.g import (
     build_affinity,
     labels_digest,
 )
-from awe.affinity.stage import build_affinity_streamed, build_g, write_stage2
+from awe.affinity.stage import build_affinity_streamed, build_g, validation_holdout, write_stage2
 from awe.artifacts import tensor_digest
 from awe.card import read_card, write_card
 from awe.errors import AweError
-from awe.io.reader import Columns, Examples, load_examples, scan
-from awe.io.stream import ShuffleStream
+from awe.io.holdout import Holdout, expand_rows, holdout_split, kept_rows, split_held
+from awe.io.reader import Columns, Examples, concat_examples, load_examples, scan
+from awe.io.stream import STREAM_VALID_MAX, ShuffleStream
 from awe.models.affinity_wsabie import AffinityWsabie
 from awe.models.saved import load_wsabie, save_awe, save_wsabie
 from awe.models.wsabie import ModelShape, Wsabie
@@ -43,29 +44,34 @@ from awe.training.config import (
     resolve_device,
 )
 from awe.training.distributed import World
-from awe.training.holdout import holdout_split
 from awe.training.loop import FitResult, fit
 
 
 def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: TrainConfig,
                  valid: Examples | None = None, progress: bool = False,
-                 checkpoint: Checkpoint | None = None,
+                 checkpoint: Checkpoint | None = None, refit_rows: Examples | None = None,
+                 say: Callable[[str], None] | None = None,
                  ) -> tuple[Wsabie, FitResult, Examples, Examples | None]:
-    """Train a fresh model, picking the epoch on ``valid`` or on a held-out fraction.
+    """Train a fresh model, picking the epoch on ``valid``.
 
-    With ``config.valid_fraction`` (and no ``valid``) the held-out part picks the epoch, then a
-    new model learns from every row for that many epochs (``refit``). Returns the model, the
-    result, and the rows it trained and validated on. ``checkpoint``: its position names the
-    phase (select, refit); a resumed run skips the phases the interrupted one had finished.
+    ``refit_rows``: once the epoch is picked, a new model learns from these rows for that many
+    epochs (``--refit``). Without ``valid`` and with ``config.valid_fraction``, the rows are
+    carved from ``train`` here (and ``--refit`` refits on all of ``train``): only for a stage 3
+    whose stage 1 left no unseen rows (docs/validation.md). Returns the model, the result, and
+    the rows it trained and validated on. ``checkpoint``: its position names the phase (select,
+    refit); a resumed run skips the phases the interrupted one had finished. ``say`` names each
+    phase in the log.
     """
-    all_rows = train
+    say = say or (lambda _: None)
     if valid is None and config.valid_fraction > 0:
+        all_rows = train
         if isinstance(train, ShuffleStream):
             train, valid = train.split(config.valid_fraction, config.task, config.seed)
         else:
             train, valid = holdout_split(train, config.valid_fraction, config.task, config.seed)
+        refit_rows = all_rows if config.refit else None
     torch.manual_seed(config.seed)
-    refit = config.refit and all_rows is not train
+    refit = refit_rows is not None and valid is not None
     ck = checkpoint
     round_no = ck.position.get("round", 1) if ck is not None else 1
     if refit and ck is not None and ck.saved_at_or_after(round_no, "refit"):
@@ -75,13 +81,17 @@ def fit_selected(new_model: Callable[[], Wsabie], train: Examples, config: Train
             ck.position = {**ck.position, "phase": "select"}
             ck.outer.pop("select", None)
         model = new_model()
+        say(f"select: up to {config.epochs} epochs on {len(train)} rows, the best chosen on "
+            f"{len(valid)} validation rows" if valid is not None
+            else f"train: {config.epochs} epochs on {len(train)} rows (no validation rows)")
         result = fit(model, train, config, valid, progress=progress, checkpoint=ck)
     if refit:
         if ck is not None:
             ck.position = {**ck.position, "phase": "refit"}
             ck.outer["select"] = asdict(result)
         model = new_model()
-        refit = fit(model, all_rows, replace(config, epochs=result.best_epoch), None,
+        say(f"refit: {result.best_epoch} epochs (the best) on {len(refit_rows)} rows")
+        refit = fit(model, refit_rows, replace(config, epochs=result.best_epoch), None,
                     progress=progress, checkpoint=ck)
         for row in refit.history:
             row["phase"] = "refit"
@@ -189,13 +199,31 @@ def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: Worl
                                                     dtype=np.uint8)),
                "data": data_identity(train), "valid": data_identity(valid)}
         ck = open_checkpoint(model_dir, "wsabie", run, checkpoint_every, resume, report, world)
+    holdout, refit_rows = None, None
+    if valid is None and config.valid_fraction > 0:
+        # the validation rows of every stage, carved once (docs/validation.md)
+        if isinstance(train, ShuffleStream):
+            if config.task != "annotation":
+                raise AweError("--shuffle-buffer with --valid-fraction holds out whole rows, which "
+                               "suits annotation only; for recommendation pass --valid FILE, or "
+                               "train in memory (no --shuffle-buffer)")
+            holdout, held = Holdout.carve(train.n_total, config.valid_fraction, config.task,
+                                          config.seed, STREAM_VALID_MAX)
+            all_rows, (train, valid) = train, train.split_held(held)
+        else:
+            holdout, held = Holdout.carve(train.labels, config.valid_fraction, config.task,
+                                          config.seed)
+            all_rows, (train, valid) = train, split_held(train, held, config.task)
+        if config.refit:  # the held-out rows are then seen by stage 1: none left for stage 3
+            holdout, refit_rows = replace(holdout, refit=True), all_rows
     model, result, train, valid = fit_selected(
         lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed),
                        0.0 if label_bias else None),
-        train, config, valid, progress, ck)
+        train, config, valid, progress, ck, refit_rows, say=report if world.is_main else None)
     if not world.is_main:  # the model is rank 0's to write (the weights are the same)
         return result, []
-    written = save_wsabie(model_dir, model, found.schema, found.vocab, config)
+    written = save_wsabie(model_dir, model, found.schema, found.vocab, config,
+                          holdout=holdout.to_dict() if holdout is not None else None)
     history_path = Path(model_dir) / artifacts.HISTORY
     artifacts.write_csv(history_path, result.history)
     metrics_path = Path(model_dir) / artifacts.METRICS
@@ -304,17 +332,41 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     g_fingerprint = saved.card.stage2.fingerprint
     train = _training_rows(train_path, saved.schema, saved.vocab, config)
     streaming = isinstance(train, ShuffleStream)
-    _check_same_rows(len(train), train.labels() if streaming else train.labels, affinity,
-                     train_path, model_dir)
-    valid = None
+    all_rows, keep, valid = train, None, None
+    holdout = validation_holdout(saved.card, built=True)
+    train_labels = train.labels() if streaming else train.labels
+    if holdout is not None:
+        # stage 1's validation rows: no stage trained on them and G's index leaves them out, so
+        # their G is found as a new row's (docs/validation.md)
+        held = holdout.again(train.n_total if streaming else train_labels, train_path)
+        if streaming:
+            train, valid = train.split_held(held)
+            keep = kept_rows(all_rows.n_total, held, holdout.task)
+            train_labels = train_labels.take(keep)
+        else:
+            train, valid = split_held(train, held, holdout.task)
+            train_labels = train.labels
+    _check_same_rows(len(train), train_labels, affinity, train_path, model_dir)
+    validation = "holdout" if holdout is not None else None
     if valid_path is not None:
-        valid = load_examples(valid_path, saved.schema, saved.vocab, require_labels=False)
-    if auto_rounds and ((valid is None and not config.valid_fraction > 0)
-                        or (valid is None and config.task == "recommendation")):
-        # nothing to choose the rounds on; or held-out labels of rows whose U' (refit on every
+        valid, validation = load_examples(valid_path, saved.schema, saved.vocab,
+                                          require_labels=False), "file"
+    elif holdout is None and config.valid_fraction > 0:
+        # stage 1 trained on every row (--valid FILE, no --valid-fraction, or --refit): stage 3
+        # carves rows of its own from rows stage 1 saw, which U and G have seen
+        validation = "rows stage 1 trained on"
+        if report is not None and world.is_main:
+            report("stage 1 left no unseen validation rows: stage 3 validates on rows stage 1 "
+                   "trained on, and its valid P@k is optimistic (docs/validation.md)")
+    if auto_rounds and (validation is None or (validation == "rows stage 1 trained on"
+                                               and config.task == "recommendation")):
+        # nothing to choose the rounds on; or held-out labels of rows whose U' (trained on every
         # label, x an identity) then makes G: the next round's G carries the held-out labels
         # (ML100K: valid P@10 0.123 -> 0.199 over 4 rounds while test P@10 fell 0.228 -> 0.209)
         max_rounds = 1
+    # --refit after every choice: the validation rows join the training rows, with the G they
+    # were validated with (in memory only)
+    refit_held = config.refit and validation == "holdout" and not streaming
     shape = saved.model.shape
     bias = affinity.config.bias
     # stage 1's beta (if any) is an additive offset, not stage 3's factor: not carried over
@@ -356,12 +408,14 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             if world.is_main:
                 if streaming:  # the rows are read again, only their embeddings kept
                     affinity, g_train, stats = build_affinity_streamed(
-                        train_path, saved.schema, saved.vocab, affinity.config,
-                        start["U"].clone(), start["V"].clone(), model_dir)
+                        train_path, saved.schema, saved.vocab, affinity.rebuild_config(),
+                        start["U"].clone(), start["V"].clone(), model_dir, holdout=holdout)
                 else:
                     affinity, g_train, stats = build_affinity(
-                        train, len(saved.vocab), affinity.config, start["U"].clone(),
+                        train, len(saved.vocab), affinity.rebuild_config(), start["U"].clone(),
                         start["V"].clone())
+                if holdout is not None:  # built over the training part only
+                    stats["holdout"] = holdout.digest
                 written += write_stage2(model_dir, affinity, g_train, stats,
                                         saved.card.stage2.train_path or str(train_path),
                                         f"awe round {round_no - 1}")
@@ -375,9 +429,15 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                            f"ran again?); run `awe retrain` without --resume")
         if ck is not None:
             ck.outer["g_fingerprint"] = g_fingerprint
-        train_g = train.with_affinity(g_train)
+        train_g = train.with_affinity(g_train if keep is None
+                                      else expand_rows(g_train, keep, all_rows.n_total))
         valid_g = None if valid is None else valid.with_affinity(
             affinity.examples_affinity(valid))
+        refit_rows = None
+        if refit_held and holdout.task == "annotation":
+            refit_rows = concat_examples([train_g, valid_g])
+        elif refit_held:  # every user, with every label
+            refit_rows = all_rows.with_affinity(g_train)
 
         def new_model(start=start):
             model = AffinityWsabie(shape, bias, config.init_scale,
@@ -386,8 +446,12 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                 model.load_tensors(start)
             return model
 
-        model, result, fitted, validated = fit_selected(new_model, train_g, config, valid_g,
-                                                        progress, ck)
+        if max_rounds > 1 and world.is_main and report is not None:
+            report(f"round {round_no}" + (": G from stage 1" if round_no == 1
+                                          else f": G from round {round_no - 1}'s U'"))
+        model, result, fitted, validated = fit_selected(
+            new_model, train_g, config, valid_g, progress, ck, refit_rows,
+            say=report if world.is_main else None)
         for row in result.history:
             row["round"] = round_no
         history += result.history
@@ -407,7 +471,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             written += save_awe(model_dir, model, config, init=init, rounds=str(rounds),
                                 round_no=round_no, label_bias_init=label_bias)
         best = {"round": round_no, "score": score,
-                "metrics": _stage_metrics(result, fitted, validated, ck)}
+                "metrics": {**_stage_metrics(result, fitted, validated, ck),
+                            "validation": validation}}
         kept_result = result
         start = {k: v.clone() for k, v in model.state_tensors().items()}
     if not world.is_main:

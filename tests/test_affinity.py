@@ -299,7 +299,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("awe")
     train = write_clusters(root / "train.parquet", 900, 0)
     test = write_clusters(root / "test.parquet", 300, 1)
-    train_wsabie(train, root / "m", TrainConfig(epochs=5, dim=8, seed=0))
+    train_wsabie(train, root / "m", TrainConfig(epochs=5, dim=8, seed=0, valid_fraction=0.0))
     return root, train, test
 
 
@@ -365,7 +365,7 @@ def test_retrain_needs_g_and_the_same_training_rows(trained, tmp_path):
     with pytest.raises(AweError, match="build-g"):
         retrain_awe(train, model, TrainConfig(epochs=1))
     build_g(train, model, AffinityConfig(neighbors=5))
-    with pytest.raises(AweError, match="not the training data"):
+    with pytest.raises(AweError, match="not the training"):
         retrain_awe(test, model, TrainConfig(epochs=1))
 
 
@@ -445,3 +445,72 @@ def test_auto_defaults_follow_the_task(tmp_path, task, neighbors, normalize, sta
     build_g(train, model, AffinityConfig(neighbors=7, normalize="none", index="flat"))
     saved = json.loads((model / "config.json").read_text())["stage2"]["config"]
     assert (saved["neighbors"], saved["normalize"]) == (7, "none")
+
+
+# ----------------------------------------------------------------------------- rounds and rows
+
+
+def test_a_further_round_estimates_lambda_for_its_own_embedding(trained, tmp_path):
+    """Round 2's G is built from U': its lambda is set from U' neighbour distances, not carried
+    over from round 1's G (estimated for U); a lambda the user gave stays as given."""
+    import shutil
+
+    from awe.affinity.g import Affinity, AffinitySection
+
+    root, train, _ = trained
+    for given in (None, 0.7):
+        model = tmp_path / f"m-{given}"
+        shutil.copytree(root / "m", model)
+        build_g(train, model, AffinityConfig(neighbors=5, index="flat", lam=given))
+        first = json.loads((model / "config.json").read_text())["stage2"]["config"]["lam"]
+        retrain_awe(train, model, TrainConfig(epochs=2, seed=0), rounds=2)
+        section = json.loads((model / "config.json").read_text())["stage2"]
+        assert section["source"] == "awe round 1"
+        affinity = Affinity.load(model, AffinitySection.from_dict(section))
+        if given is not None:
+            assert section["config"]["lam"] == first == given
+            continue
+        examples = load_examples(train, *_schema_vocab(train))
+        expected, _, _ = build_affinity(examples, affinity.n_labels,
+                                        AffinityConfig(neighbors=5, index="flat"),
+                                        affinity.embed_u)
+        assert section["config"]["lam"] == pytest.approx(expected.config.lam, rel=1e-6)
+        assert section["config"]["lam"] != pytest.approx(first, rel=1e-3)
+
+
+def _schema_vocab(path):
+    found = scan(path, Columns())
+    return found.schema, found.vocab
+
+
+def test_knn_wsabie_row_stays_stage_one_after_a_kept_further_round(trained, tmp_path):
+    """After round 2 the stage-2 G (the awe row's) is built from U'; the knn-wsabie row is still
+    kNN in stage-1 (Wsabie) space: the same scores as a G built from stage 1."""
+    import shutil
+
+    from awe.predict.predictor import Predictor
+
+    root, train, test = trained
+    reference = tmp_path / "ref"
+    shutil.copytree(root / "m", reference)
+    build_g(train, reference, AffinityConfig(neighbors=5, index="flat"))
+    model = tmp_path / "m"
+    shutil.copytree(reference, model)
+    retrain_awe(train, model, TrainConfig(epochs=2, seed=0), rounds=2)
+    predictor = Predictor(model)
+    assert predictor.card.stage2.source == "awe round 1"
+    examples = load_examples(test, predictor.schema, predictor.vocab)
+    rows = np.arange(len(examples))
+    got = predictor.scores(examples, rows, "knn-wsabie").numpy()
+    want = Predictor(reference).scores(examples, rows, "knn-wsabie").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_recall_is_calibrated_at_the_neighbour_count_g_uses(tmp_path):
+    """The search breadth of an approximate index is calibrated for recall@n at G's own n
+    (100 for recommendation), not at the paper's 20."""
+    examples, _ = small_examples(tmp_path, n_rows=3000)
+    for neighbors in (30, 100):
+        affinity, _, _ = build_affinity(
+            examples, 7, AffinityConfig(neighbors=neighbors, index="ivf", space="input"), None)
+        assert affinity.index.params["calibration"]["n"] == neighbors

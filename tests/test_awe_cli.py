@@ -152,10 +152,10 @@ def test_python_api_fit_evaluate_predict_save_load(tmp_path, data):
 
 
 def test_api_refit_option_reaches_both_stages():
-    stage1, _, stage3 = AWE(refit=False)._configs()
-    assert stage1.refit is False and stage3.refit is False
-    stage1, _, stage3 = AWE(retrain={"refit": False})._configs()
-    assert stage1.refit is True and stage3.refit is False
+    stage1, _, stage3 = AWE(refit=True)._configs()
+    assert stage1.refit is True and stage3.refit is True
+    stage1, _, stage3 = AWE(retrain={"refit": True})._configs()
+    assert stage1.refit is False and stage3.refit is True
 
 
 def test_same_seed_same_awe_model(tmp_path, data):

@@ -77,7 +77,8 @@ def data(tmp_path_factory):
 # three epochs picked on a held-out fifth (select phase), then the refit on every row for the best
 # epoch's count; 48 pairs a batch: 4 batches an epoch in select, 5 in refit; a checkpoint every 2
 # batches (none after an epoch's last batch: the epoch's end follows)
-STAGE1 = TrainConfig(epochs=3, dim=8, batch_size=48, valid_fraction=0.2, seed=1, threads=1)
+STAGE1 = TrainConfig(epochs=3, dim=8, batch_size=48, valid_fraction=0.2, refit=True, seed=1,
+                     threads=1)
 
 
 def test_stage1_resume_from_every_checkpoint_is_bit_identical(tmp_path, data, monkeypatch):
@@ -256,12 +257,13 @@ def script_valid_scores(monkeypatch, scores: dict[int, float]) -> None:
     real = pipeline_module.fit_selected
     calls = {"n": 0}
 
-    def fit_selected(new_model, train, config, valid=None, progress=False, checkpoint=None):
+    def fit_selected(new_model, train, config, valid=None, progress=False, checkpoint=None,
+                     refit_rows=None):
         calls["n"] += 1
         model, result, fitted, validated = real(new_model, train, config, valid, progress,
-                                                checkpoint)
+                                                checkpoint, refit_rows)
         round_no = checkpoint.position["round"] if checkpoint is not None else calls["n"]
-        result.best_metrics["P@1"] = scores[round_no]
+        result.best_metrics[f"P@{config.selection_k}"] = scores[round_no]
         return model, result, fitted, validated
 
     monkeypatch.setattr(pipeline_module, "fit_selected", fit_selected)
@@ -302,9 +304,10 @@ def test_auto_rounds_keep_the_best_validated_round(tmp_path, data, stage2, monke
     assert not list(model.glob(".kept-round*"))
 
 
-def test_auto_rounds_is_one_round_for_recommendation(tmp_path, monkeypatch):
-    """Held-out labels of a row are in the U' that the next round's G is built from: no rounds
-    are chosen on them."""
+def test_auto_rounds_is_one_round_for_recommendation_on_labels_stage_1_saw(tmp_path,
+                                                                          monkeypatch):
+    """Held-out labels that stage 1 was refit on are in the U' that the next round's G is built
+    from: no rounds are chosen on them. Labels stage 1 held out and never saw choose rounds."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -314,17 +317,20 @@ def test_auto_rounds_is_one_round_for_recommendation(tmp_path, monkeypatch):
     data = tmp_path / "train.parquet"
     pq.write_table(pa.table({"feature_ids": [[u] for u in range(120)],
                              "feature_values": [[1.0]] * 120, "labels": items}), data)
-    model = tmp_path / "m"
-    train_wsabie(data, model, TrainConfig(epochs=2, dim=8, seed=0, threads=1,
-                                          task="recommendation"), checkpoints=False)
-    build_g(data, model, AffinityConfig(neighbors=5, index="flat", threads=1))
-    script_valid_scores(monkeypatch, {1: 0.1, 2: 0.2})
-    retrain_awe(data, model, STAGE3, rounds="auto", checkpoints=False)
-    metrics = json.loads((model / "metrics.json").read_text())["awe"]
-    assert metrics["round"] == metrics["rounds_run"] == 1
-    monkeypatch.undo()
-    retrain_awe(data, model, STAGE3, rounds=2, checkpoints=False)    # asked for: done
-    assert json.loads((model / "metrics.json").read_text())["awe"]["rounds_run"] == 2
+    for refit, rounds in ((True, 1), (False, 2)):
+        model = tmp_path / f"m-{refit}"
+        train_wsabie(data, model, TrainConfig(epochs=2, dim=8, seed=0, threads=1,
+                                              task="recommendation", valid_fraction=0.2,
+                                              refit=refit), checkpoints=False)
+        build_g(data, model, AffinityConfig(neighbors=5, index="flat", threads=1))
+        script_valid_scores(monkeypatch, {1: 0.1, 2: 0.2})
+        retrain_awe(data, model, STAGE3, rounds="auto", checkpoints=False)
+        metrics = json.loads((model / "metrics.json").read_text())["awe"]
+        assert metrics["round"] == metrics["rounds_run"] == rounds
+        assert metrics["validation"] == ("rows stage 1 trained on" if refit else "holdout")
+        monkeypatch.undo()
+    retrain_awe(data, tmp_path / "m-True", STAGE3, rounds=2, checkpoints=False)  # asked for
+    assert json.loads((tmp_path / "m-True" / "metrics.json").read_text())["awe"]["rounds_run"] == 2
 
 
 def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkeypatch):

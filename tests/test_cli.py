@@ -153,8 +153,8 @@ def test_no_refit_keeps_the_best_epochs_weights(tmp_path, blobs):
     assert set(long) == set(short)
     for name in long:
         np.testing.assert_array_equal(long[name], short[name])
-    # the default refits on every row for the picked epoch count
-    r = invoke("train", train, "--model", tmp_path / "refit", "--epochs", 6, *common)
+    # --refit refits on every row for the picked epoch count
+    r = invoke("train", train, "--model", tmp_path / "refit", "--epochs", 6, "--refit", *common)
     assert r.exit_code == 0, r.output
     history = (tmp_path / "refit" / "history.csv").read_text().splitlines()
     assert sum(line.endswith(",refit") for line in history) == best

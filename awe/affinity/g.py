@@ -122,8 +122,12 @@ class AffinityConfig:
         return replace(self, neighbors=int(neighbors))
 
     def index_config(self):
+
+        # calibrated for recall@n at G's own n (before ``resolved``: the paper's 20)
+        n = self.neighbors if isinstance(self.neighbors, int) else IndexConfig.calibrate_n
         return IndexConfig(kind=self.index, nprobe=self.nprobe, ef_search=self.ef_search,
-                           rerank=self.rerank, target_recall=self.target_recall, seed=self.seed)
+                           rerank=self.rerank, target_recall=self.target_recall,
+                           calibrate_n=n, seed=self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,11 +151,18 @@ class AffinitySection:
     fingerprint: str
     train_path: str | None = None
     source: str | None = None  # "wsabie" or "awe round N": the embedding G was built from
+    # the options estimated from this G's own neighbours (lam, label_lambda): a later round
+    # estimates them again for its embedding instead of reusing these values
+    estimated: tuple[str, ...] = ()
+    # the digest of stage 1's validation rows when G is built over all the other rows
+    holdout: str | None = None
 
     def to_dict(self) -> dict:
         d = {"config": self.config.to_dict(), "index": dict(self.index), "n_rows": self.n_rows,
              "n_labels": self.n_labels, "train_digest": self.train_digest,
-             "fingerprint": self.fingerprint}
+             "fingerprint": self.fingerprint, "estimated": list(self.estimated)}
+        if self.holdout is not None:
+            d["holdout"] = self.holdout
         if self.train_path is not None:
             d["train_path"] = self.train_path
         if self.source is not None:
@@ -162,7 +173,8 @@ class AffinitySection:
     def from_dict(cls, d: dict) -> AffinitySection:
         return cls(AffinityConfig.from_dict(d["config"]), dict(d["index"]),
                    int(d.get("n_rows", 0)), int(d["n_labels"]), d.get("train_digest"),
-                   d.get("fingerprint"), d.get("train_path"), d.get("source"))
+                   d.get("fingerprint"), d.get("train_path"), d.get("source"),
+                   tuple(d.get("estimated", ())), d.get("holdout"))
 
 
 # ----------------------------------------------------------------------------- the stage-2 model
@@ -179,6 +191,14 @@ class Affinity:
     embed_u: torch.Tensor | None  # n_features x D (Wsabie space); None in input space
     label_vectors: torch.Tensor | None  # V for the soft label kernel
     n_labels: int
+    # the options set from the data (lam, label_lambda): a G built from another embedding
+    # estimates them again (:meth:`rebuild_config`)
+    estimated: tuple[str, ...] = ()
+
+    def rebuild_config(self) -> AffinityConfig:
+        """The options of a G over another embedding of the same rows (a further round): these,
+        with every value that was estimated from this embedding's distances left to estimate."""
+        return replace(self.config, **{name: None for name in self.estimated})
 
     # -- query vectors
     def query_vectors(self, examples: Examples, rows: np.ndarray) -> np.ndarray:
@@ -241,7 +261,8 @@ class Affinity:
                                 {"fingerprint": fingerprint})
         return AffinitySection(self.config, {"kind": self.index.kind, **self.index.params},
                                self.index.n_rows, self.n_labels,
-                               labels_digest(self.train_labels), fingerprint)
+                               labels_digest(self.train_labels), fingerprint,
+                               estimated=tuple(self.estimated))
 
     @classmethod
     def load(cls, model_dir: Path, section: AffinitySection, with_train_g: bool = False,
@@ -257,8 +278,9 @@ class Affinity:
         except KeyError as exc:
             raise AweError(f"{model_dir / AFFINITY_FILE}: missing {exc}; run `awe build-g` "
                            f"again") from exc
+        estimated = tuple(name for name in section.estimated if name in ("lam", "label_lambda"))
         affinity = cls(section.config, index, labels, norms, tensors.get("embed_U"),
-                       tensors.get("label_V"), section.n_labels)
+                       tensors.get("label_V"), section.n_labels, estimated)
         if (labels.n_rows != index.n_rows or len(norms) != index.n_rows
                 or affinity.fingerprint() != section.fingerprint):
             raise AweError(f"{model_dir}: the neighbour index and the stage-2 files do not match "
@@ -388,16 +410,19 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     else:
         sq_dists, ids = index.search(vectors[searched], config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
-    resolved = config
+    resolved, estimated = config, []
     if config.lam is None:
         resolved = replace(resolved, lam=default_lambda(sq_dists))
+        estimated.append("lam")
     if config.label_kernel == "embedding" and config.label_lambda is None:
         resolved = replace(resolved, label_lambda=default_label_lambda(label_vectors))
+        estimated.append("label_lambda")
     sq_norms = np.concatenate([  # in chunks: a float64 copy of all vectors would double them
         (vectors[s:s + config.batch_rows].astype(np.float64) ** 2).sum(1).astype(np.float32)
         for s in range(0, n, config.batch_rows)])
     affinity = Affinity(resolved, index, labels, sq_norms, embed_u,
-                        label_vectors if config.label_kernel == "embedding" else None, n_labels)
+                        label_vectors if config.label_kernel == "embedding" else None, n_labels,
+                        tuple(estimated))
     g_train = None
     if train_g:
         g_train = Csr.concat([

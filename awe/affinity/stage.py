@@ -20,9 +20,10 @@ from awe.affinity.g import (
     check_build,
     query_vectors,
 )
-from awe.card import read_card, write_card
+from awe.card import ModelCard, read_card, write_card
 from awe.csr import Csr
 from awe.errors import AweError
+from awe.io.holdout import Holdout, kept_rows, training_labels
 from awe.io.reader import (
     check_input_kind,
     concat_examples,
@@ -130,9 +131,11 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
     config = config.resolved(saved.card.stage1.train.task)
+    holdout = validation_holdout(saved.card)
     if cluster is None:
         affinity, g_train, stats = build_affinity_streamed(
-            train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir)
+            train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir,
+            holdout=holdout)
     else:
         import shutil
         import tempfile
@@ -143,32 +146,66 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
             try:
                 affinity, g_train, stats = build_affinity_streamed(
                     train_path, saved.schema, saved.vocab, config, embed_u, label_vectors,
-                    model_dir, search_all=sharded_search(client, scratch,
-                                                                      config.threads))
+                    model_dir, search_all=sharded_search(client, scratch, config.threads),
+                    holdout=holdout)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
     return stats, written
 
 
+def validation_holdout(card: ModelCard, built: bool = False) -> Holdout | None:
+    """The validation rows stage 1 carved and never trained on (None: there are none); G is
+    built over the other rows, so a validation row's G is found as a new row's. ``built``: only
+    if the model's G was built so (not over rows other than stage 1's)."""
+    holdout = Holdout.from_dict(card.stage1.holdout)
+    if holdout is None or not holdout.unseen:
+        return None
+    if built and (card.stage2 is None or card.stage2.holdout != holdout.digest):
+        return None
+    return holdout
+
+
 def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                             embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
                             scratch_dir: Path, search_all=None, train_g: bool = True,
+                            holdout: Holdout | None = None,
                             ) -> tuple[Affinity, Csr | None, dict]:
-    """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result)."""
+    """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result).
+
+    ``holdout``: its validation rows (annotation) or held-out labels (recommendation) are left
+    out of the index and the label store."""
     if config.space == "input":
         embed_u = None
 
     n_rows = sum(s.n_rows for s in list_shards(resolve_files(train_path)))
-    check_build(schema, n_rows, config, embed_u, label_vectors)
+    check_build(schema, n_rows - (holdout.held if holdout and holdout.task == "annotation"
+                                  else 0), config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir)
     try:
+        held = None
+        if holdout is not None:
+            try:
+                held = holdout.again(labels, train_path)
+            except AweError:  # other rows than stage 1's: none of them was held out
+                holdout = None
+        if holdout is not None:
+            keep = kept_rows(len(vectors), held, holdout.task)
+            labels = training_labels(labels, held, holdout.task)
+            if len(keep) < len(vectors):  # in place: keep is sorted, so no row is overwritten
+                for s in range(0, len(keep), config.batch_rows):  # before it is read
+                    chunk = keep[s:s + config.batch_rows]
+                    vectors[s:s + len(chunk)] = vectors[chunk]
+                vectors = vectors[:len(keep)]
         if mapped is not None:
             vectors.flush()  # workers of the Dask path read the file
-        return affinity_from_vectors(vectors, labels, len(vocab), config, embed_u, label_vectors,
-                                     train_g, t0, search_all)
+        affinity, g_train, stats = affinity_from_vectors(
+            vectors, labels, len(vocab), config, embed_u, label_vectors, train_g, t0, search_all)
+        if holdout is not None:  # the rows G is built over: all but these
+            stats["holdout"] = holdout.digest
+        return affinity, g_train, stats
     finally:
         del vectors
         if mapped is not None:
@@ -189,7 +226,8 @@ def write_stage2(model_dir: Path, affinity: Affinity, g_train: Csr, stats: dict,
     card = read_card(model_dir)
     stale = card.stage3 is not None
     with artifacts.staged(model_dir) as stage:
-        section = replace(affinity.save(stage, g_train), train_path=train_path, source=source)
+        section = replace(affinity.save(stage, g_train), train_path=train_path, source=source,
+                          holdout=stats.get("holdout"))
         if stale or card.stage2 is not None:
             write_card(model_dir, card.stage1_only())
         if stale:

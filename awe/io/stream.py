@@ -24,6 +24,7 @@ import numpy as np
 from awe.artifacts import tensor_digest
 from awe.csr import Csr
 from awe.errors import AweError
+from awe.io.holdout import held_part
 from awe.io.reader import (
     Examples,
     InputSchema,
@@ -145,15 +146,12 @@ class ShuffleStream:
             raise AweError("--shuffle-buffer with --valid-fraction holds out whole rows, which "
                            "suits annotation only; for recommendation pass --valid FILE, or "
                            "train in memory (no --shuffle-buffer)")
-        n = self.n_total
-        n_valid = min(int(round(fraction * n)), STREAM_VALID_MAX)
-        if n_valid == 0 or n_valid == n:
-            raise AweError(f"--valid-fraction {fraction} leaves no rows to validate or to train "
-                           f"on")
-        rng = np.random.default_rng(seed)
-        held = np.sort(rng.choice(n, n_valid, replace=False)).astype(np.int64)
-        valid = self.rows(held)
-        return dataclasses.replace(self, exclude=held), valid
+        return self.split_held(held_part(self.n_total, fraction, task, seed, STREAM_VALID_MAX))
+
+    def split_held(self, held: np.ndarray) -> tuple[ShuffleStream, Examples]:
+        """The stream without the rows ``held`` (sorted global numbers), and those rows in
+        memory."""
+        return dataclasses.replace(self, exclude=held), self.rows(held)
 
     # -- reading
     def rows(self, wanted: np.ndarray) -> Examples:

@@ -29,11 +29,14 @@ class SavedModel:
 
 
 def save_wsabie(model_dir: str | Path, model: Wsabie, schema: InputSchema, vocab: LabelVocab,
-                train: TrainConfig) -> list[Path]:
-    """Write labels.json, wsabie.safetensors and config.json (last: it marks the model complete)."""
+                train: TrainConfig, holdout: dict | None = None) -> list[Path]:
+    """Write labels.json, wsabie.safetensors and config.json (last: it marks the model complete).
+    ``holdout``: the validation rows carved from the training rows (:class:`awe.io.holdout.
+    Holdout`), recorded in the stage1 section for the later stages."""
     model_dir = Path(model_dir)
     card = new_card(schema, len(vocab), vocab.kind,
-                    WsabieSection(model.shape, model.label_bias is not None, train))
+                    WsabieSection(model.shape, model.label_bias is not None, train,
+                                  holdout=holdout))
     with artifacts.staged(model_dir) as stage:
         artifacts.write_json(stage / artifacts.LABELS, vocab.labels)
         artifacts.write_tensors(stage / artifacts.WSABIE_WEIGHTS, model.state_tensors(),

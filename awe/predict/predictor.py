@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from awe.affinity.g import Affinity
-from awe.affinity.stage import build_affinity_streamed
+from awe.affinity.stage import build_affinity_streamed, validation_holdout
 from awe.csr import Csr
 from awe.errors import AweError
 from awe.io.reader import Examples
@@ -154,11 +154,12 @@ class Predictor:
 
     def wsabie_affinity(self):
         """The knn-wsabie baseline: G over stage-1 (Wsabie) embedding neighbours. It is the
-        stage-2 G itself unless that was built in input space (``--space input``)."""
+        stage-2 G itself unless that was built in input space (``--space input``) or from a
+        later round's U' (``awe retrain --rounds``)."""
         return self._baseline_affinity("wsabie")
 
     def _baseline_affinity(self, space: str):
-        if self.affinity.config.space == space:
+        if self.affinity.config.space == space and (space == "input" or self._stage1_space()):
             return self.affinity
         if space not in self._baselines:
             import tempfile
@@ -181,11 +182,26 @@ class Predictor:
                 try:
                     self._baselines[space], _, _ = build_affinity_streamed(
                         self.train_path, self.schema, self.vocab, config, embed_u, None,
-                        Path(scratch), train_g=False)
+                        Path(scratch), train_g=False, holdout=self._holdout())
                 except AweError as exc:
                     raise AweError(f"the {row} row searches the training rows: {exc}; pass "
                                    f"--train TRAIN") from exc
         return self._baselines[space]
+
+    def _holdout(self):
+        """The validation rows G leaves out, which the baselines leave out too (same rows
+        searched as the awe row's G), when they search the rows G was built from."""
+        stage2 = self.card.stage2
+        if stage2 is None or str(self.train_path) != str(stage2.train_path):
+            return None
+        return validation_holdout(self.card, built=True)
+
+    def _stage1_space(self) -> bool:
+        """Whether the stage-2 G searches stage 1's embedding (after a further round of
+        `awe retrain` it searches U', which the knn-wsabie row must not)."""
+        embed_u = self.affinity.embed_u
+        return embed_u is not None and torch.equal(embed_u,
+                                                   self.wsabie.u_matrix().detach().cpu())
 
     # -- top k
     @torch.no_grad()

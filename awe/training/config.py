@@ -47,8 +47,9 @@ class TrainConfig:
                                        "(default: 1 for annotation, 10 for recommendation).")
     patience: int = option(10, "Early-stopping patience in epochs.")
     refit: bool = option(
-        True, "After picking the epoch on the validation rows, train a new model on every row "
-              "for that many epochs; --no-refit keeps the best epoch's weights.")
+        False, "After every choice is made on the validation rows, train again on every row "
+               "with the chosen epochs; stage 1's refit leaves the later stages no unseen rows "
+               "to choose on (docs/validation.md).")
     seed: int = option(0, "Random seed.")
     threads: int | None = option(None, "CPU threads for torch (default: all cores).")
     device: str = option("cpu", "cpu, cuda, or auto (cuda when torch sees one).",
