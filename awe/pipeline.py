@@ -18,7 +18,7 @@ from awe.affinity.g import AFFINITY_FILE, INDEX_FILE, Affinity, build_affinity, 
 from awe.affinity.stage import build_affinity_streamed, write_stage2
 from awe.artifacts import tensor_digest
 from awe.card import read_card, write_card
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.io.reader import Columns, Examples, load_examples, scan
 from awe.io.stream import ShuffleStream
 from awe.models.affinity_wsabie import AffinityWsabie
@@ -162,7 +162,7 @@ def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: Worl
                   checkpoint_every: int, resume: bool,
                   report: Callable[[str], None] | None) -> tuple[FitResult, list]:
     if label_bias not in (True, False, "auto"):
-        raise AweError(f"--label-bias must be auto, on or off, got {label_bias!r}")
+        raise invalid("label_bias", f"must be auto, on or off, got {label_bias!r}")
     if label_bias == "auto":
         label_bias = config.task == "annotation"
     if config.threads:
@@ -281,7 +281,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
 
     if init not in INITS:
-        raise AweError(f"--init must be one of {', '.join(INITS)}")
+        raise invalid("init", f"must be one of {', '.join(INITS)}")
     max_rounds, auto_rounds = parse_rounds(rounds)
     model_dir = Path(model_dir)
     saved = load_wsabie(model_dir)

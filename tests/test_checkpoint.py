@@ -354,5 +354,5 @@ def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkey
 
 @pytest.mark.parametrize("rounds", [0, -1, "x", 1.5, True, "2.0"])
 def test_bad_rounds(tmp_path, data, stage2, rounds):
-    with pytest.raises(AweError, match="--rounds must be 'auto' or an integer >= 1"):
+    with pytest.raises(AweError, match="rounds must be 'auto' or an integer >= 1"):
         retrain_awe(data, _copy(stage2, tmp_path / "m"), STAGE3, rounds=rounds)

@@ -240,7 +240,7 @@ def test_cli_sharded_data_then_streaming_train(tmp_path):
     for bad in (["--shuffle-buffer", "0"],):
         result = runner.invoke(app, ["train", str(out / "train"), "--model",
                                      str(tmp_path / "x"), *bad])
-        assert result.exit_code == 2 and "--shuffle-buffer must be >= 1" in result.output
+        assert result.exit_code == 2 and "shuffle_buffer must be >= 1" in result.output
     result = runner.invoke(app, ["data", "movielens", "--out", str(tmp_path / "ml"),
                                  "--shards", "2"])
     assert result.exit_code == 2 and "--shards applies to `awe data synthetic` only" in (

@@ -36,7 +36,7 @@ from awe.affinity.g import AFFINITY_FILE, INDEX_FILE
 from awe.card import read_card
 from awe.csr import Csr
 from awe.dask_cluster import worker_cached
-from awe.errors import AweError, DataError
+from awe.errors import AweError, DataError, invalid
 from awe.io.reader import (
     Examples,
     check_input_kind,
@@ -90,13 +90,13 @@ class ScoreOptions:
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise AweError("--top-k must be an integer >= 1")
+            raise invalid("k", "must be an integer >= 1")
         if self.stage is not None and self.stage not in STAGES:
-            raise AweError(f"--model-stage must be one of {', '.join(STAGES)}")
+            raise invalid("stage", f"must be one of {', '.join(STAGES)}")
         if self.batch_rows < 1:
-            raise AweError("--batch-size must be >= 1")
+            raise invalid("batch_rows", "must be >= 1")
         if self.threads is not None and self.threads < 1:
-            raise AweError("--threads must be >= 1")
+            raise invalid("threads", "must be >= 1")
 
     def recorded(self) -> dict:
         d = asdict(self)
