@@ -7,14 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from awe.errors import AweError
+from awe.errors import invalid
 
 
-def check_int(option: str, value, minimum: int, optional: bool = False) -> None:
+def check_int(field: str, value, minimum: int, optional: bool = False) -> None:
+    """``value`` of option ``field`` is an integer >= ``minimum`` (or None, if ``optional``)."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise AweError(f"{option} must be an integer >= {minimum}, got {value!r}")
+        raise invalid(field, f"must be an integer >= {minimum}, got {value!r}")
 
 
 def set_threads(n: int | None) -> None:
@@ -22,7 +23,7 @@ def set_threads(n: int | None) -> None:
     the libraries' defaults)."""
     if n is None:
         return
-    check_int("--threads", n, 1)
+    check_int("threads", n, 1)
     import faiss
     import torch
 

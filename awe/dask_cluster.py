@@ -18,7 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 
 INSTALL_HINT = "pip install 'awe[dask]'"
 
@@ -37,7 +37,7 @@ class ClusterOptions:
         if self.scheduler and self.workers:
             raise AweError("give --scheduler or --workers, not both")
         if self.workers is not None and self.workers < 1:
-            raise AweError("--workers must be >= 1")
+            raise invalid("workers", f"must be >= 1, got {self.workers!r}")
 
     @classmethod
     def from_options(cls, scheduler: str | None, workers: int | None) -> ClusterOptions | None:

@@ -7,7 +7,21 @@ from __future__ import annotations
 
 
 class AweError(Exception):
-    """A problem with the user's input or options (not a bug in awe)."""
+    """A problem with the user's input or options (not a bug in awe).
+
+    ``field``: the option the message is about, by its name in the library (a config field,
+    e.g. ``dim``), when it is one; the message then starts with that name. A front end maps the
+    name to its own spelling (the CLI: ``--dim``).
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def invalid(field: str, problem: str) -> AweError:
+    """The error of an option's value: ``"<field> <problem>"``, with :attr:`AweError.field`."""
+    return AweError(f"{field} {problem}", field=field)
 
 
 class DataError(AweError):

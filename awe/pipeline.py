@@ -25,7 +25,7 @@ from awe.affinity.g import (
 from awe.affinity.stage import build_affinity_streamed, build_g, validation_holdout, write_stage2
 from awe.artifacts import tensor_digest
 from awe.card import read_card, write_card
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.io.holdout import Holdout, expand_rows, holdout_split, kept_rows, split_held
 from awe.io.reader import Columns, Examples, concat_examples, load_examples, scan
 from awe.io.stream import STREAM_VALID_MAX, ShuffleStream
@@ -179,7 +179,7 @@ def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: Worl
                   checkpoint_every: int, resume: bool,
                   report: Callable[[str], None] | None) -> tuple[FitResult, list]:
     if label_bias not in (True, False, "auto"):
-        raise AweError(f"--label-bias must be auto, on or off, got {label_bias!r}")
+        raise invalid("label_bias", f"must be auto, on or off, got {label_bias!r}")
     if label_bias == "auto":
         label_bias = config.task == "annotation"
     if config.threads:
@@ -219,7 +219,8 @@ def _train_wsabie(train_path, model_dir, config: TrainConfig, found, world: Worl
     model, result, train, valid = fit_selected(
         lambda: Wsabie(shape, config.init_scale, torch.Generator().manual_seed(config.seed),
                        0.0 if label_bias else None),
-        train, config, valid, progress, ck, refit_rows, say=report if world.is_main else None)
+        train, config, valid, progress, ck, refit_rows,
+        say=report if world.is_main and progress else None)
     if not world.is_main:  # the model is rank 0's to write (the weights are the same)
         return result, []
     written = save_wsabie(model_dir, model, found.schema, found.vocab, config,
@@ -316,7 +317,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
 
     if init not in INITS:
-        raise AweError(f"--init must be one of {', '.join(INITS)}")
+        raise invalid("init", f"must be one of {', '.join(INITS)}")
     max_rounds, auto_rounds = parse_rounds(rounds)
     model_dir = Path(model_dir)
     saved = load_wsabie(model_dir)
@@ -446,12 +447,12 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                 model.load_tensors(start)
             return model
 
-        if max_rounds > 1 and world.is_main and report is not None:
+        if max_rounds > 1 and world.is_main and progress and report is not None:
             report(f"round {round_no}" + (": G from stage 1" if round_no == 1
                                           else f": G from round {round_no - 1}'s U'"))
         model, result, fitted, validated = fit_selected(
             new_model, train_g, config, valid_g, progress, ck, refit_rows,
-            say=report if world.is_main else None)
+            say=report if world.is_main and progress else None)
         for row in result.history:
             row["round"] = round_no
         history += result.history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -23,6 +24,7 @@ from awe.errors import AweError
 from awe.io import datasets as datasets_lib
 from awe.io.reader import Columns
 from awe.io.svmlight import convert_svmlight
+from awe.options import flag_name
 from awe.pipeline import fit_pipeline, retrain_awe, stage3_config, train_wsabie
 from awe.predict.batch import SCORE_BATCH_ROWS, ScoreOptions, score_files
 from awe.predict.evaluation import evaluate_model
@@ -77,12 +79,28 @@ def user_errors():
     except AweError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(_in_flags(exc))}", highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted; files already written are complete (train / retrain: run "
                   "again with --resume to continue from the last checkpoint)", highlight=False)
         raise typer.Exit(130) from None
+
+
+# library fields whose flag is not --field-name
+_FLAG_OF_FIELD = {f.name: flag_name(f) for f in [*dataclasses.fields(TrainConfig),
+                                                  *dataclasses.fields(AffinityConfig)]}
+_FLAG_OF_FIELD["kind"] = "--index"  # IndexConfig.kind
+
+
+def _in_flags(exc: AweError) -> str:
+    """The error's text with the library field it names spelled as this command line's flag."""
+    text = str(exc)
+    if exc.field and text.startswith(exc.field):
+        flag = _FLAG_OF_FIELD.get(exc.field, "--" + exc.field.replace("_", "-"))
+        return flag + text[len(exc.field):]
+    return text
 
 
 def metrics_table(results: dict[str, dict[str, float]], title: str) -> Table:

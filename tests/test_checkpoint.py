@@ -258,10 +258,10 @@ def script_valid_scores(monkeypatch, scores: dict[int, float]) -> None:
     calls = {"n": 0}
 
     def fit_selected(new_model, train, config, valid=None, progress=False, checkpoint=None,
-                     refit_rows=None):
+                     refit_rows=None, say=None):
         calls["n"] += 1
         model, result, fitted, validated = real(new_model, train, config, valid, progress,
-                                                checkpoint, refit_rows)
+                                                checkpoint, refit_rows, say)
         round_no = checkpoint.position["round"] if checkpoint is not None else calls["n"]
         result.best_metrics[f"P@{config.selection_k}"] = scores[round_no]
         return model, result, fitted, validated
@@ -360,5 +360,5 @@ def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkey
 
 @pytest.mark.parametrize("rounds", [0, -1, "x", 1.5, True, "2.0"])
 def test_bad_rounds(tmp_path, data, stage2, rounds):
-    with pytest.raises(AweError, match="--rounds must be 'auto' or an integer >= 1"):
+    with pytest.raises(AweError, match="rounds must be 'auto' or an integer >= 1"):
         retrain_awe(data, _copy(stage2, tmp_path / "m"), STAGE3, rounds=rounds)

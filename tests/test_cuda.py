@@ -23,7 +23,7 @@ HAS_CUDA = torch.cuda.is_available()
 def test_device_cuda_without_a_gpu_is_one_clear_error():
     if HAS_CUDA:
         pytest.skip("this machine has a CUDA device")
-    with pytest.raises(AweError, match="--device cuda: torch sees no CUDA device"):
+    with pytest.raises(AweError, match="device cuda: torch sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device(None) == "cpu"
 

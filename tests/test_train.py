@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from awe.csr import Csr
+from awe.errors import AweError
 from awe.io.reader import Examples, InputSchema
 from awe.models.wsabie import ModelShape, Wsabie
 from awe.pipeline import train_wsabie
@@ -401,3 +402,23 @@ def test_training_records_the_rows_norm(tmp_path):
     saved = json.loads((model / "config.json").read_text())["stage1"]["model"]
     assert saved["input_norm"] == pytest.approx(np.sqrt(scan(train).mean_sq_norm), rel=1e-12)
     assert abs(saved["input_norm"] - 1) > 0.1  # the clusters are not unit-norm rows
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: TrainConfig(dim=0), "dim"),
+    (lambda: TrainConfig(valid_fraction=1.0), "valid_fraction"),
+])
+def test_option_errors_name_the_field_not_a_flag(make, field):
+    """Library validation speaks of its own fields; ``AweError.field`` lets a front end
+    (the CLI) name its flag instead."""
+    from awe import AWE
+    from awe.affinity.g import AffinityConfig
+    from awe.predict.batch import ScoreOptions
+
+    for build, name in [(make, field), (lambda: AWE(dim=0), "dim"),
+                        (lambda: AffinityConfig(label_top=0), "label_top"),
+                        (lambda: ScoreOptions(k=0), "k")]:
+        with pytest.raises(AweError) as info:
+            build()
+        assert info.value.field == name and str(info.value).startswith(f"{name} must")
+        assert "--" not in str(info.value)

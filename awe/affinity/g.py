@@ -38,7 +38,7 @@ from awe.affinity.kernels import (
 )
 from awe.cpu import set_threads
 from awe.csr import Csr
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.io.reader import Examples
 from awe.models.wsabie import batch_inputs
 from awe.neighbors.index import DEFAULT_TARGET_RECALL, INDEX_KINDS, IndexConfig, NeighbourIndex
@@ -95,23 +95,23 @@ class AffinityConfig:
             (self.neighbors == "auto" or (not isinstance(self.neighbors, (bool, str))
                                           and int(self.neighbors) == self.neighbors
                                           and self.neighbors >= 1),
-             "--neighbors must be an integer >= 1 or auto"),
-            (self.kernel in KERNELS, f"--kernel must be one of {', '.join(KERNELS)}"),
-            (self.lam is None or (self.lam > 0 and math.isfinite(self.lam)),
-             "--lambda must be a positive number"),
-            (self.aggregate in AGGREGATES, "--aggregate must be sum or max"),
-            (math.isfinite(self.bias) and self.bias >= 0, "--bias must be a number >= 0"),
-            (self.space in SPACES, "--space must be wsabie or input"),
-            (self.label_kernel in LABEL_KERNELS, "--label-kernel must be exact or embedding"),
-            (self.label_lambda is None or self.label_lambda > 0,
-             "--label-lambda must be a positive number"),
-            (self.label_top >= 1, "--label-top must be >= 1"),
-            (self.normalize in NORMALIZE, "--normalize must be none or max"),
-            (self.batch_rows >= 1, "--batch-rows must be >= 1"),
+             "neighbors", "must be an integer >= 1 or auto"),
+            (self.kernel in KERNELS, "kernel", f"must be one of {', '.join(KERNELS)}"),
+            (self.lam is None or (self.lam > 0 and math.isfinite(self.lam)), "lam",
+             "must be a positive number"),
+            (self.aggregate in AGGREGATES, "aggregate", "must be sum or max"),
+            (math.isfinite(self.bias) and self.bias >= 0, "bias", "must be a number >= 0"),
+            (self.space in SPACES, "space", "must be wsabie or input"),
+            (self.label_kernel in LABEL_KERNELS, "label_kernel", "must be exact or embedding"),
+            (self.label_lambda is None or self.label_lambda > 0, "label_lambda",
+             "must be a positive number"),
+            (self.label_top >= 1, "label_top", "must be >= 1"),
+            (self.normalize in NORMALIZE, "normalize", "must be none or max"),
+            (self.batch_rows >= 1, "batch_rows", "must be >= 1"),
         ]
-        for ok, message in checks:
+        for ok, name, problem in checks:
             if not ok:
-                raise AweError(message)
+                raise invalid(name, f"{problem}, got {getattr(self, name)!r}")
         self.index_config()  # the index options (--index, --rerank, --target-recall, ...)
 
     def resolved(self, task: str | None) -> AffinityConfig:

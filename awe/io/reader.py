@@ -14,6 +14,11 @@ Labels given as integers to a model whose vocabulary holds strings are compared 
 text (``7`` matches ``"7"``; a vocabulary read from CSV often holds numbers as strings), and those
 that match nothing are unknown labels, i.e. misses. The reverse, string labels for an integer
 vocabulary, is an error: the text could mean anything.
+
+Over 600 lines on purpose: the contract's types (imported from here across awe), the parquet
+access and the two readers (:func:`scan`, :func:`load_examples`, and the record-batch blocks they
+share with streaming and scoring) use the same row-group helpers; every per-column check lives in
+:mod:`awe.io.validate`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import numpy as np
 
 from awe.artifacts import tensor_digest
 from awe.csr import Csr
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.io.holdout import held_part
 from awe.io.reader import (
     Examples,
@@ -95,7 +95,7 @@ class ShuffleStream:
     def open(cls, path, schema: InputSchema, vocab: LabelVocab, buffer_rows: int, seed: int = 0,
              task: str | None = None, batch_size: int = 1024) -> ShuffleStream:
         if buffer_rows < 1:
-            raise AweError("--shuffle-buffer must be >= 1 row")
+            raise invalid("shuffle_buffer", "must be >= 1 row")
         files = resolve_files(path)
         shards = list_shards(files)
         if not shards:

@@ -49,7 +49,7 @@ import numpy as np
 
 from awe.artifacts import atomic_path
 from awe.cpu import check_int, native_bf16
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.neighbors.exact import bf16_knn, bf16_rows, exact_knn, squared_norms
 from awe.neighbors.join import JoinRows, join_search, self_join
 
@@ -99,22 +99,22 @@ class IndexConfig:
 
     def __post_init__(self):
         if self.kind not in INDEX_KINDS:
-            raise AweError(f"--index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
-        check_int("--flat-max-rows", self.flat_max_rows, 0)
-        check_int("--nlist", self.nlist, 1, optional=True)
-        check_int("--nprobe", self.nprobe, 1, optional=True)
+            raise invalid("kind", f"must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
+        check_int("flat_max_rows", self.flat_max_rows, 0)
+        check_int("nlist", self.nlist, 1, optional=True)
+        check_int("nprobe", self.nprobe, 1, optional=True)
         if self.nlist is not None and self.nprobe is not None and self.nprobe > self.nlist:
-            raise AweError(f"--nprobe ({self.nprobe}) must be <= --nlist ({self.nlist})")
-        check_int("--hnsw-m", self.hnsw_m, 2)
-        check_int("--ef-construction", self.ef_construction, 1)
-        check_int("--ef-search", self.ef_search, 1, optional=True)
-        check_int("--rerank", self.rerank, 0, optional=True)
-        check_int("--recall-sample", self.recall_sample, 1)
-        check_int("--calibrate-n", self.calibrate_n, 0)
-        check_int("--seed", self.seed, 0)
+            raise invalid("nprobe", f"must be <= nlist ({self.nlist}), got {self.nprobe}")
+        check_int("hnsw_m", self.hnsw_m, 2)
+        check_int("ef_construction", self.ef_construction, 1)
+        check_int("ef_search", self.ef_search, 1, optional=True)
+        check_int("rerank", self.rerank, 0, optional=True)
+        check_int("recall_sample", self.recall_sample, 1)
+        check_int("calibrate_n", self.calibrate_n, 0)
+        check_int("seed", self.seed, 0)
         if (isinstance(self.target_recall, bool) or not isinstance(self.target_recall, (int, float))
                 or not 0.0 < self.target_recall <= 1.0):
-            raise AweError(f"--target-recall must be in (0, 1], got {self.target_recall!r}")
+            raise invalid("target_recall", f"must be in (0, 1], got {self.target_recall!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

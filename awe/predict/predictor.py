@@ -17,7 +17,7 @@ import torch
 from awe.affinity.g import Affinity
 from awe.affinity.stage import build_affinity_streamed, validation_holdout
 from awe.csr import Csr
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.io.reader import Examples
 from awe.models.affinity_wsabie import awe_ranking_scores
 from awe.models.saved import load_awe, load_wsabie
@@ -215,7 +215,7 @@ class Predictor:
         kind = kind or self.newest()
         self.check_rows([kind])
         if k < 1:
-            raise AweError("--top-k must be >= 1")
+            raise invalid("k", "must be >= 1")
         id_parts, score_parts, lengths = [], [], []
         for _, ids, values in ranked_batches(
                 lambda ex, rows: self.ranking_scores(ex, rows, kind, k), examples, k,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from awe import artifacts
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_VERSION = 1
@@ -67,7 +67,8 @@ class Checkpoint:
     def __init__(self, model_dir: str | Path, stage: str, run: dict, *, every: int = 0,
                  resume: bool = False, writer: bool = True):
         if every < 0:
-            raise AweError("--checkpoint-every must be >= 0 (0: at the end of every epoch only)")
+            raise invalid("checkpoint_every", f"must be >= 0 (0: at the end of every epoch only), "
+                          f"got {every!r}")
         self.path = Path(model_dir) / CHECKPOINT_DIR / f"{stage}.safetensors"
         self.stage, self.run, self.every = stage, _jsonable(run), every
         self.position: dict = {}

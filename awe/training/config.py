@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from awe.errors import AweError
+from awe.errors import AweError, invalid
 from awe.io.reader import TASKS
 from awe.options import option
 from awe.training.optim import OPTIMIZERS
@@ -60,28 +60,27 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = [
-            (self.dim >= 1, "--dim must be >= 1"),
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (self.negatives >= 1, "--negatives must be >= 1"),
-            (self.margin >= 0, "--margin must be >= 0"),
-            (self.rank_weight in RANK_WEIGHTS, f"--rank-weight must be one of {RANK_WEIGHTS}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.max_norm in (None, "auto") or float(self.max_norm) > 0,
-             "--max-norm must be positive"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.batch_size == "auto" or int(self.batch_size) >= 1,
-             "--batch-size must be >= 1"),
-            (0 <= self.valid_fraction < 1, "--valid-fraction must be in [0, 1)"),
-            (self.patience >= 1, "--patience must be >= 1"),
-            (self.task in (None, *TASKS),
-             "--task must be annotation or recommendation"),
-            (self.shuffle_buffer is None or int(self.shuffle_buffer) >= 1,
-             "--shuffle-buffer must be >= 1 row"),
+            (self.dim >= 1, "dim", "must be >= 1"),
+            (self.epochs >= 1, "epochs", "must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number"),
+            (self.negatives >= 1, "negatives", "must be >= 1"),
+            (self.margin >= 0, "margin", "must be >= 0"),
+            (self.rank_weight in RANK_WEIGHTS, "rank_weight", f"must be one of {RANK_WEIGHTS}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}"),
+            (self.max_norm in (None, "auto") or float(self.max_norm) > 0, "max_norm",
+             "must be positive"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (self.batch_size == "auto" or int(self.batch_size) >= 1, "batch_size",
+             "must be >= 1"),
+            (0 <= self.valid_fraction < 1, "valid_fraction", "must be in [0, 1)"),
+            (self.patience >= 1, "patience", "must be >= 1"),
+            (self.task in (None, *TASKS), "task", "must be annotation or recommendation"),
+            (self.shuffle_buffer is None or int(self.shuffle_buffer) >= 1, "shuffle_buffer",
+             "must be >= 1 row"),
         ]
-        for ok, message in checks:
+        for ok, name, problem in checks:
             if not ok:
-                raise AweError(message)
+                raise invalid(name, f"{problem}, got {getattr(self, name)!r}")
 
     def resolved(self, task: str | None, device: str) -> TrainConfig:
         """Fill the data-dependent defaults: task, device and the max-norm."""
@@ -112,9 +111,9 @@ def resolve_device(requested: str | None) -> str:
     if requested in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise AweError("--device cuda: torch sees no CUDA device; use --device cpu")
+        raise AweError("device cuda: torch sees no CUDA device; use cpu", field="device")
     if requested not in ("cpu", "cuda"):
-        raise AweError(f"--device must be cpu or cuda, not '{requested}'")
+        raise invalid("device", f"must be cpu or cuda, not '{requested}'")
     return requested
 
 
@@ -148,5 +147,5 @@ def parse_rounds(rounds: int | str) -> tuple[int, bool]:
     except (TypeError, ValueError):
         n = 0
     if isinstance(rounds, bool) or n < 1 or (isinstance(rounds, float) and rounds != n):
-        raise AweError(f"--rounds must be 'auto' or an integer >= 1, got {rounds!r}")
+        raise invalid("rounds", f"must be 'auto' or an integer >= 1, got {rounds!r}")
     return n, False

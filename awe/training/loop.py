@@ -4,6 +4,10 @@ Stage 1 (Wsabie) and stage 3 (AWE) differ only in the model's scores (AWE multip
 weights G), so :func:`fit` takes any :class:`Wsabie`; a subclass supplies the per-pair multiplier
 through ``pair_weight``. The WARP gradients are computed in closed form (``warp_gradients``) and
 applied to the touched rows by :class:`awe.optim.RowOptimizer`: no autograd in the loop.
+
+Over 600 lines on purpose: the epoch loop, its checkpointed position (``_FitProgress``) and the
+WARP step (``_WarpStep``) share the model, the optimizers and the draw stream and change together;
+split, each part would reach into the others' state.
 """
 
 from __future__ import annotations
