@@ -182,3 +182,25 @@ def test_streamed_stages_hold_out_the_same_rows(tmp_path):
                                 metrics["awe"]["validation"])
     assert len(set(seen.values())) == 1, seen
     assert next(iter(seen.values()))[1:] == (300, 100, 100, "holdout")
+
+
+def test_reproduce_reports_the_papers_model_beside_the_defaults(tmp_path):
+    """The paper's model (no label biases, G's raw sums) beside the defaults, with the validation
+    P@k each chose on."""
+    from awe.reproduce import ALGORITHMS, PAPER_ROWS, reproduce
+
+    train = write_clusters(tmp_path / "train.parquet", 500, 0)
+    test = write_clusters(tmp_path / "test.parquet", 150, 1)
+    out = tmp_path / "out"
+    report = reproduce("path", out, train=train, test=test, threads=1, paper=True)
+    assert list(report.metrics) == [*ALGORITHMS, *PAPER_ROWS]
+    assert set(report.valid) == {"wsabie", "awe", "wsabie-paper", "awe-paper"}
+    config = json.loads((out / "model-paper" / "config.json").read_text())
+    assert config["stage1"]["label_bias"] is False
+    assert config["stage2"]["config"]["normalize"] == "none"
+    assert config["stage3"]["label_bias"] is False
+    awe = json.loads((out / "model-paper" / "metrics.json").read_text())["awe"]
+    assert report.valid["awe-paper"] == awe["valid"]["P@1"] and awe["validation"] == "holdout"
+    markdown = (out / "table.md").read_text()
+    assert "Valid Prec@1" in markdown and PAPER_ROWS["awe-paper"] in markdown
+    assert json.loads((out / "table.json").read_text())["valid"] == report.valid
