@@ -1,9 +1,10 @@
 """Exact k nearest rows between sparse inputs, without a dense copy of them.
 
-:func:`awe.neighbours.exact_knn` multiplies dense float32 matrices, so searching sparse text in its
-input space would first expand every row to the full vocabulary (24k rows x 13k TF-IDF terms are
-1.2 GB of float32, most of it zeros, and every zero multiplied). :func:`sparse_knn` answers in the
-same form from the rows as they are stored (:class:`awe.csr.Csr`).
+:func:`awe.neighbors.exact.exact_knn` multiplies dense float32 matrices, so searching sparse
+text in its input space would first expand every row to the full vocabulary (24k rows x 13k
+TF-IDF terms are 1.2 GB of float32, most of it zeros, and every zero multiplied).
+:func:`sparse_knn` answers in the same form from the rows as they are stored
+(:class:`awe.csr.Csr`).
 
 How: the base rows are taken a block at a time, and only the block is expanded, as a dense
 [terms of the block x rows of the block] matrix; a query's scores against the block are then one
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .csr import Csr
+from awe.csr import Csr
 
 METRICS = ("cosine", "l2")
 
@@ -47,8 +48,8 @@ def sparse_knn(queries: Csr, base: Csr, k: int, *, metric: str = "cosine",
                block_rows: int = _BASE_BLOCK, query_rows: int = _QUERY_BLOCK,
                threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of ``base`` for each row of ``queries``, as
-    :func:`awe.neighbours.exact_knn` returns them: (distances float32 [B, k], ids int64 [B, k]),
-    nearest first, equal distances by id; k is cut to the rows of ``base``.
+    :func:`awe.neighbors.exact.exact_knn` returns them: (distances float32 [B, k], ids int64
+    [B, k]), nearest first, equal distances by id; k is cut to the rows of ``base``.
 
     ``metric``: ``"cosine"`` — distance 1 - cos(q, x) of the L2-normalised rows, clamped at 0; an
     all-zero row has cosine 0 with every row (distance 1), not NaN; ``"l2"`` — squared Euclidean
@@ -56,7 +57,7 @@ def sparse_knn(queries: Csr, base: Csr, k: int, *, metric: str = "cosine",
 
     ``exclude_self`` (leave-one-out, ``queries`` being the rows of ``base``): query i never
     returns id i. ``exclude_ids[i]`` (>= 0) is never returned for query i (-1: none), as in
-    :meth:`awe.neighbours.NeighbourIndex.search`. A slot left with no row, which only exclusion
+    :meth:`awe.neighbors.index.NeighbourIndex.search`. A slot left with no row, which only exclusion
     causes (k = all the base rows), holds id -1 and distance +inf.
 
     Rows are lists of term ids (>= 0) with float32 values (``values=None``: every value 1); a

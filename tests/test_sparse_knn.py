@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from awe.csr import Csr
-from awe.neighbours import exact_knn
-from awe.sparse_search import sparse_knn
+from awe.neighbors.exact import exact_knn
+from awe.neighbors.sparse import sparse_knn
 
 
 def random_rows(n: int, n_terms: int, density: float, seed: int, integer: bool = True,
