@@ -25,9 +25,13 @@ score 0.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from awe import artifacts
 from awe.csr import Csr
+from awe.errors import AweError
 
 METRICS = ("cosine", "l2")
 
@@ -306,3 +310,76 @@ def _decode(keys):
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
     ids = (1 << 32) - 1 - (keys & 0xFFFFFFFF)
     return bits.view(torch.float32), ids
+
+
+class SparseIndex:
+    """Exact search over sparse rows by squared L2 (:func:`sparse_knn`), without a dense copy of
+    them: the input-space index of sparse inputs (G_orig, the knn-input row). Cosine search is L2
+    over rows normalised to unit length (2 - 2 cos), which the caller's rows already are. Offers
+    the parts of :class:`awe.neighbors.index.NeighbourIndex` that G uses; saved as safetensors."""
+
+    kind = "sparse"
+
+    def __init__(self, rows: Csr, params: dict | None = None):
+        values = rows.values if rows.values is not None else np.ones(len(rows.indices),
+                                                                      dtype=np.float32)
+        self.rows = Csr(np.asarray(rows.indptr, dtype=np.int64),
+                        np.asarray(rows.indices, dtype=np.int64),
+                        np.asarray(values, dtype=np.float32))
+        self.n_rows = self.rows.n_rows
+        self.index = None
+        self.params = {**(params or {}), "kind": "sparse", "n_rows": self.n_rows, "metric": "l2"}
+        self.timings: dict[str, float] = {}
+
+    def search(self, queries: Csr, n: int, exclude_ids: np.ndarray | None = None,
+               batch_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` nearest rows of each query (squared distances, ids), nearest first, equal
+        distances by id; ``exclude_ids[b]`` (>= 0) is never returned for query b; columns
+        beyond the rows hold id -1 and distance +inf."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        dist, ids = sparse_knn(queries, self.rows, int(n), metric="l2", exclude_ids=exclude_ids)
+        if exclude_ids is not None:  # an excluded id leaves its slot empty
+            dist[ids < 0] = np.inf
+        if ids.shape[1] < n:
+            out_d = np.full((ids.shape[0], n), np.inf, dtype=np.float32)
+            out_i = np.full((ids.shape[0], n), -1, dtype=np.int64)
+            out_d[:, :ids.shape[1]], out_i[:, :ids.shape[1]] = dist, ids
+            return out_d, out_i
+        return dist, ids
+
+    def leave_one_out(self, vectors: Csr, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every indexed row's ``n`` nearest other rows (``vectors``: the indexed rows)."""
+        return self.search(vectors, n, np.arange(vectors.n_rows, dtype=np.int64))
+
+    def measure_recall(self, vectors, n: int, sample: int | None = None, seed: int = 0,
+                       leave_one_out: bool = True) -> float:
+        return 1.0  # exact
+
+    def save(self, path) -> None:
+        import torch
+
+        artifacts.write_tensors(path, {"indptr": torch.from_numpy(self.rows.indptr),
+                                       "indices": torch.from_numpy(self.rows.indices),
+                                       "values": torch.from_numpy(self.rows.values)},
+                                {"kind": "sparse"})
+
+    @classmethod
+    def load(cls, path, params: dict) -> SparseIndex:
+        path = Path(path)
+        if not path.is_file():
+            raise AweError(f"{path}: missing neighbour index; run `awe build-g` again")
+        tensors = artifacts.read_tensors(path)
+        try:
+            rows = Csr(tensors["indptr"].numpy(), tensors["indices"].numpy(),
+                       tensors["values"].numpy())
+        except KeyError as exc:
+            raise AweError(f"{path}: not a sparse neighbour index (missing {exc}); run "
+                           f"`awe build-g` again") from exc
+        if rows.n_rows != int(params.get("n_rows", rows.n_rows)):
+            raise AweError(f"{path}: index has {rows.n_rows} rows, config.json says "
+                           f"{params['n_rows']}; run `awe build-g` again")
+        return cls(rows, {k: v for k, v in params.items() if k not in ("kind", "n_rows")})
+
+    def __repr__(self) -> str:
+        return f"SparseIndex(n_rows={self.n_rows})"
