@@ -339,6 +339,10 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     if holdout is not None:
         # stage 1's validation rows: no stage trained on them and G's index leaves them out, so
         # their G is found as a new row's (docs/validation.md)
+        if streaming and holdout.task != "annotation":
+            raise AweError("--shuffle-buffer: stage 1 held out labels of each row "
+                           "(recommendation), which a stream cannot leave out; retrain in memory "
+                           "(no --shuffle-buffer)")
         held = holdout.again(train.n_total if streaming else train_labels, train_path)
         if streaming:
             train, valid = train.split_held(held)

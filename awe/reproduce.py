@@ -16,7 +16,7 @@ import io
 import json
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,13 @@ ALGORITHMS = {
     "wsabie": "Wsabie",
     "awe": "Affinity Weighted Embedding",
 }
+# the paper's model beside the defaults (``paper=True``): no label bias in stages 1 and 3, G's
+# raw sums, so the table shows what the additions buy
+PAPER_ROWS = {
+    "wsabie-paper": "Wsabie, the paper's (no label bias)",
+    "awe-paper": "Affinity Weighted Embedding, the paper's (no label bias, G not normalised)",
+}
+ROW_NAMES = {**ALGORITHMS, **PAPER_ROWS}
 PLOT_KS = tuple(range(1, 11))
 REPORT_FILES = ("table.md", "table.csv", "table.json", "config.json", "precision_at_k.png",
                 "training_curves.png")
@@ -79,9 +86,12 @@ class Report:
     seconds: dict[str, float]
     files: list[Path]
     out: Path
+    # validation P@k (the first table k) of the trained rows, on rows no stage trained on
+    # (docs/validation.md): what the model chose its epochs and rounds on
+    valid: dict[str, float] = field(default_factory=dict)
 
     def table_rows(self) -> list[tuple[str, list[float]]]:
-        return [(ALGORITHMS[row], [self.metrics[row][f"P@{k}"] for k in self.table_ks])
+        return [(ROW_NAMES[row], [self.metrics[row][f"P@{k}"] for k in self.table_ks])
                 for row in self.metrics]
 
 
@@ -188,8 +198,12 @@ def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=Non
               test=None, rows: int | None = None, test_rows: int | None = None,
               classes: int | None = None, seed: int = 0,
               threads: int | None = None, progress: bool = False,
-              recipe: Recipe | None = None) -> Report:
-    """Run the whole pipeline on ``dataset`` and write the report into ``out``."""
+              recipe: Recipe | None = None, paper: bool = False) -> Report:
+    """Run the whole pipeline on ``dataset`` and write the report into ``out``.
+
+    ``paper``: also train the paper's model (no label bias in stages 1 and 3, G not normalised;
+    ``OUT/model-paper``) with the same options otherwise, and report its wsabie and awe rows and
+    validation P@k beside the defaults'."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AweError(f"--out {out}: exists and is not a directory")
@@ -218,11 +232,36 @@ def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=Non
         with steps.step(f"eval {row}", f"evaluate {row}"):
             metrics.update(evaluate_model(model, test_path, PLOT_KS, rows=[row],
                                           train_path=train_path))
+    valid = _valid_precision(model, "", recipe.table_ks[0])
+    if paper:
+        paper_model = out / "model-paper"
+        with steps.step("paper", "the paper's model: stages 1-3 without label biases, G's raw "
+                                 "sums", spinner=False):
+            train_wsabie(train_path, paper_model, stage1, label_bias=False, progress=progress)
+            build_g(train_path, paper_model, replace(stage2, normalize="none"))
+            retrain_awe(train_path, paper_model, stage3, label_bias=None, progress=progress)
+        for row in ("wsabie", "awe"):
+            with steps.step(f"eval {row}-paper", f"evaluate {row}-paper"):
+                metrics[f"{row}-paper"] = evaluate_model(paper_model, test_path, PLOT_KS,
+                                                         rows=[row])[row]
+        valid.update(_valid_precision(paper_model, "-paper", recipe.table_ks[0]))
     report = Report(recipe.name if recipe.name != "path" else str(dataset), title,
-                    recipe.table_ks, metrics, steps.seconds, [], out)
+                    recipe.table_ks, metrics, steps.seconds, [], out, valid)
     report.files = write_report(report, model, recipe, g_stats,
                                 {"train": str(train_path), "test": str(test_path)})
     return report
+
+
+def _valid_precision(model: Path, suffix: str, k: int) -> dict[str, float]:
+    """{row: validation P@k} of a model directory's wsabie and awe stages (metrics.json)."""
+    path = model / artifacts.METRICS
+    stages = artifacts.read_json(path) if path.exists() else {}
+    found = {}
+    for row in ("wsabie", "awe"):
+        value = (stages.get(row) or {}).get("valid", {}).get(f"P@{k}")
+        if value is not None:
+            found[row + suffix] = value
+    return found
 
 
 # ---------------------------------------------------------------------------------- report
@@ -239,10 +278,15 @@ def _machine() -> str:
 def table_markdown(report: Report) -> str:
     ks = report.table_ks
     head = ["Algorithm", *(f"Prec@{k}" for k in ks)]
+    if report.valid:
+        head.append(f"Valid Prec@{ks[0]}")
     lines = [f"## {report.title}", "", "| " + " | ".join(head) + " |",
-             "| " + " | ".join(["---"] + ["---:"] * len(ks)) + " |"]
-    for name, values in report.table_rows():
-        lines.append(f"| {name} | " + " | ".join(f"{v * 100:.2f}%" for v in values) + " |")
+             "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    for row, (name, values) in zip(report.metrics, report.table_rows(), strict=True):
+        cells = [f"{v * 100:.2f}%" for v in values]
+        if report.valid:
+            cells.append(f"{report.valid[row] * 100:.2f}%" if row in report.valid else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| Stage | Seconds |", "| --- | ---: |"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in report.seconds.items()]
     lines += [f"| total | {sum(report.seconds.values()):.1f} |", "",
@@ -256,7 +300,7 @@ def table_csv(report: Report) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["row", "algorithm", *metric_names])
     for row, values in report.metrics.items():
-        writer.writerow([row, ALGORITHMS[row], *(f"{values[m]:.6f}" for m in metric_names)])
+        writer.writerow([row, ROW_NAMES[row], *(f"{values[m]:.6f}" for m in metric_names)])
     return buffer.getvalue()
 
 
@@ -269,6 +313,7 @@ def write_report(report: Report, model: Path, recipe: Recipe, g_stats: dict,
                 "stage3": config.get("stage3"), "label_bias": recipe.label_bias}
     summary = {"dataset": report.dataset, "title": report.title, "machine": _machine(),
                "table_ks": list(report.table_ks), "rows": report.metrics,
+               "valid": report.valid,
                "seconds": report.seconds, "total_seconds": round(sum(report.seconds.values()), 2),
                "g": g_stats}
     written = []
@@ -302,7 +347,7 @@ def plot_precision(report: Report, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for row, values in report.metrics.items():
-        ax.plot(PLOT_KS, [values[f"P@{k}"] for k in PLOT_KS], marker="o", label=ALGORITHMS[row])
+        ax.plot(PLOT_KS, [values[f"P@{k}"] for k in PLOT_KS], marker="o", label=ROW_NAMES[row])
     ax.set_xlabel("k")
     ax.set_ylabel("precision@k (test)")
     ax.set_xticks(PLOT_KS)

@@ -143,7 +143,10 @@ def test_training_g_equals_brute_force(tmp_path, kernel, aggregate, space, norma
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_sparse_input_space_is_densified(tmp_path):
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_sparse_input_space_is_the_dense_copys(tmp_path, metric):
+    """G_orig over sparse rows, searched without a dense copy, is G over the dense rows (scaled to
+    unit length for cosine)."""
     rng = np.random.default_rng(4)
     ids = [sorted(rng.choice(40, size=3, replace=False).tolist()) for _ in range(50)]
     values = [rng.uniform(0.5, 1.5, size=3).astype(np.float32).tolist() for _ in range(50)]
@@ -153,11 +156,15 @@ def test_sparse_input_space_is_densified(tmp_path):
                    path)
     found = scan(path, Columns())
     examples = load_examples(path, found.schema, found.vocab)
-    config = AffinityConfig(neighbors=4, space="input", index="flat")
+    config = AffinityConfig(neighbors=4, space="input", index="flat",
+                            metric="auto" if metric == "cosine" else metric)
     affinity, g, _ = build_affinity(examples, 4, config, None)
+    assert affinity.config.metric == metric and affinity.index.kind == "sparse"
     x = np.zeros((50, found.schema.n_features))
     for r in range(50):
         x[r, ids[r]] = values[r]
+    if metric == "cosine":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
     want = reference_g(x, x, labels, 4, 4, "gaussian", affinity.config.lam, "sum", True)
     np.testing.assert_allclose(dense(g, 4), want, rtol=1e-4, atol=1e-5)
 

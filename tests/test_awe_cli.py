@@ -60,15 +60,16 @@ def test_train_build_g_retrain_eval(tmp_path, data):
     assert metrics["knn-wsabie"]["P@1"] > metrics["wsabie"]["P@1"]
     result = invoke("eval", test, "--model", model, "--methods", "awe,wsabie", "--k", "1")
     assert result.exit_code == 0
-    # stage-3 weights record G's fingerprint; one built before --target-recall and --rerank
-    # existed was the hash of the config without those keys, and a default G still hashes
-    # the same
+    # stage-3 weights record G's fingerprint; one built before --target-recall, --rerank and
+    # --metric existed was the hash of the config without those keys, and a default G still
+    # hashes the same
     from awe.affinity.g import Affinity
     from awe.card import read_card
 
     section = read_card(model).stage2
     raw = json.loads((model / "config.json").read_text())["stage2"]
-    before = {k: v for k, v in raw["config"].items() if k not in ("target_recall", "rerank")}
+    before = {k: v for k, v in raw["config"].items()
+              if k not in ("target_recall", "rerank", "metric")}
     n_rows = Affinity.load(model, section).index.n_rows
     old_style = hashlib.sha256((json.dumps(before, sort_keys=True) + str(n_rows)).encode())
     assert Affinity.load(model, section).fingerprint() == old_style.hexdigest()[:16]

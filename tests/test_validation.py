@@ -183,3 +183,59 @@ def test_streamed_stages_hold_out_the_same_rows(tmp_path):
                                 metrics["awe"]["validation"])
     assert len(set(seen.values())) == 1, seen
     assert next(iter(seen.values()))[1:] == (300, 100, 100, "holdout")
+
+
+def test_reproduce_reports_the_papers_model_beside_the_defaults(tmp_path):
+    """The paper's model (no label biases, G's raw sums) beside the defaults, with the validation
+    P@k each chose on."""
+    from awe.reproduce import ALGORITHMS, PAPER_ROWS, reproduce
+
+    train = write_clusters(tmp_path / "train.parquet", 500, 0)
+    test = write_clusters(tmp_path / "test.parquet", 150, 1)
+    out = tmp_path / "out"
+    report = reproduce("path", out, train=train, test=test, threads=1, paper=True)
+    assert list(report.metrics) == [*ALGORITHMS, *PAPER_ROWS]
+    assert set(report.valid) == {"wsabie", "awe", "wsabie-paper", "awe-paper"}
+    config = json.loads((out / "model-paper" / "config.json").read_text())
+    assert config["stage1"]["label_bias"] is False
+    assert config["stage2"]["config"]["normalize"] == "none"
+    assert config["stage3"]["label_bias"] is False
+    awe = json.loads((out / "model-paper" / "metrics.json").read_text())["awe"]
+    assert report.valid["awe-paper"] == awe["valid"]["P@1"] and awe["validation"] == "holdout"
+    markdown = (out / "table.md").read_text()
+    assert "Valid Prec@1" in markdown and PAPER_ROWS["awe-paper"] in markdown
+    assert json.loads((out / "table.json").read_text())["valid"] == report.valid
+
+
+@pytest.mark.parametrize("task", ["annotation", "recommendation"])
+def test_stage_3_refit_adds_the_validation_rows_after_the_choice(tmp_path, fits, task):
+    """`awe retrain --refit`: after the epoch is chosen on the held-out rows, a last fit for that
+    many epochs adds them (annotation: the rows, with the G they were validated with;
+    recommendation: every label of every user)."""
+    if task == "annotation":
+        data = write_clusters(tmp_path / "train.parquet", 400, 0)
+    else:
+        rng = np.random.default_rng(0)
+        data = tmp_path / "train.parquet"
+        pq.write_table(pa.table({
+            "feature_ids": [[u] for u in range(120)],
+            "labels": [sorted(rng.choice(30, rng.integers(5, 10), replace=False).tolist())
+                       for _ in range(120)]}), data)
+    model = tmp_path / "m"
+    train_wsabie(data, model, TrainConfig(epochs=2, dim=8, valid_fraction=0.25, seed=0,
+                                          task=task))
+    build_g(data, model, AffinityConfig(neighbors=5, index="flat"))
+    retrain_awe(data, model, TrainConfig(epochs=2, lr=0.01, refit=True, seed=0), rounds=1)
+    select, refit = fits[1], fits[2]
+    assert refit["valid"] is None and select["valid"] is not None
+    if task == "annotation":
+        assert len(select["train"]) == 300 and len(refit["train"]) == 400
+        assert _rows(refit["train"].dense) == _rows(select["train"].dense) | _rows(
+            select["valid"].dense)
+    else:
+        found = scan(data, Columns())
+        everything = load_examples(data, found.schema, found.vocab, task=task)
+        assert refit["train"].labels.nnz == everything.labels.nnz > select["train"].labels.nnz
+    assert refit["train"].affinity is not None
+    history = (model / "awe_history.csv").read_text()
+    assert "refit" in history

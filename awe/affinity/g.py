@@ -42,12 +42,14 @@ from awe.errors import AweError, invalid
 from awe.io.reader import Examples
 from awe.models.wsabie import batch_inputs
 from awe.neighbors.index import DEFAULT_TARGET_RECALL, INDEX_KINDS, IndexConfig, NeighbourIndex
+from awe.neighbors.sparse import SparseIndex
 from awe.options import option
 
 INDEX_FILE = "index.faiss"
 AFFINITY_FILE = "affinity.safetensors"
-# the input space is searched densely; wider sparse inputs must use the Wsabie space
-MAX_DENSE_INPUT_WIDTH = 4096
+# distances in the input space (G_orig, knn-input): "auto" is cosine for sparse inputs (text: a
+# row's length is its word count, not what it is about), l2 for dense ones
+METRICS = ("auto", "cosine", "l2")
 LAMBDA_SAMPLE = 2000  # rows searched to set lambda when no training G is needed
 
 
@@ -67,6 +69,9 @@ class AffinityConfig:
                               "neighbour carries.")
     space: str = option("wsabie", "Where neighbours are searched: wsabie (x U) or input (x "
                                   "itself, the paper's G_orig).", SPACES)
+    metric: str = option("auto", "Distance in the input space (--space input, the knn-input "
+                                 "row): auto is cosine for sparse input, l2 for dense; the "
+                                 "Wsabie space is searched by l2.", METRICS)
     label_kernel: str = option("exact", "exact (the label match) or embedding (exp(-lambda_y "
                                         "|V y - V y_i|^2), the paper's footnote).",
                                LABEL_KERNELS)
@@ -102,6 +107,7 @@ class AffinityConfig:
             (self.aggregate in AGGREGATES, "aggregate", "must be sum or max"),
             (math.isfinite(self.bias) and self.bias >= 0, "bias", "must be a number >= 0"),
             (self.space in SPACES, "space", "must be wsabie or input"),
+            (self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)}"),
             (self.label_kernel in LABEL_KERNELS, "label_kernel", "must be exact or embedding"),
             (self.label_lambda is None or self.label_lambda > 0, "label_lambda",
              "must be a positive number"),
@@ -120,6 +126,12 @@ class AffinityConfig:
         if neighbors == "auto":
             neighbors = 100 if task == "recommendation" else 20
         return replace(self, neighbors=int(neighbors))
+
+    def with_input_kind(self, kind: str) -> AffinityConfig:
+        """Fill ``metric auto`` of an input-space G from the input's kind (sparse or dense)."""
+        if self.space != "input" or self.metric != "auto":
+            return self
+        return replace(self, metric="cosine" if kind == "sparse" else "l2")
 
     def index_config(self):
 
@@ -201,8 +213,9 @@ class Affinity:
         return replace(self.config, **{name: None for name in self.estimated})
 
     # -- query vectors
-    def query_vectors(self, examples: Examples, rows: np.ndarray) -> np.ndarray:
-        return query_vectors(examples, rows, self.embed_u)
+    def query_vectors(self, examples: Examples, rows: np.ndarray) -> np.ndarray | Csr:
+        return query_vectors(examples, rows, self.embed_u, self.config.metric,
+                             sparse=isinstance(self.index, SparseIndex))
 
     def rows_affinity(self, examples: Examples, rows: np.ndarray,
                       exclude_ids: np.ndarray | None = None) -> Csr:
@@ -215,8 +228,7 @@ class Affinity:
                         ids: np.ndarray) -> Csr:
         c = self.config
         neighbour_norms = self.train_sq_norms[np.maximum(ids, 0)]
-        w = kernel_weights(c.kernel, sq_dists, (queries.astype(np.float64) ** 2).sum(1),
-                           neighbour_norms, c.lam)
+        w = kernel_weights(c.kernel, sq_dists, squared_row_norms(queries), neighbour_norms, c.lam)
         if c.label_kernel == "embedding":
             g = soft_label_affinity(w, ids, self.train_labels, self.label_vectors,
                                     c.label_lambda, c.aggregate, c.label_top)
@@ -239,6 +251,8 @@ class Affinity:
             del config["target_recall"]  # G built before the option keeps its fingerprint
         if config["rerank"] is None:
             del config["rerank"]  # likewise
+        if config["metric"] == "auto":
+            del config["metric"]  # likewise
         return artifacts.Digest().text(json.dumps(config, sort_keys=True),
                                        str(self.index.n_rows)).hex()
 
@@ -270,7 +284,8 @@ class Affinity:
         """The stage-2 model of a directory whose model card has ``section``."""
         tensors = artifacts.read_tensors(model_dir / AFFINITY_FILE)
         _check_dtypes(model_dir / AFFINITY_FILE, tensors)
-        index = NeighbourIndex.load(model_dir / INDEX_FILE, section.index)
+        index = (SparseIndex if section.index.get("kind") == "sparse" else NeighbourIndex).load(
+            model_dir / INDEX_FILE, section.index)
         try:
             labels = Csr(tensors["train_label_indptr"].numpy(),
                          tensors["train_label_ids"].numpy().astype(np.int64))
@@ -321,16 +336,30 @@ def labels_digest(labels: Csr) -> str:
 
 
 def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | None,
-                  ) -> np.ndarray:
-    """The vectors searched for ``rows``: x U (Wsabie space) or x itself (input space)."""
+                  metric: str = "l2", sparse: bool = True) -> np.ndarray | Csr:
+    """The vectors searched for ``rows``: x U (Wsabie space) or x itself (input space; a
+    :class:`Csr` of sparse inputs, dense only for an index of densified rows, ``sparse=False``),
+    rows scaled to unit length for ``metric="cosine"``."""
 
     rows = np.asarray(rows, dtype=np.int64)
     if embed_u is None:
         if examples.dense is not None:
-            return np.ascontiguousarray(examples.dense[rows], dtype=np.float32)
+            x = np.ascontiguousarray(examples.dense[rows], dtype=np.float32)
+            if metric == "cosine":
+                norms = np.sqrt(squared_row_norms(x))
+                x = (x / np.where(norms > 0, norms, 1.0)[:, None]).astype(np.float32)
+            return x
         part = examples.sparse.take(rows)
+        values = (part.values if part.values is not None
+                  else np.ones(len(part.indices), dtype=np.float32)).astype(np.float32)
+        if metric == "cosine":
+            norms = np.sqrt(squared_row_norms(Csr(part.indptr, part.indices, values)))
+            values = (values / np.where(norms > 0, norms, 1.0)[part.row_of_entry()]).astype(
+                np.float32)
+        if sparse:
+            return Csr(part.indptr, part.indices, values)
         out = np.zeros((len(rows), examples.schema.n_features), dtype=np.float32)
-        np.add.at(out, (part.row_of_entry(), part.indices), part.values)
+        np.add.at(out, (part.row_of_entry(), part.indices), values)
         return out
     x = batch_inputs(examples, rows)
     with torch.no_grad():
@@ -342,13 +371,17 @@ def query_vectors(examples: Examples, rows: np.ndarray, embed_u: torch.Tensor | 
     return np.ascontiguousarray(e.numpy(), dtype=np.float32)
 
 
+def squared_row_norms(x: np.ndarray | Csr) -> np.ndarray:
+    """|x_i|^2 of every row (float64), of dense rows or a :class:`Csr`."""
+    if isinstance(x, Csr):
+        values = x.values if x.values is not None else np.ones(len(x.indices))
+        return np.bincount(x.row_of_entry(), weights=np.square(values, dtype=np.float64),
+                           minlength=x.n_rows)
+    return (np.asarray(x, dtype=np.float64) ** 2).sum(1)
+
+
 def check_build(schema, n_rows: int, config: AffinityConfig, embed_u, label_vectors):
-    if config.space == "input":
-        if schema.kind == "sparse" and schema.n_features > MAX_DENSE_INPUT_WIDTH:
-            raise AweError(f"--space input: the sparse input has {schema.n_features} "
-                           f"features, more than {MAX_DENSE_INPUT_WIDTH} to search densely; use "
-                           f"--space wsabie")
-    elif embed_u is None:
+    if config.space != "input" and embed_u is None:
         raise AweError("--space wsabie needs a stage-1 model: run `awe train` first")
     if config.label_kernel == "embedding" and label_vectors is None:
         raise AweError("--label-kernel embedding needs the stage-1 label vectors")
@@ -365,14 +398,15 @@ def build_affinity(train: Examples, n_labels: int, config: AffinityConfig,
     With ``train_g=False`` (a baseline that only predicts) only a sample of rows is searched,
     to set lambda, and no training G is formed.
     """
-    config = config.resolved(train.task)
+    config = config.resolved(train.task).with_input_kind(train.schema.kind)
     if config.space == "input":
         embed_u = None
     check_build(train.schema, len(train), config, embed_u, label_vectors)
     t0 = time.perf_counter()
-    vectors = np.concatenate([
-        query_vectors(train, np.arange(s, min(s + config.batch_rows, len(train))), embed_u)
-        for s in range(0, len(train), config.batch_rows)])
+    parts = [query_vectors(train, np.arange(s, min(s + config.batch_rows, len(train))), embed_u,
+                           config.metric)
+             for s in range(0, len(train), config.batch_rows)]
+    vectors = Csr.concat(parts) if isinstance(parts[0], Csr) else np.concatenate(parts)
     return affinity_from_vectors(vectors, train.labels, n_labels, config, embed_u, label_vectors,
                                  train_g, t0)
 
@@ -391,8 +425,12 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     config = config.resolved(None)
     set_threads(config.threads)
     t0 = time.perf_counter() if t0 is None else t0
-    n = len(vectors)
-    if not train_g and config.index == "flat":
+    sparse = isinstance(vectors, Csr)  # sparse inputs in their own space: exact sparse search
+    n = vectors.n_rows if sparse else len(vectors)
+    if sparse:
+        index = SparseIndex(vectors)
+        search_all = None
+    elif not train_g and config.index == "flat":
         # a baseline that is searched, never saved: exact search over the vectors themselves,
         # without FAISS's copy of them (knn-input at 1M x 474 features: 1.9 GB less)
         index = NeighbourIndex.exact_over(vectors, config.index_config())
@@ -408,7 +446,8 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     elif len(searched) == n:  # the vectors themselves, not a copy (1M x 128 floats is 512 MB)
         sq_dists, ids = index.leave_one_out(vectors, config.neighbors)
     else:
-        sq_dists, ids = index.search(vectors[searched], config.neighbors, searched)
+        sq_dists, ids = index.search(vectors.take(searched) if sparse else vectors[searched],
+                                     config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
     resolved, estimated = config, []
     if config.lam is None:
@@ -418,7 +457,7 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
         resolved = replace(resolved, label_lambda=default_label_lambda(label_vectors))
         estimated.append("label_lambda")
     sq_norms = np.concatenate([  # in chunks: a float64 copy of all vectors would double them
-        (vectors[s:s + config.batch_rows].astype(np.float64) ** 2).sum(1).astype(np.float32)
+        squared_row_norms(_row_slice(vectors, s, s + config.batch_rows)).astype(np.float32)
         for s in range(0, n, config.batch_rows)])
     affinity = Affinity(resolved, index, labels, sq_norms, embed_u,
                         label_vectors if config.label_kernel == "embedding" else None, n_labels,
@@ -426,7 +465,7 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     g_train = None
     if train_g:
         g_train = Csr.concat([
-            affinity.from_neighbours(vectors[s:s + config.batch_rows],
+            affinity.from_neighbours(_row_slice(vectors, s, s + config.batch_rows),
                                      sq_dists[s:s + config.batch_rows],
                                      ids[s:s + config.batch_rows])
             for s in range(0, n, config.batch_rows)])
@@ -441,3 +480,9 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     if resolved.label_lambda is not None:
         stats["label_lambda"] = resolved.label_lambda
     return affinity, g_train, stats
+
+
+def _row_slice(vectors: np.ndarray | Csr, start: int, stop: int) -> np.ndarray | Csr:
+    if isinstance(vectors, Csr):
+        return vectors.take(np.arange(start, min(stop, vectors.n_rows)))
+    return vectors[start:stop]

@@ -41,15 +41,16 @@ EMBED_MEMORY_BUDGET = 1 << 30
 
 
 def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows: int,
-                   scratch_dir: Path, budget: int | None = None,
-                   ) -> tuple[np.ndarray, Csr, Path | None]:
+                   scratch_dir: Path, budget: int | None = None, metric: str = "l2",
+                   ) -> tuple[np.ndarray | Csr, Csr, Path | None]:
     """The vector of every training row (x U, or x itself without ``embed_u``) and its labels,
     reading the files a record batch at a time: memory holds the vectors, not the features.
 
     Rows are embedded in chunks of ``batch_rows`` rows counted from the first row, as
     :func:`build_affinity` does on loaded rows, so the vectors are the same bits. Vectors of more
     than ``budget`` bytes are written to a memory-mapped float32 file in ``scratch_dir`` (returned,
-    for the caller to delete).
+    for the caller to delete). Sparse inputs in their own space (no ``embed_u``) stay sparse: a
+    :class:`Csr` of the rows (scaled to unit length for ``metric="cosine"``), no memory map.
     """
     import pyarrow as pa
 
@@ -58,8 +59,11 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
     check_input_kind(files, schema)
     n_rows = sum(s.n_rows for s in list_shards(files))
     width = schema.n_features if embed_u is None else embed_u.shape[1]
-    mapped = None
-    if n_rows * width * 4 > (EMBED_MEMORY_BUDGET if budget is None else budget):
+    sparse = embed_u is None and schema.kind == "sparse"
+    mapped, sparse_parts = None, []
+    if sparse:
+        vectors = None
+    elif n_rows * width * 4 > (EMBED_MEMORY_BUDGET if budget is None else budget):
         import tempfile
 
         scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,11 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
         pending = []
         while block is not None and (len(block) >= batch_rows or (final and len(block))):
             take = min(batch_rows, len(block))
-            vectors[done:done + take] = query_vectors(block, np.arange(take), embed_u)
+            found = query_vectors(block, np.arange(take), embed_u, metric)
+            if sparse:
+                sparse_parts.append(found)
+            else:
+                vectors[done:done + take] = found
             labels.append(block.labels.take(np.arange(take)))
             done += take
             block = block.take(np.arange(take, len(block))) if take < len(block) else None
@@ -103,6 +111,8 @@ def stream_vectors(path, schema, vocab, embed_u: torch.Tensor | None, batch_rows
     # arrow's allocator keeps the freed record batches mapped: 186 MB after reading 100k x 474
     # features, held through the search that follows
     pa.default_memory_pool().release_unused()
+    if sparse:
+        vectors = Csr.concat(sparse_parts) if sparse_parts else Csr.empty(0, with_values=True)
     return vectors, Csr.concat(labels), mapped
 
 
@@ -175,6 +185,7 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
 
     ``holdout``: its validation rows (annotation) or held-out labels (recommendation) are left
     out of the index and the label store."""
+    config = config.with_input_kind(schema.kind)
     if config.space == "input":
         embed_u = None
 
@@ -183,7 +194,7 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                                   else 0), config, embed_u, label_vectors)
     t0 = time.perf_counter()
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
-                                             config.batch_rows, scratch_dir)
+                                             config.batch_rows, scratch_dir, metric=config.metric)
     try:
         held = None
         if holdout is not None:
@@ -192,9 +203,11 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
             except AweError:  # other rows than stage 1's: none of them was held out
                 holdout = None
         if holdout is not None:
-            keep = kept_rows(len(vectors), held, holdout.task)
+            keep = kept_rows(labels.n_rows, held, holdout.task)
             labels = training_labels(labels, held, holdout.task)
-            if len(keep) < len(vectors):  # in place: keep is sorted, so no row is overwritten
+            if isinstance(vectors, Csr):
+                vectors = vectors.take(keep)
+            elif len(keep) < len(vectors):  # in place: keep is sorted, so no row is overwritten
                 for s in range(0, len(keep), config.batch_rows):  # before it is read
                     chunk = keep[s:s + config.batch_rows]
                     vectors[s:s + len(chunk)] = vectors[chunk]
