@@ -802,7 +802,13 @@ def main() -> None:
                         help="write the section of docs/benchmarks.md between its markers")
     parser.add_argument("--update-readme", action="store_true",
                         help="write the README's results table between its markers")
+    parser.add_argument("--from-json", type=Path,
+                        help="write the reports from a previous run's awe.json, running nothing")
     args = parser.parse_args()
+    if args.from_json:
+        write_reports(json.loads(args.from_json.read_text()), args.from_json.parent,
+                      args.update_docs, args.update_readme)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     which = (None if args.anchors == "all" else
@@ -826,17 +832,24 @@ def main() -> None:
             run["metrics"] = seed_metrics(run)
             runs[seed] = run
         report["datasets"][name] = {"seeds": runs, "over_seeds": over_seeds(runs)}
+        report["seconds"] = time.perf_counter() - started  # kept as each dataset finishes
+        (args.out / "awe.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     report["seconds"] = time.perf_counter() - started
     (args.out / "awe.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_reports(report, args.out, args.update_docs, args.update_readme)
+
+
+def write_reports(report: dict, out: Path, update_docs: bool, update_readme: bool) -> None:
+    """OUT/awe.md, and the marked sections of docs/benchmarks.md and README.md when asked."""
     lines = report_markdown(report)
-    (args.out / "awe.md").write_text("\n".join(lines) + "\n")
+    (out / "awe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if args.update_docs:
+    if update_docs:
         path = ROOT / "docs" / "benchmarks.md"
         path.write_text(replace_between(path.read_text(), DOCS_MARKERS, "\n".join(lines),
                                         DOCS_SECTION))
         print(f"wrote {path}")
-    if args.update_readme:
+    if update_readme:
         path = ROOT / "README.md"
         path.write_text(replace_between(path.read_text(), README_MARKERS,
                                         "\n".join(readme_table(report))))
