@@ -77,6 +77,7 @@ VARIANTS = ("defaults", "paper")
 VARIANT_TITLES = {"defaults": "defaults", "paper": "paper-faithful"}
 ANCHOR_TITLES = {"logreg": "logistic regression (one-vs-rest)", "knn": "kNN",
                  "lightfm": "LightFM WARP", "ease": "EASE"}
+ANCHOR_SHORT = {**ANCHOR_TITLES, "logreg": "logistic regression"}
 DOCS_MARKERS = ("<!-- bench_awe:start -->", "<!-- bench_awe:end -->")
 README_MARKERS = ("<!-- bench_awe:readme:start -->", "<!-- bench_awe:readme:end -->")
 DOCS_SECTION = "## AWE against its parts and the anchors"
@@ -643,8 +644,8 @@ def seconds_of(result: dict, key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def short_error(text: str, limit: int = 90) -> str:
-    text = " ".join(str(text).split()).replace("|", "/")
+def short_error(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split()).replace("`", "'")
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -672,13 +673,19 @@ def dataset_table(name: str, result: dict) -> list[str]:
             t = seconds_of(result, key)
             lines.append(_method_line(f"anchor: {ANCHOR_TITLES.get(anchor, anchor)}",
                                       summary[key], ks, n, f"{t:.1f} s" if t else ""))
-    return lines + [""]
+    errors: dict[str, list[str]] = {}
+    for key, stats in summary.items():
+        if "error" in stats:
+            errors.setdefault(short_error(stats["error"]), []).append(key)
+    lines.append("")
+    for text, keys in errors.items():
+        lines.append(f"Error of {', '.join(keys)}: `{text}`")
+    return lines + ([""] if errors else [])
 
 
 def _method_line(title: str, stats: dict, ks: list[int], n: int, when: str) -> str:
     if "error" in stats:
-        return (f"| {title} | error: {short_error(stats['error'])} | "
-                + " | ".join("" for _ in ks[1:]) + f" | {when} |").replace("|  |", "| |")
+        return f"| {title} | " + " | ".join("error (below)" for _ in ks) + f" | {when} |"
     return f"| {title} | " + " | ".join(fmt(stats[f"P@{k}"], n) for k in ks) + f" | {when} |"
 
 
@@ -778,7 +785,7 @@ def readme_table(report: dict) -> list[str]:
         anchors = [(key.split("/", 1)[1], s) for key, s in summary.items()
                    if key.startswith("anchor/") and "error" not in s]
         best = max(anchors, key=lambda a: a[1][k]["mean"], default=None)
-        cells.append(f"{fmt(best[1][k], n)} ({ANCHOR_TITLES.get(best[0], best[0])})"
+        cells.append(f"{fmt(best[1][k], n)} ({ANCHOR_SHORT.get(best[0], best[0])})"
                      if best else "")
         lines.append(f"| {TITLES.get(name, name)} | {k} | " + " | ".join(cells) + " |")
     return lines

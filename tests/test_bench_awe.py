@@ -140,10 +140,12 @@ def test_markdown_lists_rows_errors_and_anchors():
     text = "\n".join(bench_awe.report_markdown(_report()))
     assert "python scripts/bench_awe.py --seeds 0" in text and "Test CPU, 2 cores" in text
     assert "| AWE, defaults | 0.6000 | 0.4000 | pipeline 12.0 s |" in text
-    assert "| kNN (input), defaults | error: AweError: more than 4096 |" in text
+    assert "| kNN (input), defaults | error (below) | error (below) |  |" in text
+    assert "Error of defaults/knn-input: `AweError: more than 4096`" in text
     assert "| anchor: kNN | 0.5500 | 0.4100 | 2.0 s |" in text
     readme = "\n".join(bench_awe.readme_table(_report()))
-    assert "| DEBTAGS (80/20 split) | P@1 | error | – | – | 0.6000 | 0.5800 (logistic" in readme
+    assert ("| DEBTAGS (80/20 split) | P@1 | error | – | – | 0.6000 | "
+            "0.5800 (logistic regression) |") in readme
 
 
 def test_replace_between_markers_adds_the_section_once(tmp_path):
