@@ -80,8 +80,7 @@ def make_rows(path: Path, n_rows: int, n_features: int, n_labels: int, seed: int
 
 def make_model(root: Path, n_labels: int, args) -> Path:
     from awe.affinity.g import AffinityConfig
-    from awe.affinity.stage import build_g
-    from awe.pipeline import retrain_awe, train_wsabie
+    from awe.pipeline import fit_pipeline
     from awe.training.config import STAGE3_DEFAULTS, TrainConfig, with_overrides
 
     model = root / f"model-L{n_labels}"
@@ -93,9 +92,9 @@ def make_model(root: Path, n_labels: int, args) -> Path:
                       seed=1, with_labels=True)
     common = {"epochs": 1, "valid_fraction": 0.0, "threads": args.threads, "seed": 0}
     t0 = time.perf_counter()
-    train_wsabie(train, model, TrainConfig(dim=args.dim, **common), checkpoints=False)
-    build_g(train, model, AffinityConfig(neighbors=20, index=args.index, threads=args.threads))
-    retrain_awe(train, model, with_overrides(STAGE3_DEFAULTS, **common), checkpoints=False)
+    fit_pipeline(train, model, TrainConfig(dim=args.dim, **common),
+                 AffinityConfig(neighbors=20, index=args.index, threads=args.threads),
+                 with_overrides(STAGE3_DEFAULTS, **common))
     print(f"model L={n_labels}: {train_rows} training rows, {time.perf_counter() - t0:.0f}s",
           flush=True)
     return model
