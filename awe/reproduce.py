@@ -2,7 +2,8 @@
 with per-dataset defaults, and a report directory a person can read.
 
 The report (``OUT/``): ``table.md``, ``table.csv``, ``table.json`` (the four rows of the paper's
-Tables 1 and 2, every metric, the time of every stage), ``config.json`` (the resolved config of
+Tables 1 and 2, every metric, the paper's numbers beside them for the synthetic stand-ins, the
+time of every stage, the machine and the commands), ``config.json`` (the resolved config of
 every stage), ``precision_at_k.png`` (P@k, k = 1..10, per row), ``training_curves.png`` (loss
 and validation P@k per epoch of stages 1 and 3); the data in ``OUT/data`` and the model in
 ``OUT/model``.
@@ -16,7 +17,7 @@ import io
 import json
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ REPORT_FILES = ("table.md", "table.csv", "table.json", "config.json", "precision
 @dataclass(frozen=True)
 class Recipe:
     """How ``awe reproduce`` runs one dataset: where its data comes from and each stage's
-    defaults (tuned per dataset on its validation split; see docs/decisions.md)."""
+    settings. Stage 2 is the paper's (G from the n = 20 nearest neighbours in Wsabie space,
+    ``sum`` or ``max`` over them); everything else is the default of `awe train`, `awe build-g`
+    and `awe retrain` (10% of the training rows held out to pick the epoch)."""
 
     name: str
     title: str
@@ -50,15 +53,37 @@ class Recipe:
     stage2: AffinityConfig = AffinityConfig()
     stage3: TrainConfig = replace(STAGE3_DEFAULTS, valid_fraction=0.1)
     label_bias: float | None = LABEL_BIAS_DEFAULT
+    # the paper's numbers for this table: {row: {"P@k": percent or None (not reported)}}
+    paper: dict[str, dict[str, float | None]] | None = None
+    paper_source: str = ""
+    note: str = ""
 
 
+def _paper(rows: dict[str, tuple[float | None, ...]], ks=(1, 3)) -> dict:
+    return {row: {f"P@{k}": v for k, v in zip(ks, values, strict=True)}
+            for row, values in rows.items()}
+
+
+STAND_IN_NOTE = ("The synthetic presets are stand-ins: the paper's features (Magnatagatune audio "
+                 "features, ImageNet image features) are not redistributable. The generator is "
+                 "built so that a linear embedding captures most but not all of the label "
+                 "signal (see data/README.md); compare the order and the gaps of the rows with "
+                 "the paper's, not the absolute numbers.")
 RECIPES = {
     "magnatagatune": Recipe(
-        "magnatagatune", "Synthetic Magnatagatune (16,000 train / 5,000 test, 160 tags)", (1, 3),
-        stage2=AffinityConfig(aggregate="sum")),
+        "magnatagatune",
+        "Synthetic Magnatagatune ({train:,} train / {test:,} test, {labels:,} tags)", (1, 3),
+        stage2=AffinityConfig(neighbors=20, space="wsabie", aggregate="sum"),
+        paper=_paper({"knn-input": (39.4, 28.6), "knn-wsabie": (45.2, 31.9),
+                      "wsabie": (48.7, 37.5), "awe": (52.7, 39.2)}),
+        paper_source="Table 1 (Magnatagatune)", note=STAND_IN_NOTE),
     "imagenet": Recipe(
-        "imagenet", "Synthetic ImageNet (474 features, one class per example)", (1, 3),
-        stage2=AffinityConfig(aggregate="max")),
+        "imagenet",
+        "Synthetic ImageNet ({train:,} train / {test:,} test, {labels:,} classes)", (1, 3),
+        stage2=AffinityConfig(neighbors=20, space="wsabie", aggregate="max"),
+        paper=_paper({"knn-input": (None, None), "knn-wsabie": (13.7, None),
+                      "wsabie": (9.2, None), "awe": (16.4, None)}),
+        paper_source="Table 2 (ImageNet, 10M images, 21k classes; P@1)", note=STAND_IN_NOTE),
     "fashion-mnist": Recipe("fashion-mnist", "Fashion-MNIST (60,000 train / 10,000 test)", (1, 3)),
     "movielens": Recipe("movielens", "MovieLens 100K implicit (ratings >= 4)", (10,)),
     "path": Recipe("path", "", (1, 3)),
@@ -75,10 +100,27 @@ class Report:
     seconds: dict[str, float]
     files: list[Path]
     out: Path
+    paper: dict[str, dict[str, float | None]] | None = None
+    paper_source: str = ""
+    note: str = ""
+    commands: list[str] = field(default_factory=list)
+
+    def paper_cells(self, row: str) -> list[str]:
+        """The paper's P@k of ``row`` for the table's ks, as text ("-" where not reported)."""
+        values = (self.paper or {}).get(row, {})
+        return [f"{v:.1f}%" if v is not None else "-"
+                for v in (values.get(f"P@{k}") for k in self.table_ks)]
 
     def table_rows(self) -> list[tuple[str, list[float]]]:
-        return [(ALGORITHMS[row], [self.metrics[row][f"P@{k}"] for k in self.table_ks])
-                for row in self.metrics]
+        """(name, measured P@k for the table's ks) per row; where the paper has the table, the
+        name carries the paper's numbers too, e.g. "Wsabie (paper 48.7% / 37.5%)"."""
+        rows = []
+        for row in self.metrics:
+            name = ALGORITHMS[row]
+            if self.paper:
+                name += f" (paper {' / '.join(self.paper_cells(row))})"
+            rows.append((name, [self.metrics[row][f"P@{k}"] for k in self.table_ks]))
+        return rows
 
 
 # ------------------------------------------------------------------------------------- data
@@ -214,14 +256,71 @@ def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=Non
         with steps.step(f"eval {row}", f"evaluate {row}"):
             metrics.update(evaluate_model(model, test_path, PLOT_KS, rows=[row],
                                           train_path=train_path))
+    if "{" in title:  # the synthetic presets' sizes, which --rows, --classes... change
+        title = title.format(**_sizes(train_path, test_path, model))
     report = Report(recipe.name if recipe.name != "path" else str(dataset), title,
-                    recipe.table_ks, metrics, steps.seconds, [], out)
+                    recipe.table_ks, metrics, steps.seconds, [], out, paper=recipe.paper,
+                    paper_source=recipe.paper_source, note=recipe.note,
+                    commands=commands(dataset, out, train_path, test_path, stage2,
+                                      source=source, train=train, test=test, rows=rows,
+                                      test_rows=test_rows, classes=classes, seed=seed,
+                                      threads=threads))
     report.files = write_report(report, model, recipe, g_stats,
                                 {"train": str(train_path), "test": str(test_path)})
     return report
 
 
 # ---------------------------------------------------------------------------------- report
+
+
+def _sizes(train_path: Path, test_path: Path, model: Path) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    from .data import resolve_files
+
+    def rows(path):
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in resolve_files(path))
+
+    labels = artifacts.read_json(model / artifacts.LABELS)
+    return {"train": rows(train_path), "test": rows(test_path), "labels": len(labels)}
+
+
+def commands(dataset: str, out: Path, train_path: Path, test_path: Path,
+             stage2: AffinityConfig, *, source=None, train=None, test=None, rows=None,
+             test_rows=None, classes=None, seed: int = 0, threads: int | None = None,
+             ) -> list[str]:
+    """The command that made the report, then the step commands it runs (the recipe's
+    non-default options spelled out)."""
+    def opt(name, value):
+        return [] if value is None else [f"--{name}", str(value)]
+
+    thread_opt = opt("threads", threads)
+    if train is not None:
+        where = [*opt("train", train), *opt("test", test)]
+    else:
+        where = ["--dataset", str(dataset), *opt("source", source)]
+    sizes = [*opt("rows", rows), *opt("test-rows", test_rows), *opt("classes", classes)]
+    lines = [" ".join(["awe reproduce", *where, *sizes, "--seed", str(seed), *thread_opt,
+                       "--out", str(out)])]
+    if dataset in ("magnatagatune", "imagenet") and train is None:
+        if dataset == "imagenet" and rows is None:
+            sizes = ["--rows", str(IMAGENET_DEFAULT_ROWS), *sizes]
+        lines.append(" ".join(["awe data synthetic --preset", dataset, *sizes, "--seed",
+                               str(seed), "--out", str(out / "data")]))
+    elif dataset in ("fashion-mnist", "movielens") and train is None:
+        lines.append(" ".join(["awe data", dataset, *opt("source", source), "--out",
+                               str(out / "data")]))
+    model = str(out / "model")
+    lines += [
+        f"awe train {train_path} --model {model} --seed {seed}" + " ".join(["", *thread_opt]),
+        f"awe build-g {train_path} --model {model} --neighbors {stage2.neighbors} "
+        f"--space {stage2.space} --aggregate {stage2.aggregate} --seed {seed}"
+        + " ".join(["", *thread_opt]),
+        f"awe retrain {train_path} --model {model} --seed {seed}" + " ".join(["", *thread_opt]),
+        f"awe eval {test_path} --model {model} --k {','.join(map(str, PLOT_KS))} "
+        f"--train {train_path}" + " ".join(["", *thread_opt]),
+    ]
+    return lines
 
 
 def _machine() -> str:
@@ -235,24 +334,42 @@ def _machine() -> str:
 def table_markdown(report: Report) -> str:
     ks = report.table_ks
     head = ["Algorithm", *(f"Prec@{k}" for k in ks)]
+    if report.paper:
+        head += [f"paper Prec@{k}" for k in ks]
     lines = [f"## {report.title}", "", "| " + " | ".join(head) + " |",
-             "| " + " | ".join(["---"] + ["---:"] * len(ks)) + " |"]
-    for name, values in report.table_rows():
-        lines.append(f"| {name} | " + " | ".join(f"{v * 100:.2f}%" for v in values) + " |")
+             "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    for row in report.metrics:
+        cells = [f"{report.metrics[row][f'P@{k}'] * 100:.2f}%" for k in ks]
+        if report.paper:
+            cells += report.paper_cells(row)
+        lines.append(f"| {ALGORITHMS[row]} | " + " | ".join(cells) + " |")
+    if report.paper:
+        lines += ["", f"Paper: Weston, Weiss, Yee, Affinity Weighted Embedding (arXiv 1301.4171), "
+                      f"{report.paper_source}; - where the table has no number."]
+    if report.note:
+        lines += ["", report.note]
     lines += ["", "| Stage | Seconds |", "| --- | ---: |"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in report.seconds.items()]
     lines += [f"| total | {sum(report.seconds.values()):.1f} |", "",
               f"Machine: {_machine()}."]
+    if report.commands:
+        lines += ["", "Commands (the first runs the rest):", "", "```",
+                  *report.commands, "```"]
     return "\n".join(lines) + "\n"
 
 
 def table_csv(report: Report) -> str:
+    """One line per row: every metric, then the paper's P@k (empty where it has none)."""
     buffer = io.StringIO()
     metric_names = list(next(iter(report.metrics.values())))
+    paper_names = [f"P@{k}" for k in report.table_ks] if report.paper else []
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "algorithm", *metric_names])
+    writer.writerow(["row", "algorithm", *metric_names, *(f"paper_{m}" for m in paper_names)])
     for row, values in report.metrics.items():
-        writer.writerow([row, ALGORITHMS[row], *(f"{values[m]:.6f}" for m in metric_names)])
+        paper = (report.paper or {}).get(row, {})
+        writer.writerow([row, ALGORITHMS[row], *(f"{values[m]:.6f}" for m in metric_names),
+                         *("" if paper.get(m) is None else f"{paper[m] / 100:.6f}"
+                           for m in paper_names)])
     return buffer.getvalue()
 
 
@@ -266,7 +383,16 @@ def write_report(report: Report, model: Path, recipe: Recipe, g_stats: dict,
     summary = {"dataset": report.dataset, "title": report.title, "machine": _machine(),
                "table_ks": list(report.table_ks), "rows": report.metrics,
                "seconds": report.seconds, "total_seconds": round(sum(report.seconds.values()), 2),
-               "g": g_stats}
+               "g": g_stats, "commands": report.commands}
+    if report.paper:
+        summary["paper"] = {"source": f"Weston, Weiss, Yee, Affinity Weighted Embedding (arXiv "
+                                      f"1301.4171), {report.paper_source}",
+                            "unit": "fraction", "rows": {
+                                row: {m: None if v is None else round(v / 100, 6)
+                                      for m, v in values.items()}
+                                for row, values in report.paper.items()}}
+    if report.note:
+        summary["note"] = report.note
     written = []
     for name, text in (("table.md", table_markdown(report)),
                        ("table.csv", table_csv(report)),
