@@ -143,7 +143,7 @@ _PRESETS = {
                              tag_weight=0.8, drop=0.1, label_format="tag{:03d}"),
     "imagenet": _Preset(rows=50_000, test_rows=10_000, classes=1_000, features=474,
                         signal_dim=64, clusters=(3, 6), label_scale=0.6, centre_scale=1.2,
-                        spread=1.0, noise=2.5, multi_label=False, co_rate=0.0, tag_weight=0.0,
+                        spread=1.0, noise=3.5, multi_label=False, co_rate=0.0, tag_weight=0.0,
                         drop=0.0, label_format="class{:05d}"),
 }
 
