@@ -345,7 +345,7 @@ def table_markdown(report: Report) -> str:
         lines.append(f"| {ALGORITHMS[row]} | " + " | ".join(cells) + " |")
     if report.paper:
         lines += ["", f"Paper: Weston, Weiss, Yee, Affinity Weighted Embedding (arXiv 1301.4171), "
-                      f"{report.paper_source}; - where the table has no number."]
+                      f"{report.paper_source}; - where no number is quoted here."]
     if report.note:
         lines += ["", report.note]
     lines += ["", "| Stage | Seconds |", "| --- | ---: |"]
