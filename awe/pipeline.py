@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -526,19 +527,26 @@ def fit_pipeline(train_path, model_dir, stage1: TrainConfig = TrainConfig(),
                  cluster=None) -> dict:
     """Stage 1 -> 2 -> 3 (``awe fit``, :meth:`awe.AWE.fit`): the one place they are chained.
 
-    ``stage3`` defaults to :func:`stage3_config` of ``stage1``. Returns each stage's result:
-    ``{"wsabie": FitResult, "g": stats, "awe": FitResult, "paths": [...]}``."""
+    ``stage3`` defaults to :func:`stage3_config` of ``stage1``. Returns each stage's result
+    and time: ``{"wsabie": FitResult, "g": stats, "awe": FitResult, "paths": [...],
+    "seconds": {"train": ..., "build-g": ..., "retrain": ...}}``."""
     say = report or (lambda _: None)
     stage3 = stage3 if stage3 is not None else stage3_config(stage1)
-    say("stage 1: Wsabie")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say("stage 1: Wsabie (WARP)")
     wsabie, paths = train_wsabie(train_path, model_dir, stage1, valid_path=valid_path,
                                  columns=columns, progress=progress, label_bias=label_bias,
                                  report=report)
-    say("stage 2: G")
+    seconds["train"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
+    say("stage 2: neighbours and G")
     stats, g_paths = build_g(train_path, model_dir, affinity, cluster=cluster)
+    seconds["build-g"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
     say("stage 3: AWE")
     awe_result, awe_paths = retrain_awe(train_path, model_dir, stage3, init=init, rounds=rounds,
                                         label_bias=label_bias_start, valid_path=valid_path,
                                         progress=progress, report=report)
+    seconds["retrain"] = round(time.perf_counter() - t0, 2)
     written = list(dict.fromkeys([*paths, *g_paths, *awe_paths]))
-    return {"wsabie": wsabie, "g": stats, "awe": awe_result, "paths": written}
+    return {"wsabie": wsabie, "g": stats, "awe": awe_result, "paths": written,
+            "seconds": seconds}

@@ -2,7 +2,8 @@
 with per-dataset defaults, and a report directory a person can read.
 
 The report (``OUT/``): ``table.md``, ``table.csv``, ``table.json`` (the four rows of the paper's
-Tables 1 and 2, every metric, the time of every stage), ``config.json`` (the resolved config of
+Tables 1 and 2, every metric, the paper's numbers beside them for the synthetic stand-ins, the
+time of every stage, the machine and the commands), ``config.json`` (the resolved config of
 every stage), ``precision_at_k.png`` (P@k, k = 1..10, per row), ``training_curves.png`` (loss
 and validation P@k per epoch of stages 1 and 3); the data in ``OUT/data`` and the model in
 ``OUT/model``.
@@ -23,11 +24,11 @@ import torch
 
 from awe import artifacts
 from awe.affinity.g import AffinityConfig
-from awe.affinity.stage import build_g
 from awe.card import read_card
 from awe.errors import AweError
 from awe.io import datasets
-from awe.pipeline import retrain_awe, train_wsabie
+from awe.io.reader import resolve_files
+from awe.pipeline import fit_pipeline
 from awe.predict.evaluation import evaluate_model
 from awe.training.config import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS, TrainConfig
 
@@ -52,24 +53,48 @@ REPORT_FILES = ("table.md", "table.csv", "table.json", "config.json", "precision
 @dataclass(frozen=True)
 class Recipe:
     """How ``awe reproduce`` runs one dataset: where its data comes from and each stage's
-    defaults (tuned per dataset on its validation split; see docs/decisions.md)."""
+    settings. Stage 2 is the paper's (G from the n = 20 nearest neighbours in Wsabie space,
+    ``sum`` or ``max`` over them); everything else is the default of `awe train`, `awe build-g`
+    and `awe retrain` (10% of the training rows held out to pick the epoch)."""
 
     name: str
     title: str
     table_ks: tuple[int, ...]
-    stage1: TrainConfig = TrainConfig(valid_fraction=0.1)
+    stage1: TrainConfig = TrainConfig()
     stage2: AffinityConfig = AffinityConfig()
-    stage3: TrainConfig = replace(STAGE3_DEFAULTS, valid_fraction=0.1)
+    stage3: TrainConfig = STAGE3_DEFAULTS
     label_bias: float | None = LABEL_BIAS_DEFAULT
+    # the paper's numbers for this table: {row: {"P@k": percent or None (not reported)}}
+    paper: dict[str, dict[str, float | None]] | None = None
+    paper_source: str = ""
+    note: str = ""
 
 
+def _paper(rows: dict[str, tuple[float | None, ...]], ks=(1, 3)) -> dict:
+    return {row: {f"P@{k}": v for k, v in zip(ks, values, strict=True)}
+            for row, values in rows.items()}
+
+
+STAND_IN_NOTE = ("The synthetic presets are stand-ins: the paper's features (Magnatagatune audio "
+                 "features, ImageNet image features) are not redistributable. The generator is "
+                 "built so that a linear embedding captures most but not all of the label "
+                 "signal (see data/README.md); compare the order and the gaps of the rows with "
+                 "the paper's, not the absolute numbers.")
 RECIPES = {
     "magnatagatune": Recipe(
-        "magnatagatune", "Synthetic Magnatagatune (16,000 train / 5,000 test, 160 tags)", (1, 3),
-        stage2=AffinityConfig(aggregate="sum")),
+        "magnatagatune",
+        "Synthetic Magnatagatune ({train:,} train / {test:,} test, {labels:,} tags)", (1, 3),
+        stage2=AffinityConfig(neighbors=20, space="wsabie", aggregate="sum"),
+        paper=_paper({"knn-input": (39.4, 28.6), "knn-wsabie": (45.2, 31.9),
+                      "wsabie": (48.7, 37.5), "awe": (52.7, 39.2)}),
+        paper_source="Table 1 (Magnatagatune)", note=STAND_IN_NOTE),
     "imagenet": Recipe(
-        "imagenet", "Synthetic ImageNet (474 features, one class per example)", (1, 3),
-        stage2=AffinityConfig(aggregate="max")),
+        "imagenet",
+        "Synthetic ImageNet ({train:,} train / {test:,} test, {labels:,} classes)", (1, 3),
+        stage2=AffinityConfig(neighbors=20, space="wsabie", aggregate="max"),
+        paper=_paper({"knn-input": (None, None), "knn-wsabie": (13.7, None),
+                      "wsabie": (9.2, None), "awe": (16.4, None)}),
+        paper_source="Table 2 (ImageNet, 10M images, 21k classes; P@1)", note=STAND_IN_NOTE),
     "fashion-mnist": Recipe("fashion-mnist", "Fashion-MNIST (60,000 train / 10,000 test)", (1, 3)),
     "movielens": Recipe("movielens", "MovieLens 100K implicit (ratings >= 4)", (10,)),
     "path": Recipe("path", "", (1, 3)),
@@ -86,13 +111,41 @@ class Report:
     seconds: dict[str, float]
     files: list[Path]
     out: Path
+    paper: dict[str, dict[str, float | None]] | None = None
+    paper_source: str = ""
+    note: str = ""
+    commands: list[str] = field(default_factory=list)
     # validation P@k (the first table k) of the trained rows, on rows no stage trained on
     # (docs/validation.md): what the model chose its epochs and rounds on
     valid: dict[str, float] = field(default_factory=dict)
 
-    def table_rows(self) -> list[tuple[str, list[float]]]:
-        return [(ROW_NAMES[row], [self.metrics[row][f"P@{k}"] for k in self.table_ks])
-                for row in self.metrics]
+    def paper_cells(self, row: str) -> list[str]:
+        """The paper's P@k of ``row`` for the table's ks, as text ("-" where not reported)."""
+        values = (self.paper or {}).get(row, {})
+        return [f"{v:.1f}%" if v is not None else "-"
+                for v in (values.get(f"P@{k}") for k in self.table_ks)]
+
+    def table_rows(self) -> list[tuple[str, list[str]]]:
+        """The printed table: (name, cells) per row, the cells being the measured P@k for the
+        table's ks, then the paper's (where it has the table), then the validation P@k (where
+        the row has one)."""
+        rows = []
+        for row in self.metrics:
+            cells = [f"{self.metrics[row][f'P@{k}'] * 100:.2f}%" for k in self.table_ks]
+            if self.paper:
+                cells += self.paper_cells(row)
+            if self.valid:
+                cells.append(f"{self.valid[row] * 100:.2f}%" if row in self.valid else "")
+            rows.append((ROW_NAMES[row], cells))
+        return rows
+
+    def table_head(self) -> list[str]:
+        head = ["Algorithm", *(f"Prec@{k}" for k in self.table_ks)]
+        if self.paper:
+            head += [f"paper Prec@{k}" for k in self.table_ks]
+        if self.valid:
+            head.append(f"Valid Prec@{self.table_ks[0]}")
+        return head
 
 
 # ------------------------------------------------------------------------------------- data
@@ -170,6 +223,10 @@ class _Steps:
 
             self.console = Console(stderr=True)
 
+    def say(self, line: str) -> None:
+        if self.enabled:
+            self.console.print(f"[bold]{line}[/]", highlight=False)
+
     @contextlib.contextmanager
     def step(self, name: str, description: str, spinner: bool = True):
         progress = None
@@ -221,12 +278,11 @@ def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=Non
     if threads:
         torch.set_num_threads(threads)
     model = out / "model"
-    with steps.step("train", "stage 1: Wsabie (WARP)", spinner=False):
-        train_wsabie(train_path, model, stage1, progress=progress)
-    with steps.step("build-g", "stage 2: neighbours and G"):
-        g_stats, _ = build_g(train_path, model, stage2)
-    with steps.step("retrain", "stage 3: AWE retrain", spinner=False):
-        retrain_awe(train_path, model, stage3, label_bias=recipe.label_bias, progress=progress)
+    fitted = fit_pipeline(train_path, model, stage1, stage2, stage3,
+                          label_bias_start=recipe.label_bias, progress=progress,
+                          report=steps.say)
+    steps.seconds.update(fitted["seconds"])
+    g_stats = fitted["g"]
     metrics: dict[str, dict[str, float]] = {}
     for row in ALGORITHMS:
         with steps.step(f"eval {row}", f"evaluate {row}"):
@@ -235,18 +291,25 @@ def reproduce(dataset: str = "magnatagatune", out="awe-reproduce", *, source=Non
     valid = _valid_precision(model, "", recipe.table_ks[0])
     if paper:
         paper_model = out / "model-paper"
-        with steps.step("paper", "the paper's model: stages 1-3 without label biases, G's raw "
-                                 "sums", spinner=False):
-            train_wsabie(train_path, paper_model, stage1, label_bias=False, progress=progress)
-            build_g(train_path, paper_model, replace(stage2, normalize="none"))
-            retrain_awe(train_path, paper_model, stage3, label_bias=None, progress=progress)
+        steps.say("the paper's model: stages 1-3 without label biases, G's raw sums")
+        fitted = fit_pipeline(train_path, paper_model, stage1, replace(stage2, normalize="none"),
+                              stage3, label_bias=False, label_bias_start=None,
+                              progress=progress, report=steps.say)
+        steps.seconds.update({f"{name} (paper)": sec for name, sec in fitted["seconds"].items()})
         for row in ("wsabie", "awe"):
             with steps.step(f"eval {row}-paper", f"evaluate {row}-paper"):
                 metrics[f"{row}-paper"] = evaluate_model(paper_model, test_path, PLOT_KS,
                                                          rows=[row])[row]
         valid.update(_valid_precision(paper_model, "-paper", recipe.table_ks[0]))
+    if "{" in title:  # the synthetic presets' sizes, which --rows, --classes... change
+        title = title.format(**_sizes(train_path, test_path, model))
     report = Report(recipe.name if recipe.name != "path" else str(dataset), title,
-                    recipe.table_ks, metrics, steps.seconds, [], out, valid)
+                    recipe.table_ks, metrics, steps.seconds, [], out, paper=recipe.paper,
+                    paper_source=recipe.paper_source, note=recipe.note,
+                    commands=commands(dataset, out, train_path, test_path, stage2,
+                                      source=source, train=train, test=test, rows=rows,
+                                      test_rows=test_rows, classes=classes, seed=seed,
+                                      threads=threads), valid=valid)
     report.files = write_report(report, model, recipe, g_stats,
                                 {"train": str(train_path), "test": str(test_path)})
     return report
@@ -267,6 +330,54 @@ def _valid_precision(model: Path, suffix: str, k: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- report
 
 
+def _sizes(train_path: Path, test_path: Path, model: Path) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    def rows(path):
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in resolve_files(path))
+
+    labels = artifacts.read_json(model / artifacts.LABELS)
+    return {"train": rows(train_path), "test": rows(test_path), "labels": len(labels)}
+
+
+def commands(dataset: str, out: Path, train_path: Path, test_path: Path,
+             stage2: AffinityConfig, *, source=None, train=None, test=None, rows=None,
+             test_rows=None, classes=None, seed: int = 0, threads: int | None = None,
+             ) -> list[str]:
+    """The command that made the report, then the step commands it runs (the recipe's
+    non-default options spelled out)."""
+    def opt(name, value):
+        return [] if value is None else [f"--{name}", str(value)]
+
+    thread_opt = opt("threads", threads)
+    if train is not None:
+        where = [*opt("train", train), *opt("test", test)]
+    else:
+        where = ["--dataset", str(dataset), *opt("source", source)]
+    sizes = [*opt("rows", rows), *opt("test-rows", test_rows), *opt("classes", classes)]
+    lines = [" ".join(["awe reproduce", *where, *sizes, "--seed", str(seed), *thread_opt,
+                       "--out", str(out)])]
+    if dataset in ("magnatagatune", "imagenet") and train is None:
+        if dataset == "imagenet" and rows is None:
+            sizes = ["--rows", str(IMAGENET_DEFAULT_ROWS), *sizes]
+        lines.append(" ".join(["awe data synthetic --preset", dataset, *sizes, "--seed",
+                               str(seed), "--out", str(out / "data")]))
+    elif dataset in ("fashion-mnist", "movielens") and train is None:
+        lines.append(" ".join(["awe data", dataset, *opt("source", source), "--out",
+                               str(out / "data")]))
+    model = str(out / "model")
+    lines += [
+        f"awe train {train_path} --model {model} --seed {seed}" + " ".join(["", *thread_opt]),
+        f"awe build-g {train_path} --model {model} --neighbors {stage2.neighbors} "
+        f"--space {stage2.space} --aggregate {stage2.aggregate} --seed {seed}"
+        + " ".join(["", *thread_opt]),
+        f"awe retrain {train_path} --model {model} --seed {seed}" + " ".join(["", *thread_opt]),
+        f"awe eval {test_path} --model {model} --k {','.join(map(str, PLOT_KS))} "
+        f"--train {train_path}" + " ".join(["", *thread_opt]),
+    ]
+    return lines
+
+
 def _machine() -> str:
     import os
 
@@ -276,31 +387,37 @@ def _machine() -> str:
 
 
 def table_markdown(report: Report) -> str:
-    ks = report.table_ks
-    head = ["Algorithm", *(f"Prec@{k}" for k in ks)]
-    if report.valid:
-        head.append(f"Valid Prec@{ks[0]}")
+    head = report.table_head()
     lines = [f"## {report.title}", "", "| " + " | ".join(head) + " |",
              "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
-    for row, (name, values) in zip(report.metrics, report.table_rows(), strict=True):
-        cells = [f"{v * 100:.2f}%" for v in values]
-        if report.valid:
-            cells.append(f"{report.valid[row] * 100:.2f}%" if row in report.valid else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in report.table_rows()]
+    if report.paper:
+        lines += ["", f"Paper: Weston, Weiss, Yee, Affinity Weighted Embedding (arXiv 1301.4171), "
+                      f"{report.paper_source}; - where no number is quoted here."]
+    if report.note:
+        lines += ["", report.note]
     lines += ["", "| Stage | Seconds |", "| --- | ---: |"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in report.seconds.items()]
     lines += [f"| total | {sum(report.seconds.values()):.1f} |", "",
               f"Machine: {_machine()}."]
+    if report.commands:
+        lines += ["", "Commands (the first runs the rest):", "", "```",
+                  *report.commands, "```"]
     return "\n".join(lines) + "\n"
 
 
 def table_csv(report: Report) -> str:
+    """One line per row: every metric, then the paper's P@k (empty where it has none)."""
     buffer = io.StringIO()
     metric_names = list(next(iter(report.metrics.values())))
+    paper_names = [f"P@{k}" for k in report.table_ks] if report.paper else []
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "algorithm", *metric_names])
+    writer.writerow(["row", "algorithm", *metric_names, *(f"paper_{m}" for m in paper_names)])
     for row, values in report.metrics.items():
-        writer.writerow([row, ROW_NAMES[row], *(f"{values[m]:.6f}" for m in metric_names)])
+        paper = (report.paper or {}).get(row, {})
+        writer.writerow([row, ROW_NAMES[row], *(f"{values[m]:.6f}" for m in metric_names),
+                         *("" if paper.get(m) is None else f"{paper[m] / 100:.6f}"
+                           for m in paper_names)])
     return buffer.getvalue()
 
 
@@ -313,9 +430,17 @@ def write_report(report: Report, model: Path, recipe: Recipe, g_stats: dict,
                 "stage3": config.get("stage3"), "label_bias": recipe.label_bias}
     summary = {"dataset": report.dataset, "title": report.title, "machine": _machine(),
                "table_ks": list(report.table_ks), "rows": report.metrics,
-               "valid": report.valid,
                "seconds": report.seconds, "total_seconds": round(sum(report.seconds.values()), 2),
-               "g": g_stats}
+               "g": g_stats, "commands": report.commands, "valid": report.valid}
+    if report.paper:
+        summary["paper"] = {"source": f"Weston, Weiss, Yee, Affinity Weighted Embedding (arXiv "
+                                      f"1301.4171), {report.paper_source}",
+                            "unit": "fraction", "rows": {
+                                row: {m: None if v is None else round(v / 100, 6)
+                                      for m, v in values.items()}
+                                for row, values in report.paper.items()}}
+    if report.note:
+        summary["note"] = report.note
     written = []
     for name, text in (("table.md", table_markdown(report)),
                        ("table.csv", table_csv(report)),

@@ -64,10 +64,51 @@ def test_reproduce_synthetic_writes_the_whole_report(tmp_path):
     for name in REPORT_FILES:
         assert str(out / name) in result.output.replace("\n", "")
     assert (out / "model" / "awe.safetensors").is_file()
-    # the recipe's stage-2 options are the ones the model was built with
+    # the recipe's stage-2 options, the paper's, are the ones the model was built with
     config = json.loads((out / "config.json").read_text())
     assert config["stage2"]["config"]["aggregate"] == "sum"
+    assert config["stage2"]["config"]["space"] == "wsabie"
+    assert config["stage2"]["config"]["neighbors"] == 20
     assert summary["dataset"] == "magnatagatune"
+    assert summary["title"] == "Synthetic Magnatagatune (600 train / 200 test, 12 tags)"
+    # the paper's Table 1 beside the measured rows, in every form of the report
+    paper = summary["paper"]
+    assert "Table 1" in paper["source"]
+    assert paper["rows"]["wsabie"] == {"P@1": 0.487, "P@3": 0.375}
+    assert paper["rows"]["awe"] == {"P@1": 0.527, "P@3": 0.392}
+    assert "not redistributable" in summary["note"]
+    with open(out / "table.csv", newline="") as fh:
+        rows = {r["row"]: r for r in csv.DictReader(fh)}
+    assert float(rows["knn-input"]["paper_P@1"]) == pytest.approx(0.394)
+    assert float(rows["knn-wsabie"]["paper_P@3"]) == pytest.approx(0.319)
+    markdown = (out / "table.md").read_text()
+    assert "| paper Prec@1 | paper Prec@3 |" in markdown
+    assert "| 48.7% | 37.5% |" in markdown and "not redistributable" in markdown
+    assert "Machine:" in markdown and "| total |" in markdown
+    printed = result.stdout
+    assert "paper Prec@1" in printed and "52.7%" in printed and "39.2%" in printed
+    # the commands: the one that made the report, then its steps
+    commands = summary["commands"]
+    assert commands[0].startswith("awe reproduce --dataset magnatagatune --rows 600")
+    assert any(c.startswith("awe data synthetic --preset magnatagatune") for c in commands)
+    assert any("awe build-g" in c and "--neighbors 20 --space wsabie --aggregate sum" in c
+               for c in commands)
+    assert all(c in markdown for c in commands)
+
+
+def test_reproduce_imagenet_uses_max_in_wsabie_space(tmp_path):
+    out = tmp_path / "report"
+    result = invoke("reproduce", "--dataset", "imagenet", "--rows", 600, "--test-rows", 200,
+                    "--classes", 12, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = assert_report(out)
+    config = json.loads((out / "config.json").read_text())["stage2"]["config"]
+    assert (config["aggregate"], config["space"], config["neighbors"]) == ("max", "wsabie", 20)
+    assert "Table 2" in summary["paper"]["source"]
+    assert summary["paper"]["rows"]["knn-wsabie"]["P@1"] == pytest.approx(0.137)
+    assert summary["paper"]["rows"]["knn-input"]["P@1"] is None
+    assert "| 16.4% | - |" in (out / "table.md").read_text()
+    assert "awe data synthetic --preset imagenet --rows 600" in "\n".join(summary["commands"])
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +124,11 @@ def test_reproduce_a_directory_of_train_and_test(tmp_path, split_dir):
     out = tmp_path / "report"
     result = invoke("reproduce", "--dataset", split_dir, "--out", out)  # with progress display
     assert result.exit_code == 0, result.output
-    assert "done stage 1" in result.output and "done evaluate awe" in result.output
+    assert "stage 1: Wsabie" in result.output and "done evaluate awe" in result.output
     summary = assert_report(out)
     assert summary["dataset"] == str(split_dir)
+    assert "paper" not in summary and "paper" not in (out / "table.md").read_text()
+    assert summary["commands"][0].startswith(f"awe reproduce --dataset {split_dir}")
 
 
 def test_reproduce_train_and_test_paths(tmp_path, split_dir):

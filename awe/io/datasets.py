@@ -117,25 +117,28 @@ class _Preset:
     test_rows: int
     classes: int
     features: int
-    signal_dim: int  # dimension of the subspace the cluster centres live in
+    signal_dim: int  # dimension of the subspace the examples live in before the noise
     clusters: tuple[int, int]  # clusters per label, inclusive range
-    label_scale: float  # std of a label's mean direction, shared by its clusters
-    centre_scale: float  # std of a cluster centre around its label's mean (within-cluster std is 1)
+    label_scale: float  # std of a label's mean: the linear part of the label signal
+    centre_scale: float  # std of a cluster's centre around its label's mean: the local part
+    spread: float  # std of an example around its cluster's centre
     noise: float  # std of the isotropic noise added in feature space
-    multi_label: bool  # co-occurring tags per cluster (1-4 tags) or one label per example
-    drop: float  # probability of dropping each of a cluster's tags from an example
+    multi_label: bool  # 0-3 co-occurring tags per label besides its own, or one label
+    co_rate: float  # probability that an example has each of its label's co-occurring tags
+    tag_weight: float  # an example moves this far towards the mean of each co-occurring tag
+    drop: float  # probability that a tag an example has is missing from its labels
     label_format: str
 
 
 _PRESETS = {
     "magnatagatune": _Preset(rows=16_000, test_rows=5_000, classes=160, features=104,
-                             signal_dim=64, clusters=(3, 6), label_scale=0.7, centre_scale=1.5,
-                             noise=2.5,
-                             multi_label=True, drop=0.1, label_format="tag{:03d}"),
+                             signal_dim=64, clusters=(3, 6), label_scale=0.9, centre_scale=1.2,
+                             spread=0.8, noise=3.0, multi_label=True, co_rate=0.5,
+                             tag_weight=0.8, drop=0.1, label_format="tag{:03d}"),
     "imagenet": _Preset(rows=50_000, test_rows=10_000, classes=1_000, features=474,
                         signal_dim=64, clusters=(3, 6), label_scale=0.6, centre_scale=1.2,
-                        noise=2.5,
-                        multi_label=False, drop=0.0, label_format="class{:05d}"),
+                        spread=1.0, noise=3.5, multi_label=False, co_rate=0.0, tag_weight=0.0,
+                        drop=0.0, label_format="class{:05d}"),
 }
 
 
@@ -149,15 +152,16 @@ def _positive(name: str, value: int | None, default: int, minimum: int = 1) -> i
 
 @dataclass
 class _World:
-    """A synthetic dataset's structure: clusters, their centres and tags, the embedding map."""
+    """A synthetic dataset's structure: label means, clusters and their tags, the embedding."""
 
     p: _Preset
     n_labels: int
     n_features: int
     d_signal: int
+    label_means: np.ndarray  # [labels, d_signal]
     centres: np.ndarray  # [clusters, d_signal]
     embed: np.ndarray  # [d_signal, features]
-    cluster_tags: np.ndarray  # [clusters, max tags], -1 = none
+    cluster_tags: np.ndarray  # [clusters, max tags]: the owner, then co-occurring tags; -1 = none
     names: np.ndarray
 
     def draw(self, rng: np.random.Generator, n: int, dtype=np.float64,
@@ -165,24 +169,42 @@ class _World:
         """n examples: features (not yet standardised), their tags flat, tags per example."""
         p, n_clusters = self.p, len(self.centres)
         cluster = rng.integers(0, n_clusters, size=n)
-        z = self.centres[cluster] + rng.standard_normal((n, self.d_signal), dtype=dtype)
-        x = z @ self.embed + rng.standard_normal((n, self.n_features), dtype=dtype) * p.noise
         tags = self.cluster_tags[cluster]
-        keep = tags >= 0
+        has = tags >= 0
+        if tags.shape[1] > 1:  # each co-occurring tag, independently per example
+            has[:, 1:] &= rng.random((n, tags.shape[1] - 1)) < p.co_rate
+        z = self.centres[cluster] + rng.standard_normal((n, self.d_signal), dtype=dtype) * p.spread
+        if p.tag_weight and tags.shape[1] > 1:
+            co = np.where(has[:, 1:, None], self.label_means[tags[:, 1:]], 0.0)
+            z += (p.tag_weight * co.sum(axis=1)).astype(dtype)
+        x = z @ self.embed + rng.standard_normal((n, self.n_features), dtype=dtype) * p.noise
+        keep = has
         if p.drop > 0:
             keep &= rng.random(tags.shape) >= p.drop
-            keep[:, 0] |= ~keep.any(axis=1)  # never drop every tag: keep the cluster's own
+            keep[:, 0] |= ~keep.any(axis=1)  # never drop every tag: keep the owner's
         return x, tags[keep], keep.sum(axis=1)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """The population mean and std of every feature (clusters drawn uniformly): what a
         sample's moments converge to, known without drawing the sample."""
-        # through the centres' d x d covariance: the clusters x features projection of all
-        # centres would be 350 MB at 21k classes
-        mean = self.centres.mean(axis=0) @ self.embed
-        cov = np.cov(self.centres, rowvar=False, bias=True).reshape(self.d_signal, self.d_signal)
-        spread = np.einsum("ij,ik,kj->j", self.embed, cov, self.embed)
-        var = spread + (self.embed ** 2).sum(axis=0) + self.p.noise ** 2
+        # through d x d covariances: the clusters x features projection of all centres would
+        # be 350 MB at 21k classes
+        p, d = self.p, self.d_signal
+        co = self.cluster_tags[:, 1:]
+        centres = self.centres
+        extra = np.zeros((d, d))
+        if p.tag_weight and co.shape[1]:
+            present = co >= 0
+            pulled = np.where(present[:, :, None], self.label_means[co], 0.0).sum(axis=1)
+            centres = centres + p.tag_weight * p.co_rate * pulled
+            counts = np.bincount(co[present], minlength=self.n_labels)
+            # each co-occurring tag is there with probability co_rate: its pull's variance
+            extra = (p.tag_weight ** 2 * p.co_rate * (1 - p.co_rate) / len(co)
+                     * (self.label_means.T * counts) @ self.label_means)
+        mean = centres.mean(axis=0) @ self.embed
+        cov = np.cov(centres, rowvar=False, bias=True).reshape(d, d)
+        cov = cov + extra + p.spread ** 2 * np.eye(d)
+        var = np.einsum("ij,ik,kj->j", self.embed, cov, self.embed) + p.noise ** 2
         return mean, np.sqrt(var)
 
     def table(self, x: np.ndarray, tags: np.ndarray, lengths: np.ndarray, first_id: int,
@@ -212,34 +234,39 @@ def _world(preset: str, rng: np.random.Generator, classes: int | None, features:
     cluster_tags = np.full((n_clusters, max_tags), -1, dtype=np.int64)
     cluster_tags[:, 0] = owner
     if p.multi_label:
-        popularity = 1.0 / np.arange(1, n_labels + 1)  # Zipf, s=1
-        popularity = popularity[rng.permutation(n_labels)]
-        # Sampling without replacement proportional to popularity (Gumbel top-k), never the owner.
-        keys = np.log(popularity)[None, :] + rng.gumbel(size=(n_clusters, n_labels))
-        keys[np.arange(n_clusters), owner] = -np.inf
+        # 0-3 co-occurring tags per label, on every cluster of the label: drawn without
+        # replacement proportional to a Zipf (s = 1) popularity (Gumbel top-k), never the label
         k = min(max_tags - 1, n_labels - 1)
+        popularity = (1.0 / np.arange(1, n_labels + 1))[rng.permutation(n_labels)]
+        keys = np.log(popularity)[None, :] + rng.gumbel(size=(n_labels, n_labels))
+        keys[np.arange(n_labels), np.arange(n_labels)] = -np.inf
         extra = np.argsort(-keys, axis=1)[:, :k]
-        n_extra = rng.integers(0, k + 1, size=n_clusters)
-        use = np.arange(k)[None, :] < n_extra[:, None]
-        cluster_tags[:, 1:1 + k] = np.where(use, extra, -1)
+        n_extra = rng.integers(0, k + 1, size=n_labels)
+        co = np.where(np.arange(k)[None, :] < n_extra[:, None], extra, -1)
+        cluster_tags[:, 1:1 + k] = co[owner]
     names = np.array([p.label_format.format(i) for i in range(n_labels)])
-    return _World(p, n_labels, n_features, d_signal, centres, embed, cluster_tags, names)
+    return _World(p, n_labels, n_features, d_signal, label_means, centres, embed, cluster_tags,
+                  names)
 
 
 def synthetic(preset: str = "magnatagatune", seed: int = 0, rows: int | None = None,
               test_rows: int | None = None, classes: int | None = None,
               features: int | None = None) -> tuple[pa.Table, pa.Table]:
-    """A synthetic annotation dataset on which a linear model underfits and neighbours help.
+    """A synthetic annotation dataset whose label signal a linear embedding captures well but
+    not fully: a linear part per label plus a local, non-linear part.
 
-    Every label owns 3-6 clusters whose random centres scatter widely around the label's own mean
-    in a low-dimensional signal subspace; the subspace is embedded into feature space by a random
-    linear map, and isotropic noise is added. A label's examples are therefore spread over several
-    blobs, which no single hyperplane separates, while an example's nearest neighbours mostly come
-    from its own blob (see ``data/README.md`` for measured 1-NN / 20-NN / linear P@1).
-    With ``preset="magnatagatune"`` each cluster carries its own tag plus 0-3 co-occurring tags
-    drawn from a Zipf-like popularity, and each example keeps each of its cluster's tags with
-    probability ``1 - drop`` (at least one). With ``preset="imagenet"`` each example has exactly one
-    label. Features are standardised with the train split's mean and std. Deterministic in ``seed``.
+    Linear part: every label has a mean in a low-dimensional signal subspace, and (with
+    ``preset="magnatagatune"``) 0-3 co-occurring tags drawn from a Zipf-like popularity; an
+    example has each of its label's co-occurring tags with probability ``co_rate`` and then lies
+    ``tag_weight`` of the way towards each such tag's mean, so which tags it has shows linearly
+    in its features. Local part: every label owns 3-6 clusters whose centres scatter around the
+    label's mean; an example is drawn around its cluster's centre. The subspace is embedded into
+    feature space by a random linear map, and isotropic noise is added in every feature, so
+    neighbours in input space are noisier than in a learnt embedding. Each tag an example has is
+    missing from its labels with probability ``drop`` (never all of them). With
+    ``preset="imagenet"`` each example has exactly one label. Features are standardised with the
+    train split's mean and std. Deterministic in ``seed``. See ``data/README.md`` for the
+    parameters and the measured rows of the paper's table.
     """
     if preset not in _PRESETS:
         raise AweError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(_PRESETS)}")
