@@ -3,7 +3,7 @@
 
   python scripts/gen_cli_docs.py [--out docs/cli.md]
 
-Run it after changing a command or an option; tests/test_docs.py fails while docs/cli.md is not
+Run it after changing a command or an option; tests/cli/test_docs.py fails while docs/cli.md is not
 this script's output.
 """
 

@@ -34,9 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
-from awe.artifacts import atomic_path
 from awe.csr import Csr
 from awe.errors import AweError, DataError
 from awe.io.validate import (
@@ -654,22 +652,3 @@ def label_block(batch: pa.RecordBatch, name: str, vocab: LabelVocab, file: Path,
     rows_u, ids_u = np.divmod(key, max(len(vocab), 1))
     labels = Csr.from_lengths(np.bincount(rows_u, minlength=n), ids_u)
     return labels, unknown
-
-
-def list_array(values: np.ndarray | pa.Array, lengths: np.ndarray,
-               value_type: pa.DataType) -> pa.ListArray:
-    """A list array whose row i holds the next ``lengths[i]`` entries of ``values``."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    if not isinstance(values, pa.Array):
-        values = pa.array(values, type=value_type)
-    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
-
-
-def write_table(path: Path, table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> None:
-    """Write a parquet file atomically (used for small outputs and tests)."""
-
-    if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, write_page_checksum=True)

@@ -9,7 +9,7 @@ stream, which is what makes a mid-epoch resume exact (the stream is replayed up 
 
 The order is not the in-memory path's: a row can only meet rows that shared the buffer with it.
 With a buffer of a few blocks and shards shuffled each epoch, quality matches the in-memory run
-on our tests (tests/test_stream.py); docs/method.md has the measurements.
+on our tests (tests/io/test_stream.py); docs/method.md has the measurements.
 """
 
 from __future__ import annotations

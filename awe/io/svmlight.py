@@ -45,9 +45,9 @@ from awe.io.reader import (
     N_FEATURES_METADATA_KEY,
     TASK_METADATA_KEY,
     TASKS,
-    list_array,
 )
 from awe.io.validate import MAX_FEATURE_ID
+from awe.io.writer import list_array
 
 __all__ = ["N_FEATURES_KEY", "SOURCE_KEY", "SvmlightSummary", "convert_svmlight"]
 

@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 
 from awe.models.saved import load_wsabie
 from cli.main import app
-from tests.test_affinity import write_clusters
-from tests.test_checkpoint import outcome
+from tests.affinity.test_affinity import write_clusters
+from tests.training.test_checkpoint import outcome
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 # The driver: argv = [pause seconds, what to slow ("step", "rename" or "row-group"), awe

@@ -261,7 +261,8 @@ def test_take_sparse(tmp_path, write):
 
 
 def test_task_metadata(tmp_path):
-    from awe.io.reader import TASK_METADATA_KEY, write_table
+    from awe.io.reader import TASK_METADATA_KEY
+    from awe.io.writer import write_table
     table = pa.table({"features": pa.array(dense_rows(1), F32), "labels": pa.array([["a"]], STR)})
     write_table(tmp_path / "r.parquet", table, {TASK_METADATA_KEY: b"recommendation"})
     assert scan(tmp_path / "r.parquet").task == "recommendation"

@@ -22,7 +22,7 @@ from awe.pipeline import retrain_awe, train_wsabie
 from awe.predict.evaluation import evaluate_model
 from awe.training.config import TrainConfig
 from cli.main import app
-from tests.test_checkpoint import Crash, crash_after, outcome
+from tests.training.test_checkpoint import Crash, crash_after, outcome
 
 runner = CliRunner()
 

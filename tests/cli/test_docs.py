@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 CLI_DOCS = ROOT / "docs" / "cli.md"
 REGENERATE = "python scripts/gen_cli_docs.py"

@@ -49,7 +49,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this torch build")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 # 30 epochs: near convergence the seed moves test P@1 by ~0.01 (0.47-0.49 over seeds 3-9, for
 # one process and for two), so the 0.03 tolerance below is not a coin toss

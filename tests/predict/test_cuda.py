@@ -15,7 +15,7 @@ from awe.errors import AweError
 from awe.pipeline import retrain_awe, train_wsabie
 from awe.predict.evaluation import evaluate_model
 from awe.training.config import STAGE3_DEFAULTS, TrainConfig, resolve_device
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 HAS_CUDA = torch.cuda.is_available()
 

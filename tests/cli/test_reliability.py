@@ -9,7 +9,7 @@ Every case builds its bad input under tmp_path and runs it through the CLI in-pr
   model directory (config.json is written last and marks a model complete); a failed eval leaves
   the model directory byte for byte as it was and writes no --json file.
 
-tests/test_data.py holds the reader's error corpus at library level (exact rows, DataError
+tests/io/test_data.py holds the reader's error corpus at library level (exact rows, DataError
 fields); this file is the user-facing contract, end to end.
 """
 
@@ -33,8 +33,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
-
-from .conftest import write_parquet
+from tests.conftest import write_parquet
 
 runner = CliRunner()
 
@@ -823,7 +822,7 @@ def test_failed_retrain_keeps_the_old_model(tmp_path, monkeypatch, models):
 
 @pytest.fixture(scope="module")
 def awe_model(tmp_path_factory) -> tuple[Path, Path]:
-    from tests.test_affinity import write_clusters
+    from tests.affinity.test_affinity import write_clusters
 
     root = tmp_path_factory.mktemp("awe-model")
     train = write_clusters(root / "train.parquet", 200, 0)

@@ -19,7 +19,7 @@ import cli.main
 from awe import AWE
 from awe.errors import AweError
 from cli.main import app
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 runner = CliRunner()
 FAST = ("--epochs", "2", "--dim", "8", "--quiet")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from awe import AWE
 from cli.main import app
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 runner = CliRunner()
 

@@ -14,7 +14,7 @@ from awe.models.wsabie import ModelShape
 from awe.predict.predictor import Predictor
 from awe.training.config import TrainConfig
 from cli.main import app
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 runner = CliRunner()
 

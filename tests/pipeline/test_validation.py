@@ -23,7 +23,7 @@ from awe.pipeline import retrain_awe, train_wsabie
 from awe.predict.evaluation import evaluate_model
 from awe.predict.predictor import Predictor
 from awe.training.config import STAGE3_DEFAULTS, TrainConfig
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 
 def _rows(x: np.ndarray) -> set[bytes]:

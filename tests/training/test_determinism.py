@@ -22,9 +22,9 @@ import torch
 from awe.pipeline import train_wsabie
 from awe.training.config import TrainConfig
 from awe.training.loop import STEP_PARALLEL_MIN
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PIPELINE = """
 import sys

@@ -35,11 +35,11 @@ from awe.io.datasets import (
 def _shared_data() -> Path:
     """$AWE_SHARED_DATA, else ../shared/data beside the checkout, else the workplace's copy."""
     candidates = [os.environ.get("AWE_SHARED_DATA"),
-                  Path(__file__).resolve().parents[2] / "shared" / "data", "/work/shared/data"]
+                  Path(__file__).resolve().parents[3] / "shared" / "data", "/work/shared/data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "ml-100k").is_dir():
             return Path(candidate)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 SHARED_DATA = _shared_data()

@@ -19,7 +19,7 @@ from awe import AWE
 from awe.io.reader import load_examples
 from awe.predict.predictor import Predictor
 from cli.main import app
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 runner = CliRunner()
 

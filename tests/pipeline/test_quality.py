@@ -10,8 +10,7 @@ from awe.io import datasets
 from awe.pipeline import train_wsabie
 from awe.predict.evaluation import evaluate_model
 from awe.training.config import TrainConfig
-
-from .test_datasets import ML100K
+from tests.io.test_datasets import ML100K
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from awe.training.config import TrainConfig
 from awe.training.loop import fit
 from awe.training.optim import RowOptimizer
 from awe.training.warp import estimate_rank, rank_weight_table, warp_gradients, warp_loss
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 
 class Weighted(Wsabie):

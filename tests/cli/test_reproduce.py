@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from awe.reproduce import ALGORITHMS, REPORT_FILES
 from cli.main import app
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -20,7 +20,7 @@ from awe.pipeline import train_wsabie
 from awe.predict.predictor import Predictor
 from awe.training.config import TrainConfig
 from cli.main import app
-from tests.test_affinity import dense, reference_g, write_clusters
+from tests.affinity.test_affinity import dense, reference_g, write_clusters
 
 runner = CliRunner()
 WIDTH = 6000  # wider than a dense search of the input space would take

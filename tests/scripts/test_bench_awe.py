@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench_awe.py"
+_PATH = Path(__file__).resolve().parents[2] / "scripts" / "bench_awe.py"
 _spec = importlib.util.spec_from_file_location("bench_awe", _PATH)
 bench_awe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_awe)

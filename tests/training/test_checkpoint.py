@@ -3,7 +3,7 @@ one does; a diverging run keeps its last good checkpoint; a checkpoint of anothe
 
 Interruptions here are in-process: ``Checkpoint.save`` is wrapped to raise right after its k-th
 write, for every k of a run, which is what a kill at that instant leaves on disk (the kill -9 tests
-with real processes are in tests/test_kill.py).
+with real processes are in tests/cli/test_kill.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from awe.pipeline import retrain_awe, train_wsabie
 from awe.training.checkpoint import CHECKPOINT_DIR, Checkpoint
 from awe.training.config import TrainConfig
 from awe.training.loop import _WarpStep
-from tests.test_affinity import write_clusters
+from tests.affinity.test_affinity import write_clusters
 
 
 class Crash(Exception):
