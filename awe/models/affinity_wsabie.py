@@ -31,6 +31,7 @@ class AffinityWsabie(Wsabie):
         super().__init__(shape, init_scale, generator, label_bias)
         self.bias = float(bias)
         self._table: AffinityTable | None = None
+        self._candidates: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def bind(self, examples: Examples) -> None:
         if examples.affinity is None or examples.affinity.n_rows != len(examples):
@@ -38,6 +39,21 @@ class AffinityWsabie(Wsabie):
                            "`awe build-g` before `awe retrain`")
         self._table = AffinityTable(examples.affinity, self.shape.n_labels,
                                     self.V.weight.device)
+        self._candidates = None
+
+    def negative_candidates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labels G carries for each of ``rows`` (bound rows): (ids [B, W], -1 padding,
+        their counts [B]), for WARP negatives drawn among G's labels only
+        (``TrainConfig.negatives_from="g"``)."""
+        if self._candidates is None:
+            g = self._table.g
+            ids, weights = pad_rows(g, torch.int64, self.V.weight.device)
+            if weights is not None:  # a weight of 0 is no candidate (awe_ranking_scores)
+                ids = ids.masked_fill(weights == 0, -1)
+                ids = torch.sort(ids, dim=1, descending=True).values  # -1 padding last
+            self._candidates = ids, (ids >= 0).sum(1)
+        ids, counts = self._candidates
+        return ids.index_select(0, rows), counts.index_select(0, rows)
 
     def pair_weight(self, labels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         return self._table.lookup(rows, labels) + self.bias

@@ -13,6 +13,8 @@ from awe.options import option
 from awe.training.optim import OPTIMIZERS
 from awe.training.warp import RANK_WEIGHTS
 
+NEGATIVES_FROM = ("all", "g")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -25,6 +27,9 @@ class TrainConfig:
     negatives: int = option(100, "WARP sampling budget K: negatives drawn per positive at "
                                  "most.")
     margin: float = option(1.0, "WARP margin.")
+    negatives_from: str = option(
+        "all", "Where WARP draws negatives: all (every label) or g (stage 3 only: the labels "
+               "G carries for the row, the rank estimated among them).", NEGATIVES_FROM)
     rank_weight: str = option("harmonic", "WARP rank weight: harmonic (the paper's) or log "
                                           "(LightFM's).", RANK_WEIGHTS)
     optimizer: str = option("adagrad", "Optimiser of the touched rows.", OPTIMIZERS)
@@ -65,6 +70,8 @@ class TrainConfig:
             (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number"),
             (self.negatives >= 1, "negatives", "must be >= 1"),
             (self.margin >= 0, "margin", "must be >= 0"),
+            (self.negatives_from in NEGATIVES_FROM, "negatives_from",
+             f"must be one of {NEGATIVES_FROM}"),
             (self.rank_weight in RANK_WEIGHTS, "rank_weight", f"must be one of {RANK_WEIGHTS}"),
             (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}"),
             (self.max_norm in (None, "auto") or float(self.max_norm) > 0, "max_norm",

@@ -464,6 +464,28 @@ class _WarpStep:
                 model.project_dense_u(config.max_norm)
         return loss, n_sel
 
+    def _candidate_draws(self, rows: torch.Tensor, positives: torch.Tensor):
+        """``negatives_from="g"``: a draw function giving uniform draws among the labels G
+        carries for each pair's row (stage 3), and each pair's count of such labels that are not
+        the row's own, the rank estimate's L - |labels(x)|. A row whose G carries none of them
+        draws its positive, which is rejected: no violator, no step."""
+        candidate = getattr(self.model, "negative_candidates", None)
+        if candidate is None:
+            raise AweError("negatives_from 'g' draws WARP negatives among G's labels: stage 3 "
+                           "(awe retrain) only", field="negatives_from")
+        ids, counts = candidate(rows)
+        own = self.positive_set.contains(rows, ids.clamp(min=0)).logical_and_(ids >= 0)
+        n_negatives = counts - own.sum(1)
+        width = ids.shape[1]
+
+        def draw(active: torch.Tensor, count: int) -> torch.Tensor:
+            u = torch.rand(active.numel(), count, generator=self.generator).to(ids.device)
+            at = (u * counts.index_select(0, active).unsqueeze(1)).long().clamp_(max=width - 1)
+            labels = ids.index_select(0, active).gather(1, at)
+            return torch.where(labels >= 0, labels,
+                               positives.index_select(0, active).unsqueeze(1))
+        return draw, n_negatives
+
     def _gradients(self, rows: torch.Tensor, positives: torch.Tensor, inputs: Inputs):
         """The batch's WARP loss and row gradients: (loss, labels [2S] (the S positives, then
         their violators), dL/dV of those rows, dL/d beta of them, rows of U (None: dense U),
@@ -472,7 +494,11 @@ class _WarpStep:
         n = rows.numel()
         e = model.embed(inputs)
         sampled = None
-        if self.n_labels <= config.negatives * FULL_TABLE_LABELS_PER_DRAW:
+        draw, n_negatives = self.draw, self.n_negatives_of_row.index_select(0, rows)
+        if config.negatives_from == "g":
+            draw, n_negatives = self._candidate_draws(rows, positives)
+        if (config.negatives_from == "all"
+                and self.n_labels <= config.negatives * FULL_TABLE_LABELS_PER_DRAW):
             # few labels: every pair's score against every label is one GEMM, cheaper than
             # gathering V rows for up to `negatives` draws (Fashion-MNIST: 10 labels, 100 draws)
             table = model.pair_score_table(e, rows)
@@ -500,7 +526,7 @@ class _WarpStep:
                                               else rows.index_select(0, active), labels)
 
         if sampled is None:
-            sampled = sample_violators(positive_scores, self.draw, score, is_positive,
+            sampled = sample_violators(positive_scores, draw, score, is_positive,
                                        config.negatives, config.margin, WARP_FIRST_BLOCK,
                                        WARP_GROWTH)
         found, negatives, n_draws = sampled
@@ -516,8 +542,7 @@ class _WarpStep:
         multipliers = model.pair_weight(labels.view(2, n_sel).T, rows_sel)
         if multipliers is not None:
             multipliers = multipliers.T
-        ranks = estimate_rank(self.n_negatives_of_row.index_select(0, rows_sel),
-                              n_draws.index_select(0, sel))
+        ranks = estimate_rank(n_negatives.index_select(0, sel), n_draws.index_select(0, sel))
         phi = self.rank_weights.index_select(0, ranks.clamp_(max=self.n_labels))
         offsets = model.pair_offset(labels)
         loss, grad_e_sel, grad_v, grad_offsets = warp_gradients(

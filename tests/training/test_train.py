@@ -422,3 +422,52 @@ def test_option_errors_name_the_field_not_a_flag(make, field):
             build()
         assert info.value.field == name and str(info.value).startswith(f"{name} must")
         assert "--" not in str(info.value)
+
+
+@pytest.mark.parametrize("negatives_from", ["all", "g"])
+def test_stage3_negatives_from_g_draws_among_g_labels(monkeypatch, negatives_from):
+    """``negatives_from="g"``: stage 3's WARP negatives are labels G carries for the row (never
+    a label of weight 0, whose score is 0 whatever the model), and the rank is estimated among
+    them: L - |labels(x)| becomes the row's G labels that are not its own. ``all`` (the
+    default) draws labels of weight 0 too."""
+    from awe.models.affinity_wsabie import AffinityWsabie
+
+    examples = _examples(False, n_rows=40)
+    g = _random_g(len(examples), 15, seed=4)
+    examples = examples.with_affinity(g)
+    shape = ModelShape(examples.schema.n_features, 15, 4, False)
+    model = AffinityWsabie(shape, bias=0.0, init_scale=3.0,
+                           generator=torch.Generator().manual_seed(0), label_bias=3.0)
+    config = TrainConfig(epochs=1, batch_size=10_000, negatives=8, lr=0.1,
+                         negatives_from=negatives_from)
+    seen = capture_step(monkeypatch)
+    ranks = []
+    original_rank = train_module.estimate_rank
+
+    def rank(n_negatives, n_draws):
+        ranks.append(n_negatives.clone())
+        return original_rank(n_negatives, n_draws)
+    monkeypatch.setattr(train_module, "estimate_rank", rank)
+    fit(model, examples, config)
+    found, negatives, _ = seen["sampled"]
+    assert int(found.sum()) > 0
+    rows = seen["rows"][found]
+    negatives = negatives[found]
+    weight = g.to_dense(15)[rows, negatives]
+    truth = examples.labels.to_dense(15)
+    assert not truth[rows, negatives].bool().any()  # never one of the row's own labels
+    if negatives_from == "all":
+        assert bool((weight == 0).any())
+        assert torch.equal(ranks[-1], torch.from_numpy(15 - examples.labels.lengths)[rows])
+        return
+    assert bool((weight > 0).all())
+    own_in_g = ((g.to_dense(15) > 0) & truth.bool()).sum(1)
+    expected = torch.from_numpy(g.lengths)[rows] - own_in_g[rows]
+    assert torch.equal(ranks[-1], expected)
+
+
+def test_negatives_from_g_is_stage_3_only():
+    examples = _examples(False)
+    model = Wsabie(ModelShape(examples.schema.n_features, 15, 4, False))
+    with pytest.raises(AweError, match="negatives_from"):
+        fit(model, examples, TrainConfig(epochs=1, negatives_from="g"))
