@@ -212,6 +212,10 @@ def data_svmlight(
         _made(summary.files)
 
 
+# TrainConfig fields that only stage 3 takes (awe retrain)
+STAGE3_ONLY = ("negatives_from",)
+
+
 # Options of the training commands that steer the run rather than set a hyper-parameter.
 _RUN_OPTIONS = {
     "valid": Annotated[str | None, typer.Option(
@@ -303,7 +307,7 @@ def _bias_flag(label_bias: str) -> bool | str:
 @app.command()
 @run_options
 @_columns_option
-@config_flags(TrainConfig)
+@config_flags(TrainConfig, exclude=STAGE3_ONLY)
 def train(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN",
                                               help="Parquet file, directory or glob.")],
@@ -406,7 +410,7 @@ def retrain(
 @app.command()
 @_columns_option
 @config_flags(AffinityConfig, exclude=("seed", "threads"), name="affinity", prefix="g_")
-@config_flags(TrainConfig)
+@config_flags(TrainConfig, exclude=STAGE3_ONLY)
 def fit(
     train_path: Annotated[str, typer.Argument(metavar="TRAIN",
                                               help="Parquet file, directory or glob.")],
