@@ -42,9 +42,9 @@ from awe.pipeline import fit_pipeline, stage3_config
 from awe.predict.batch import SCORE_BATCH_ROWS, ScoreOptions, score_files, score_table
 from awe.predict.evaluation import evaluate_model
 from awe.predict.predictor import Predictor
-from awe.training.config import INITS, LABEL_BIAS_DEFAULT, TrainConfig
+from awe.training.config import INITS, LABEL_BIAS_DEFAULT, STAGE3_ONLY, TrainConfig
 
-_STAGE1 = [f.name for f in config_fields(TrainConfig)]
+_STAGE1 = [f.name for f in config_fields(TrainConfig) if f.name not in STAGE3_ONLY]
 # seed and threads are stage 1's and serve every stage
 _STAGE2 = [f.name for f in config_fields(AffinityConfig) if f.name not in ("seed", "threads")]
 # the options of the three-stage run that no config holds: name -> (default, help)
@@ -124,7 +124,7 @@ class AWE:
             stage2 = AffinityConfig(**{n: getattr(self, n) for n in _STAGE2},
                                     seed=stage1.seed, threads=stage1.threads)
             retrain = dict(self.retrain or {})
-            unknown = sorted(set(retrain) - set(_STAGE1))
+            unknown = sorted(set(retrain) - set(_STAGE1) - set(STAGE3_ONLY))
             if unknown:
                 raise AweError(f"retrain: unknown option(s) {', '.join(unknown)}")
             stage3 = stage3_config(stage1, **retrain)

@@ -35,6 +35,7 @@ from awe.training.config import (
     INITS,
     LABEL_BIAS_DEFAULT,
     STAGE3_DEFAULTS,
+    STAGE3_ONLY,
     TrainConfig,
 )
 from awe.training.distributed import is_main_process, launched_size
@@ -210,10 +211,6 @@ def data_svmlight(
                 f"on every row: drop them, or use those files for scoring)"
                 if summary.rows_without_labels else ""))
         _made(summary.files)
-
-
-# TrainConfig fields that only stage 3 takes (awe retrain)
-STAGE3_ONLY = ("negatives_from",)
 
 
 # Options of the training commands that steer the run rather than set a hyper-parameter.

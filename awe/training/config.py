@@ -129,6 +129,8 @@ def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
 
 
 INITS = ("wsabie", "random")
+# TrainConfig fields that only stage 3 takes (`awe retrain`, AWE(retrain={...}))
+STAGE3_ONLY = ("negatives_from",)
 # Stage 3 starts from a trained stage 1: a fresh Adagrad at the stage-1 rate undoes it in the first
 # epoch (measured: ML100K and Fashion-MNIST peaked at epoch 1 with lr 0.05)
 STAGE3_DEFAULTS = TrainConfig(lr=0.01)
