@@ -33,11 +33,12 @@ def cannot_write(path: Path, exc: OSError) -> AweError:
     return AweError(f"cannot write {path}: {reason} ({fix})")
 
 
-def file_mode() -> int:
-    """The mode a new file gets under the process's umask (0644 under umask 022)."""
+def file_mode(directory: bool = False) -> int:
+    """The mode a new file (directory) gets under the process's umask: 0644 (0755) under umask
+    022."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if directory else 0o666) & ~umask
 
 
 class AtomicFile:
@@ -160,6 +161,40 @@ def _csv_cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+@contextlib.contextmanager
+def replaced_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A new directory beside ``target`` to write into; when the block succeeds its files are
+    synced and it is renamed over ``target`` (an earlier ``target`` is removed), so readers see
+    the old directory or the whole new one. It gets the umask's mode (mkdtemp's 0700 would
+    outlive the rename)."""
+    import shutil
+
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
+                                      dir=target.parent))
+        os.chmod(stage, file_mode(directory=True))
+    except OSError as exc:
+        raise cannot_write(target, exc) from exc
+    try:
+        yield stage
+        for file in stage.iterdir():  # writers do not sync; the rename must not outrun them
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(stage, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise cannot_write(target, exc) from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ Row groups are 65,536 rows.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from awe.artifacts import atomic_path, cannot_write
+from awe.artifacts import atomic_path, replaced_directory
 from awe.errors import AweError
 from awe.io.public import (
     FASHION_MNIST_CLASSES,
@@ -305,15 +304,8 @@ def synthetic_shards(out_dir: str | os.PathLike, preset: str = "imagenet", seed:
 def _write_split_shards(target: Path, world: _World, seed: int, split: int, n_rows: int,
                         per_shard: int, first_id: int, mean: np.ndarray, std: np.ndarray,
                         ) -> list[Path]:
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-        names = []
+    names = []
+    with replaced_directory(target) as stage:
         for shard, start in enumerate(range(0, n_rows, per_shard)):
             name = f"part-{shard:05d}.parquet"
             writer = None
@@ -332,21 +324,6 @@ def _write_split_shards(target: Path, world: _World, seed: int, split: int, n_ro
                 if writer is not None:
                     writer.close()
             names.append(name)
-        for name in names:  # the writer does not sync; the rename below must not outrun the data
-            with open(stage / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-
-        raise cannot_write(target, exc) from exc
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return [target / name for name in names]
 
 

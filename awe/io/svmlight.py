@@ -26,8 +26,6 @@ import json
 import lzma
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from awe.artifacts import cannot_write
+from awe.artifacts import replaced_directory
 from awe.errors import AweError, DataError
 from awe.io.datasets import SHARD_ROW_GROUP
 from awe.io.reader import (
@@ -132,7 +130,7 @@ def convert_svmlight(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     schema = SCHEMA.with_metadata(metadata)
     block_lines = min(LINES_PER_BLOCK, shard_rows or LINES_PER_BLOCK)
     state = _State(path, header, zero_based)
-    with _staged_directory(target) as stage:
+    with replaced_directory(target) as stage:
         shards = _ShardWriter(stage, schema, shard_rows)
         try:
             with _open(path) as fh:
@@ -204,36 +202,6 @@ def _check_replaceable(target: Path) -> None:
         if other:
             raise AweError(f"{target} holds other files than parquet shards ({other[0]}); "
                            f"choose another --out, or remove the directory")
-
-
-@contextlib.contextmanager
-def _staged_directory(target: Path) -> Iterator[Path]:
-    """A staging directory beside ``target``, renamed over it when the block succeeds."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
-                                      dir=target.parent))
-    except OSError as exc:
-        raise cannot_write(target, exc) from exc
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-        yield stage
-        for file in stage.iterdir():  # the writer does not sync; the rename must not outrun it
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        raise cannot_write(target, exc) from exc
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 class _ShardWriter:

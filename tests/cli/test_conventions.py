@@ -13,20 +13,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
 import cli.main
 from awe import AWE
 from awe.errors import AweError
-from cli.main import app
 from tests.affinity.test_affinity import write_clusters
+from tests.cli.test_awe_cli import invoke
 
-runner = CliRunner()
 FAST = ("--epochs", "2", "--dim", "8", "--quiet")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
