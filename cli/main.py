@@ -500,6 +500,11 @@ def score(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for torch and FAISS (per worker with --workers / --scheduler).")]
         = None,
+    screen: Annotated[bool | None, typer.Option(
+        "--screen/--no-screen", show_default=False,
+        help="Rank with the exact bfloat16 screen (the float32 top k, faster) or compute every "
+             "label's score in float32 (default: the screen where the CPU multiplies bfloat16 "
+             "natively).")] = None,
     skip_invalid: Annotated[bool, typer.Option(
         help="Rows with invalid features (NaN, wrong width, ids out of range, nulls) go to "
              "OUTPUT_STEM.rejects.parquet (file, row, column, reason, ids) next to their output, "
@@ -519,7 +524,8 @@ def score(
         options = ScoreOptions(k=k, stage=stage,
                                id_cols=tuple(id_col) if id_col else None,
                                exclude_col=exclude_col, batch_rows=batch_rows,
-                               skip_invalid=skip_invalid, overwrite=overwrite, threads=threads)
+                               skip_invalid=skip_invalid, overwrite=overwrite, threads=threads,
+                               screen=screen)
         summary = score_files(input_path, model, out_path, options,
                               cluster=ClusterOptions.from_options(scheduler, workers),
                               report=_say)

@@ -241,3 +241,13 @@ def test_data_svmlight_converts_a_file_that_trains(tmp_path):
     assert trained.exit_code == 0, trained.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["schema"]["kind"] == "sparse" and config["schema"]["n_features"] == 12
+
+
+def test_score_no_screen_is_recorded_with_the_scores(fitted, data, tmp_path):
+    model_dir, _ = fitted
+    _, test = data
+    result = invoke("score", test, "--model", model_dir, "--out", tmp_path / "s.parquet",
+                    "--k", 2, "--no-screen")
+    assert result.exit_code == 0, result.output
+    meta = json.loads(pq.read_metadata(tmp_path / "s.parquet").metadata[b"awe.score"])
+    assert meta["options"]["screen"] is False
