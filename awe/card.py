@@ -11,6 +11,7 @@ marks what is complete) and its JSON layout is that of every model written befor
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -29,8 +30,27 @@ def _shape(d: dict) -> ModelShape:
     return ModelShape(**{k: v for k, v in d.items() if k in names})
 
 
+class _Fingerprinted(ABC):
+    """A stage's section whose ``fingerprint`` is the digest of its other fields (the weights
+    file carries the same value, which ties the two together)."""
+
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        d = self._fields()
+        return {**d, "fingerprint": self.fingerprint} if self.fingerprint else d
+
+    def fingerprinted(self):
+        return replace(self, fingerprint=artifacts.json_digest(
+            replace(self, fingerprint="").to_dict()))
+
+    @abstractmethod
+    def _fields(self) -> dict:
+        """The section's fields as config.json holds them, the fingerprint aside."""
+
+
 @dataclass(frozen=True)
-class WsabieSection:
+class WsabieSection(_Fingerprinted):
     """Stage 1: the model's shape, whether it learns a per-label offset, how it was trained."""
 
     model: ModelShape
@@ -41,16 +61,12 @@ class WsabieSection:
     # no stage trains on; None: no validation rows
     holdout: dict | None = None
 
-    def to_dict(self) -> dict:
+    def _fields(self) -> dict:
         d = {"model": asdict(self.model), "label_bias": self.label_bias,
              "train": self.train.to_dict()}
         if self.holdout:
             d["holdout"] = self.holdout
-        return {**d, "fingerprint": self.fingerprint} if self.fingerprint else d
-
-    def fingerprinted(self) -> WsabieSection:
-        return replace(self, fingerprint=artifacts.json_digest(
-            replace(self, fingerprint="").to_dict()))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WsabieSection:
@@ -60,7 +76,7 @@ class WsabieSection:
 
 
 @dataclass(frozen=True)
-class AweSection:
+class AweSection(_Fingerprinted):
     """Stage 3: the model's shape and b, how it was trained (and from what: ``init``, the
     round kept of ``rounds``), and the fingerprint of the G it was trained on."""
 
@@ -75,16 +91,11 @@ class AweSection:
     label_bias_init: float | None = None
     fingerprint: str = ""  # of the fields above; also in awe.safetensors' metadata
 
-    def to_dict(self) -> dict:
-        d = {"model": asdict(self.model), "bias": self.bias, "label_bias": self.label_bias,
-             "train": self.train.to_dict(), "stage2_fingerprint": self.stage2_fingerprint,
-             "init": self.init, "rounds": self.rounds, "round": self.round,
-             "label_bias_init": self.label_bias_init}
-        return {**d, "fingerprint": self.fingerprint} if self.fingerprint else d
-
-    def fingerprinted(self) -> AweSection:
-        return replace(self, fingerprint=artifacts.json_digest(
-            replace(self, fingerprint="").to_dict()))
+    def _fields(self) -> dict:
+        return {"model": asdict(self.model), "bias": self.bias, "label_bias": self.label_bias,
+                "train": self.train.to_dict(), "stage2_fingerprint": self.stage2_fingerprint,
+                "init": self.init, "rounds": self.rounds, "round": self.round,
+                "label_bias_init": self.label_bias_init}
 
     @classmethod
     def from_dict(cls, d: dict) -> AweSection:
