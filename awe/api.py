@@ -34,8 +34,7 @@ import torch
 from awe.affinity.g import AffinityConfig
 from awe.dask_cluster import ClusterOptions
 from awe.errors import AweError
-from awe.io.reader import load_examples
-from awe.models.saved import load_awe, load_wsabie
+from awe.io.reader import load_examples, resolve_files
 from awe.models.wsabie import batch_inputs
 from awe.options import config_fields, field_help
 from awe.pipeline import fit_pipeline, stage3_config
@@ -174,8 +173,8 @@ class AWE:
                   stage: str | None = None) -> pd.DataFrame:
         """The N best labels (items) for each row (user), as :meth:`predict`; with
         ``filter_already_liked`` the row's own labels (its known items) are never recommended."""
-        table = self._as_table(X, None, "X") if not isinstance(X, (str, Path)) else (
-            pq.read_table(X))
+        table = (pa.concat_tables([pq.read_table(f) for f in resolve_files(X)])
+                 if isinstance(X, (str, Path)) else self._as_table(X, None, "X"))
         exclude = None
         if filter_already_liked and "labels" in table.column_names:
             table = table.append_column("_awe_liked", table.column("labels"))
@@ -191,7 +190,9 @@ class AWE:
         if ids[0] < 0:
             raise AweError(f"similar_labels: label {label!r} is not in the model's vocabulary "
                            f"({len(predictor.vocab)} labels)")
-        v = self._label_vectors(stage or predictor.newest())
+        predictor.check_rows([stage or predictor.newest()])
+        model = predictor.awe if (stage or predictor.newest()) == "awe" else predictor.wsabie
+        v = model.v_matrix().detach()
         v = torch.nn.functional.normalize(v, dim=1)
         similarity = v @ v[int(ids[0])]
         similarity[int(ids[0])] = -float("inf")
@@ -244,12 +245,6 @@ class AWE:
         return model
 
     # -- helpers
-    def _label_vectors(self, stage: str) -> torch.Tensor:
-        if stage == "awe":
-            return load_awe(self._require_dir(),
-                            load_wsabie(self._require_dir()).card).v_matrix().detach()
-        return self.predictor().wsabie.v_matrix().detach()
-
     def _require_dir(self) -> Path:
         if self.model_dir is None:
             raise AweError("the model is not trained: call fit() or AWE.load(dir) first")

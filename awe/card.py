@@ -141,18 +141,14 @@ class ModelCard:
                        dict(d.get("versions") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise AweError(f"{path}: incomplete or damaged ({exc})") from exc
-        if d.get("stage2") is not None:
-            try:
-                card = replace(card, stage2=AffinitySection.from_dict(d["stage2"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise AweError(f"{path}: the stage2 section is damaged ({exc}); run "
-                               f"`awe build-g` again") from exc
-        if d.get("stage3") is not None:
-            try:
-                card = replace(card, stage3=AweSection.from_dict(d["stage3"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise AweError(f"{path}: the stage3 section is damaged ({exc}); run "
-                               f"`awe retrain` again") from exc
+        for name, section, command in (("stage2", AffinitySection, "awe build-g"),
+                                       ("stage3", AweSection, "awe retrain")):
+            if d.get(name) is not None:
+                try:
+                    card = replace(card, **{name: section.from_dict(d[name])})
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise AweError(f"{path}: the {name} section is damaged ({exc}); run "
+                                   f"`{command}` again") from exc
         return card
 
 

@@ -68,5 +68,18 @@ def parse_value(f: dataclasses.Field, text: str | None) -> Any:
                                   *words]))
 
 
+class DictFields:
+    """``to_dict`` / ``from_dict`` of a dataclass as config.json holds it; keys a dataclass does
+    not know (written by another version) are ignored."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def config_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from awe.io.reader import Examples
 from awe.models.wsabie import batch_inputs
 from awe.neighbors.index import DEFAULT_TARGET_RECALL, INDEX_KINDS, IndexConfig, NeighbourIndex
 from awe.neighbors.sparse import SparseIndex
-from awe.options import option
+from awe.options import DictFields, option
 
 INDEX_FILE = "index.faiss"
 AFFINITY_FILE = "affinity.safetensors"
@@ -54,7 +54,7 @@ LAMBDA_SAMPLE = 2000  # rows searched to set lambda when no training G is needed
 
 
 @dataclass(frozen=True)
-class AffinityConfig:
+class AffinityConfig(DictFields):
     """Every option of stage 2; saved in config.json (with the resolved lambdas)."""
 
     neighbors: int | str = option(
@@ -141,13 +141,6 @@ class AffinityConfig:
                            rerank=self.rerank, target_recall=self.target_recall,
                            calibrate_n=n, seed=self.seed)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AffinityConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass(frozen=True)

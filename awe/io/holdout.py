@@ -13,7 +13,7 @@ validation rows exclude the labels that stay in training.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,10 +21,11 @@ from awe.artifacts import tensor_digest
 from awe.csr import Csr
 from awe.errors import AweError
 from awe.io.reader import Examples
+from awe.options import DictFields
 
 
 @dataclass(frozen=True)
-class Holdout:
+class Holdout(DictFields):
     """What was held out: enough to carve the same part again and to check it is the same."""
 
     task: str
@@ -41,15 +42,9 @@ class Holdout:
     def unseen(self) -> bool:
         return not self.refit
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict | None) -> Holdout | None:
-        if not d:
-            return None
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return super().from_dict(d) if d else None
 
     @classmethod
     def carve(cls, labels: Csr | int, fraction: float, task: str, seed: int,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from awe.errors import AweError, invalid
 from awe.io.reader import TASKS
-from awe.options import option
+from awe.options import DictFields, option
 from awe.training.optim import OPTIMIZERS
 from awe.training.warp import RANK_WEIGHTS
 
@@ -17,7 +17,7 @@ NEGATIVES_FROM = ("all", "g")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictFields):
     """Every hyper-parameter of a training stage; saved in config.json and used to rebuild."""
 
     dim: int = option(64, "Embedding dimension D.")
@@ -105,13 +105,6 @@ class TrainConfig:
     def selection_k(self) -> int:
         return self.valid_k or (10 if self.task == "recommendation" else 1)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def resolve_device(requested: str | None) -> str:
