@@ -41,7 +41,15 @@ from awe.pipeline import fit_pipeline, stage3_config
 from awe.predict.batch import SCORE_BATCH_ROWS, ScoreOptions, score_files, score_table
 from awe.predict.evaluation import evaluate_model
 from awe.predict.predictor import Predictor
-from awe.training.config import INITS, LABEL_BIAS_DEFAULT, STAGE3_ONLY, TrainConfig
+from awe.training.config import (
+    INITS,
+    LABEL_BIAS_DEFAULT,
+    LABEL_BIAS_START_HELP,
+    SEARCH_BUDGET,
+    SEARCH_BUDGET_HELP,
+    STAGE3_ONLY,
+    TrainConfig,
+)
 
 _STAGE1 = [f.name for f in config_fields(TrainConfig) if f.name not in STAGE3_ONLY]
 # seed and threads are stage 1's and serve every stage
@@ -50,9 +58,8 @@ _STAGE2 = [f.name for f in config_fields(AffinityConfig) if f.name not in ("seed
 _RUN = {
     "label_bias": ("auto", "Stage 1's per-label offset beta_y: 'auto' (on for annotation), "
                            "True, or False (the paper's Wsabie)."),
-    "label_bias_start": (LABEL_BIAS_DEFAULT, "Start of stage 3's per-label offset in f = "
-                                             "(G + b)((x U').V'_y + beta_y); None: the paper's "
-                                             "model."),
+    "label_bias_start": (LABEL_BIAS_DEFAULT, LABEL_BIAS_START_HELP),
+    "budget": (SEARCH_BUDGET, SEARCH_BUDGET_HELP),
     "init": ("wsabie", f"Stage 3 starts from stage 1 or at random ({' | '.join(INITS)})."),
     "rounds": ("auto", "build-g -> retrain rounds: an integer, or 'auto' (chosen on "
                        "validation)."),
@@ -144,7 +151,7 @@ class AWE:
                                                               "valid")
         fit_pipeline(train_path, self.model_dir, stage1, stage2, stage3,
                      label_bias=self.label_bias, label_bias_start=self.label_bias_start,
-                     init=self.init, rounds=self.rounds, valid_path=valid_path,
+                     budget=self.budget, init=self.init, rounds=self.rounds, valid_path=valid_path,
                      progress=progress)
         self._predictor = None
         return self

@@ -8,7 +8,8 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,9 @@ from awe.training import distributed as dist_lib
 from awe.training.checkpoint import Checkpoint
 from awe.training.config import (
     INITS,
+    LABEL_BIAS_CANDIDATES,
     LABEL_BIAS_DEFAULT,
+    SEARCH_BUDGET,
     STAGE3_DEFAULTS,
     STAGE3_RECOMMENDATION_MAX_NORM,
     TrainConfig,
@@ -289,7 +292,8 @@ def _drop_kept_rounds(model_dir: Path) -> None:
 
 def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
                 init: str = "wsabie", rounds: int | str = "auto",
-                label_bias: float | None = LABEL_BIAS_DEFAULT,
+                label_bias: float | str | None = LABEL_BIAS_DEFAULT,
+                budget: float = SEARCH_BUDGET,
                 valid_path=None, progress: bool = False, checkpoints: bool = True,
                 checkpoint_every: int = 0, resume: bool = False,
                 report: Callable[[str], None] | None = None) -> tuple[FitResult, list]:
@@ -299,6 +303,10 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     build-g -> retrain, each time building G from the newest U' (the paper's step 4);
     ``"auto"`` goes on while a round raises the best validation P@k (at most
     ``AUTO_MAX_ROUNDS`` rounds) and keeps the best round's G and model.
+    ``label_bias``: beta_y's start, None (the paper's model), or ``"auto"``: round 1 trained
+    from each of :data:`LABEL_BIAS_CANDIDATES`, the best on validation kept. ``budget``: the
+    seconds those choices may add (:data:`SEARCH_BUDGET`); the search's record goes to
+    metrics.json ``awe.search``. A run killed during round 1's search starts the search again.
     Checkpoints as in :func:`train_wsabie` (MODEL/checkpoint/awe.safetensors); a round's start is
     checkpointed too, so a run killed while a later round rebuilds G resumes there.
 
@@ -307,19 +315,24 @@ def retrain_awe(train_path, model_dir, config: TrainConfig = STAGE3_DEFAULTS, *,
     """
     with dist_lib.session(resolve_device(config.device)) as world:
         return _retrain_awe(train_path, model_dir, config, world, init=init, rounds=rounds,
-                            label_bias=label_bias, valid_path=valid_path, progress=progress,
+                            label_bias=label_bias, budget=budget, valid_path=valid_path,
+                            progress=progress,
                             checkpoints=checkpoints, checkpoint_every=checkpoint_every,
                             resume=resume, report=report)
 
 
 def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, init: str,
-                 rounds: int | str, label_bias: float | None, valid_path, progress: bool,
+                 rounds: int | str, label_bias: float | str | None, budget: float,
+                 valid_path, progress: bool,
                  checkpoints: bool, checkpoint_every: int, resume: bool,
                  report: Callable[[str], None] | None) -> tuple[FitResult, list]:
 
     if init not in INITS:
         raise invalid("init", f"must be one of {', '.join(INITS)}")
     max_rounds, auto_rounds = parse_rounds(rounds)
+    bias_starts = label_bias_starts(label_bias)
+    if not (isinstance(budget, (int, float)) and budget >= 0 and math.isfinite(budget)):
+        raise invalid("budget", f"must be a number of seconds >= 0, got {budget!r}")
     model_dir = Path(model_dir)
     saved = load_wsabie(model_dir)
     if saved.card.stage2 is None:
@@ -390,6 +403,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             first_round = ck.saved_position["round"]
             history = ck.saved_outer["history"]
             start = ck.saved_outer_tensors()
+            if "label_bias" in ck.saved_outer:  # chosen before the kill
+                bias_starts = (ck.saved_outer["label_bias"],)
     resuming = ck is not None and ck.resuming
     if world.is_main and not resuming:
         _drop_kept_rounds(model_dir)  # left by a killed run that is not resumed
@@ -398,11 +413,22 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     best: dict = ck.saved_outer.get("best") if resuming else None
     best = best or {"round": 0, "score": None, "metrics": {}}
     kept_result = None
+    search = Search(budget)
+    if valid is None:  # nothing to choose on: the first start
+        bias_starts = bias_starts[:1]
     for round_no in range(first_round, max_rounds + 1):
+        if round_no > 1 and auto_rounds and not search.fits("rounds"):
+            if report is not None and world.is_main:
+                report(f"round {round_no}: not tried, --budget {budget:g}s would be exceeded "
+                       f"(a round took {search.unit:.0f}s); kept round {best['round']}")
+            break
+        round_started = time.perf_counter()
         mid_round = ck is not None and ck.saved_at_or_after(round_no, "select")
         if ck is not None:
             ck.position = {"round": round_no, "phase": "start"}
             ck.outer = {"history": history, "best": best}
+            if len(bias_starts) == 1:  # chosen (or given): a resumed run keeps it
+                ck.outer["label_bias"] = bias_starts[0]
             ck.outer_tensors = start
         if round_no > 1 and not mid_round:  # G from the newest embedding U'
             if ck is not None:
@@ -445,9 +471,9 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
         elif refit_held:  # every user, with every label
             refit_rows = all_rows.with_affinity(g_train)
 
-        def new_model(start=start):
+        def new_model(start=start, start_bias=None):
             model = AffinityWsabie(shape, bias, config.init_scale,
-                                   torch.Generator().manual_seed(config.seed), label_bias)
+                                   torch.Generator().manual_seed(config.seed), start_bias)
             if init == "wsabie":
                 model.load_tensors(start)
             return model
@@ -455,9 +481,34 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
         if max_rounds > 1 and world.is_main and progress and report is not None:
             report(f"round {round_no}" + (": G from stage 1" if round_no == 1
                                           else f": G from round {round_no - 1}'s U'"))
-        model, result, fitted, validated = fit_selected(
-            new_model, train_g, config, valid_g, progress, ck, refit_rows,
-            say=report if world.is_main and progress else None)
+        say = report if world.is_main and progress else None
+        fits = []  # (start of beta, what fit_selected returned, valid P@k)
+        for start_bias in bias_starts:
+            if fits and not search.fits("label_bias_start"):
+                search.skipped("label_bias_start", start_bias)
+                continue
+            if len(bias_starts) > 1 and say is not None:
+                say(f"--label-bias-start auto: {_fmt_start(start_bias)}")
+            t_fit = time.perf_counter()
+            got = fit_selected(partial(new_model, start_bias=start_bias), train_g, config,
+                               valid_g, progress, ck if len(bias_starts) == 1 else None,
+                               refit_rows, say=say)
+            search.spent(time.perf_counter() - t_fit, first=not fits)
+            fits.append((start_bias, got, got[1].best_metrics.get(selection)))
+        if len(bias_starts) > 1:
+            chosen = _best_start(fits)
+            search.record("label_bias_start", selection, fits, chosen[0])
+            if report is not None and world.is_main:
+                report(f"--label-bias-start auto: {_fmt_start(chosen[0])}, by valid {selection} ("
+                       + ", ".join(f"{_fmt_start(b)}: {_fmt(p)}" for b, _, p in fits) + ")")
+            fits = [chosen]
+            bias_starts = (chosen[0],)  # the later rounds keep it
+            if ck is not None:
+                ck.outer["label_bias"] = chosen[0]
+                ck.save(None)  # a kill in round 1 from here on resumes without a new search
+        label_bias, (model, result, fitted, validated), _ = fits[0]
+        if round_no > 1:
+            search.spent(time.perf_counter() - round_started)
         for row in result.history:
             row["round"] = round_no
         history += result.history
@@ -490,10 +541,71 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     all_metrics["awe"] = {**best["metrics"], "rounds": str(rounds), "round": best["round"],
                           "rounds_run": max(row["round"] for row in history)}
+    if search.log:
+        all_metrics["awe"]["search"] = search.summary()
     artifacts.write_json(metrics_path, all_metrics)
     if ck is not None:
         ck.remove()
     return result, sorted(set(written + [history_path, metrics_path]))
+
+
+def label_bias_starts(label_bias: float | str | None) -> tuple[float | None, ...]:
+    """The starts of beta' to try: ``"auto"`` gives :data:`LABEL_BIAS_CANDIDATES`."""
+    if isinstance(label_bias, str) and label_bias.strip().lower() == "auto":
+        return LABEL_BIAS_CANDIDATES
+    if label_bias is None:
+        return (None,)
+    if isinstance(label_bias, bool) or not isinstance(label_bias, (int, float)) or not (
+            math.isfinite(label_bias)):
+        raise invalid("label_bias_start", f"must be a number, none or auto, got {label_bias!r}")
+    return (float(label_bias),)
+
+
+def _fmt_start(start: float | None) -> str:
+    return "none" if start is None else f"{start:g}"
+
+
+def _best_start(fits: list[tuple]) -> tuple:
+    """The fit with the best validation P@k; the first wins a tie (and a missing score)."""
+    best = fits[0]
+    for fit_ in fits[1:]:
+        if fit_[2] is not None and (best[2] is None or fit_[2] > best[2]):
+            best = fit_
+    return best
+
+
+@dataclass
+class Search:
+    """Stage 3's ``auto`` choices within ``--budget``: what they cost and what they found.
+
+    ``unit`` is the time of one stage-3 fit (the last measured); a further candidate is tried
+    only if ``used + unit`` stays within the budget. The first candidate of a choice is the
+    run's own work and is not counted."""
+
+    budget: float
+    unit: float | None = None
+    used: float = 0.0
+    log: dict = field(default_factory=dict)
+
+    def fits(self, what: str) -> bool:
+        return self.unit is None or self.used + self.unit <= self.budget
+
+    def spent(self, seconds: float, first: bool = False) -> None:
+        if first:
+            self.unit = seconds
+        else:
+            self.used += seconds
+
+    def skipped(self, what: str, value) -> None:
+        self.log.setdefault(what, {}).setdefault("not_tried", []).append(value)
+
+    def record(self, what: str, selection: str, fits: list[tuple], chosen) -> None:
+        entry = self.log.setdefault(what, {})
+        entry.update({"chosen": chosen,
+                      f"valid_{selection}": {_fmt_start(b): p for b, _, p in fits}})
+
+    def summary(self) -> dict:
+        return {"budget": self.budget, "seconds_added": round(self.used, 2), **self.log}
 
 
 def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> None:
@@ -521,7 +633,8 @@ def stage3_config(stage1: TrainConfig, **overrides) -> TrainConfig:
 def fit_pipeline(train_path, model_dir, stage1: TrainConfig = TrainConfig(),
                  affinity: AffinityConfig = AffinityConfig(), stage3: TrainConfig | None = None,
                  *, label_bias: bool | str = "auto",
-                 label_bias_start: float | None = LABEL_BIAS_DEFAULT, init: str = "wsabie",
+                 label_bias_start: float | str | None = LABEL_BIAS_DEFAULT,
+                 budget: float = SEARCH_BUDGET, init: str = "wsabie",
                  rounds: int | str = "auto", valid_path=None, columns: Columns | None = None,
                  progress: bool = False, report: Callable[[str], None] | None = None,
                  cluster=None) -> dict:
@@ -544,7 +657,8 @@ def fit_pipeline(train_path, model_dir, stage1: TrainConfig = TrainConfig(),
     seconds["build-g"], t0 = round(time.perf_counter() - t0, 2), time.perf_counter()
     say("stage 3: AWE")
     awe_result, awe_paths = retrain_awe(train_path, model_dir, stage3, init=init, rounds=rounds,
-                                        label_bias=label_bias_start, valid_path=valid_path,
+                                        label_bias=label_bias_start, budget=budget,
+                                        valid_path=valid_path,
                                         progress=progress, report=report)
     seconds["retrain"] = round(time.perf_counter() - t0, 2)
     written = list(dict.fromkeys([*paths, *g_paths, *awe_paths]))

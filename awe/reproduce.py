@@ -63,7 +63,7 @@ class Recipe:
     stage1: TrainConfig = TrainConfig()
     stage2: AffinityConfig = AffinityConfig()
     stage3: TrainConfig = STAGE3_DEFAULTS
-    label_bias: float | None = LABEL_BIAS_DEFAULT
+    label_bias: float | str | None = LABEL_BIAS_DEFAULT
     # the paper's numbers for this table: {row: {"P@k": percent or None (not reported)}}
     paper: dict[str, dict[str, float | None]] | None = None
     paper_source: str = ""

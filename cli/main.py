@@ -34,6 +34,9 @@ from awe.training.config import (
     AUTO_MAX_ROUNDS,
     INITS,
     LABEL_BIAS_DEFAULT,
+    LABEL_BIAS_START_HELP,
+    SEARCH_BUDGET,
+    SEARCH_BUDGET_HELP,
     STAGE3_DEFAULTS,
     STAGE3_ONLY,
     TrainConfig,
@@ -357,6 +360,12 @@ def build_g(
 
 
 def _g_summary(stats: dict) -> None:
+    search = stats.get("neighbors_search")
+    if search is not None:
+        key = next(k for k in search if k.startswith("valid_P@"))
+        _say(f"--neighbors auto: {search['chosen']}, by G's {key[6:]} on "
+             f"{search['valid_rows']} validation rows (" + ", ".join(
+                 f"{n}: {p:.4f}" for n, p in search[key].items()) + ")")
     _say(f"G over {stats['rows']} rows: {stats['index']} index, recall@{stats['neighbors']} "
          f"{stats['recall@n']:.4f}, lambda {stats['lambda']:.4g}, {stats['labels_per_row']} "
          f"labels per row "
@@ -369,18 +378,17 @@ RoundsOpt = Annotated[str, typer.Option(
     help="N: build-g -> retrain N times, each G from the newest model (the paper's step 4). "
          f"auto: go on while a round raises the best validation P@k, at most {AUTO_MAX_ROUNDS} "
          "rounds, and keep the best round's G and model.")]
-LabelBiasStartOpt = Annotated[str, typer.Option(
-    help="Stage 3: the start of the learned per-label offset beta in f = (G + b)((x U').V'_y + "
-         "beta_y); none: no beta, the paper's f = (G + b)(x U').V'_y.")]
+LabelBiasStartOpt = Annotated[str, typer.Option(help=LABEL_BIAS_START_HELP)]
+BudgetOpt = Annotated[float, typer.Option(help=SEARCH_BUDGET_HELP, metavar="SECONDS")]
 
 
-def _bias_start(text: str) -> float | None:
-    if text.strip().lower() == "none":
-        return None
+def _bias_start(text: str) -> float | str | None:
+    if text.strip().lower() in ("none", "auto"):
+        return None if text.strip().lower() == "none" else "auto"
     try:
         return float(text)
     except ValueError:
-        raise AweError(f"--label-bias-start {text!r}: expected a number or none") from None
+        raise AweError(f"--label-bias-start {text!r}: expected a number, none or auto") from None
 
 
 @app.command()
@@ -393,12 +401,14 @@ def retrain(
     init: InitOpt = "wsabie",
     rounds: RoundsOpt = "auto",
     label_bias_start: LabelBiasStartOpt = str(LABEL_BIAS_DEFAULT),
+    budget: BudgetOpt = SEARCH_BUDGET,
     config=None, run: dict | None = None,
 ) -> None:
     """Stage 3: retrain the G-weighted model with WARP; writes awe.safetensors."""
     with user_errors():
         result, paths = retrain_awe(train_path, model, _train_config(config, run), init=init,
                                     rounds=rounds, label_bias=_bias_start(label_bias_start),
+                                    budget=budget,
                                     **_run_options(run))
         _fit_summary(result)
         _wrote(paths)
@@ -418,6 +428,7 @@ def fit(
     init: InitOpt = "wsabie",
     rounds: RoundsOpt = "auto",
     label_bias_start: LabelBiasStartOpt = str(LABEL_BIAS_DEFAULT),
+    budget: BudgetOpt = SEARCH_BUDGET,
     stage3_lr: Annotated[float, typer.Option(help="Stage 3's learning rate.")]
         = STAGE3_DEFAULTS.lr,
     stage3_epochs: Annotated[int, typer.Option(help="Stage 3's maximum epochs.")]
@@ -438,7 +449,8 @@ def fit(
         stage3 = stage3_config(stage1, lr=stage3_lr, epochs=stage3_epochs)
         result = fit_pipeline(train_path, model, stage1, g_config, stage3,
                               label_bias=_bias_flag(label_bias),
-                              label_bias_start=_bias_start(label_bias_start), init=init,
+                              label_bias_start=_bias_start(label_bias_start), budget=budget,
+                              init=init,
                               rounds=rounds, valid_path=valid, columns=columns,
                               progress=not quiet, report=_say,
                               cluster=ClusterOptions.from_options(scheduler, workers))

@@ -36,6 +36,13 @@ from awe.affinity.kernels import (
     normalize_rows,
     soft_label_affinity,
 )
+from awe.affinity.search import (
+    ValidationRows,
+    default_neighbours,
+    g_precision,
+    neighbour_candidates,
+    pick,
+)
 from awe.cpu import set_threads
 from awe.csr import Csr
 from awe.errors import AweError, invalid
@@ -58,8 +65,9 @@ class AffinityConfig(DictFields):
     """Every option of stage 2; saved in config.json (with the resolved lambdas)."""
 
     neighbors: int | str = option(
-        "auto", "Neighbours per row (n); auto: 20 (the paper's) for annotation, 100 for "
-                "recommendation, where 20 neighbours carry too few of a user's items.")
+        "auto", "Neighbours per row (n). auto: for annotation the best of 10, 20 (the "
+                "paper's) and 40 by G's P@k on stage 1's validation rows (20 without them); "
+                "100 for recommendation.")
     kernel: str = option("gaussian", "Affinity kernel k(e, e_i).", KERNELS)
     lam: float | None = option(None, "Gaussian scale lambda (default: 1 / median squared "
                                      "neighbour distance).", flag="--lambda")
@@ -121,10 +129,10 @@ class AffinityConfig(DictFields):
         self.index_config()  # the index options (--index, --rerank, --target-recall, ...)
 
     def resolved(self, task: str | None) -> AffinityConfig:
-        """Fill the task-dependent default (``auto``) of the neighbour count."""
+        """Fill the task's default for ``neighbors auto`` (no validation rows to choose on)."""
         neighbors = self.neighbors
         if neighbors == "auto":
-            neighbors = 100 if task == "recommendation" else 20
+            neighbors = default_neighbours(task)
         return replace(self, neighbors=int(neighbors))
 
     def with_input_kind(self, kind: str) -> AffinityConfig:
@@ -408,13 +416,22 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
                           config: AffinityConfig, embed_u: torch.Tensor | None,
                           label_vectors: torch.Tensor | None = None, train_g: bool = True,
                           t0: float | None = None, search_all=None,
+                          valid: ValidationRows | None = None,
                           ) -> tuple[Affinity, Csr | None, dict]:
     """:func:`build_affinity` from the training rows' vectors (x U, or x) and labels; callers
     resolve ``auto`` options from the task first (annotation's values otherwise).
 
     ``search_all(index, vectors, n)``, when given, finds every row's leave-one-out neighbours
-    in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result)."""
+    in its place (the Dask path: :func:`awe.cluster.sharded_search`, the same result).
+    ``valid``: with ``neighbors auto``, n is chosen on these rows (:mod:`awe.affinity.search`)."""
 
+    candidates = None
+    if config.neighbors == "auto" and valid is not None and train_g and len(valid):
+        n_rows = vectors.n_rows if isinstance(vectors, Csr) else len(vectors)
+        # a row has n_rows - 1 others: larger counts are that one
+        candidates = tuple(dict.fromkeys(min(c, max(n_rows - 1, 1))
+                                         for c in neighbour_candidates(valid.task)))
+        config = replace(config, neighbors=max(candidates))  # the others: the first columns
     config = config.resolved(None)
     set_threads(config.threads)
     t0 = time.perf_counter() if t0 is None else t0
@@ -442,6 +459,13 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
         sq_dists, ids = index.search(vectors.take(searched) if sparse else vectors[searched],
                                      config.neighbors, searched)
     t_search = time.perf_counter() - t0 - t_index
+    sq_norms = _sq_norms(vectors, config.batch_rows)
+    search = None
+    if candidates is not None:
+        affinity = Affinity(config, index, labels, sq_norms, embed_u, label_vectors, n_labels)
+        chosen, search = choose_neighbours(affinity, sq_dists, ids, valid, candidates)
+        config = replace(config, neighbors=chosen)
+        sq_dists, ids = sq_dists[:, :chosen], ids[:, :chosen]
     resolved, estimated = config, []
     if config.lam is None:
         resolved = replace(resolved, lam=default_lambda(sq_dists))
@@ -449,9 +473,6 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
     if config.label_kernel == "embedding" and config.label_lambda is None:
         resolved = replace(resolved, label_lambda=default_label_lambda(label_vectors))
         estimated.append("label_lambda")
-    sq_norms = np.concatenate([  # in chunks: a float64 copy of all vectors would double them
-        squared_row_norms(_row_slice(vectors, s, s + config.batch_rows)).astype(np.float32)
-        for s in range(0, n, config.batch_rows)])
     affinity = Affinity(resolved, index, labels, sq_norms, embed_u,
                         label_vectors if config.label_kernel == "embedding" else None, n_labels,
                         tuple(estimated))
@@ -472,7 +493,41 @@ def affinity_from_vectors(vectors: np.ndarray, labels: Csr, n_labels: int,
         stats["labels_per_row"] = round(g_train.nnz / max(n, 1), 2)
     if resolved.label_lambda is not None:
         stats["label_lambda"] = resolved.label_lambda
+    if search is not None:
+        stats["neighbors_search"] = search
     return affinity, g_train, stats
+
+
+def choose_neighbours(affinity: Affinity, sq_dists: np.ndarray, ids: np.ndarray,
+                      valid: ValidationRows, candidates: tuple[int, ...]) -> tuple[int, dict]:
+    """``--neighbors auto``: (the chosen n, the record of the search). ``sq_dists`` / ``ids``
+    are the training rows' leave-one-out lists at the largest candidate; each candidate's G
+    takes their first columns (and its own lambda from them, as a G built with that n would)."""
+    t0 = time.perf_counter()
+    c = affinity.config
+    n_max = max(candidates)
+    v_dists, v_ids = affinity.index.search(valid.vectors, n_max)
+    scores = {}
+    for n in candidates:
+        lam = c.lam if c.lam is not None else default_lambda(sq_dists[:, :n])
+        label_lambda = c.label_lambda
+        if c.label_kernel == "embedding" and label_lambda is None:
+            label_lambda = default_label_lambda(affinity.label_vectors)
+        candidate = replace(affinity, config=replace(c, neighbors=n, lam=lam,
+                                                     label_lambda=label_lambda))
+        g = candidate.from_neighbours(valid.vectors, v_dists[:, :n], v_ids[:, :n])
+        scores[n] = round(g_precision(g, valid, affinity.n_labels), 6)
+    chosen = pick(scores)
+    return chosen, {"chosen": chosen, f"valid_P@{valid.k}": {str(n): s for n, s in
+                                                              sorted(scores.items())},
+                    "valid_rows": len(valid), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _sq_norms(vectors: np.ndarray | Csr, batch_rows: int) -> np.ndarray:
+    n = vectors.n_rows if isinstance(vectors, Csr) else len(vectors)
+    return np.concatenate([  # in chunks: a float64 copy of all vectors would double them
+        squared_row_norms(_row_slice(vectors, s, s + batch_rows)).astype(np.float32)
+        for s in range(0, n, batch_rows)])
 
 
 def _row_slice(vectors: np.ndarray | Csr, start: int, stop: int) -> np.ndarray | Csr:

@@ -20,6 +20,7 @@ from awe.affinity.g import (
     check_build,
     query_vectors,
 )
+from awe.affinity.search import ValidationRows, neighbour_candidates
 from awe.card import ModelCard, read_card, write_card
 from awe.csr import Csr
 from awe.errors import AweError
@@ -140,12 +141,12 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
     if embed_u is None:
         embed_u = saved.model.u_matrix().detach().clone()
     label_vectors = saved.model.v_matrix().detach().clone()
-    config = config.resolved(saved.card.stage1.train.task)
     holdout = validation_holdout(saved.card)
+    choose = {"task": saved.card.stage1.train.task, "valid_k": saved.card.stage1.train.selection_k}
     if cluster is None:
         affinity, g_train, stats = build_affinity_streamed(
             train_path, saved.schema, saved.vocab, config, embed_u, label_vectors, model_dir,
-            holdout=holdout)
+            holdout=holdout, **choose)
     else:
         import shutil
         import tempfile
@@ -157,7 +158,7 @@ def build_g(train_path, model_dir, config: AffinityConfig = AffinityConfig(), *,
                 affinity, g_train, stats = build_affinity_streamed(
                     train_path, saved.schema, saved.vocab, config, embed_u, label_vectors,
                     model_dir, search_all=sharded_search(client, scratch, config.threads),
-                    holdout=holdout)
+                    holdout=holdout, **choose)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
     written = write_stage2(model_dir, affinity, g_train, stats, str(train_path), source)
@@ -179,12 +180,15 @@ def validation_holdout(card: ModelCard, built: bool = False) -> Holdout | None:
 def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
                             embed_u: torch.Tensor | None, label_vectors: torch.Tensor | None,
                             scratch_dir: Path, search_all=None, train_g: bool = True,
-                            holdout: Holdout | None = None,
+                            holdout: Holdout | None = None, task: str | None = None,
+                            valid_k: int | None = None,
                             ) -> tuple[Affinity, Csr | None, dict]:
     """:func:`build_affinity` reading ``train_path`` a record batch at a time (same result).
 
     ``holdout``: its validation rows (annotation) or held-out labels (recommendation) are left
-    out of the index and the label store."""
+    out of the index and the label store; with ``valid_k``, ``neighbors auto`` is chosen on them
+    by G's P@k at that k (:func:`~awe.affinity.g.choose_neighbours`), else it is ``task``'s
+    default."""
     config = config.with_input_kind(schema.kind)
     if config.space == "input":
         embed_u = None
@@ -196,12 +200,17 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
     vectors, labels, mapped = stream_vectors(train_path, schema, vocab, embed_u,
                                              config.batch_rows, scratch_dir, metric=config.metric)
     try:
-        held = None
+        held, valid = None, None
         if holdout is not None:
             try:
                 held = holdout.again(labels, train_path)
             except AweError:  # other rows than stage 1's: none of them was held out
                 holdout = None
+        if (config.neighbors == "auto" and holdout is not None and valid_k is not None
+                and len(neighbour_candidates(holdout.task)) > 1):
+            valid = ValidationRows.held_out(vectors, labels, held, valid_k)
+        elif config.neighbors == "auto":
+            config = config.resolved(task)
         if holdout is not None:
             keep = kept_rows(labels.n_rows, held, holdout.task)
             labels = training_labels(labels, held, holdout.task)
@@ -215,7 +224,8 @@ def build_affinity_streamed(train_path, schema, vocab, config: AffinityConfig,
         if mapped is not None:
             vectors.flush()  # workers of the Dask path read the file
         affinity, g_train, stats = affinity_from_vectors(
-            vectors, labels, len(vocab), config, embed_u, label_vectors, train_g, t0, search_all)
+            vectors, labels, len(vocab), config, embed_u, label_vectors, train_g, t0, search_all,
+            valid)
         if holdout is not None:  # the rows G is built over: all but these
             stats["holdout"] = holdout.digest
         return affinity, g_train, stats

@@ -128,7 +128,23 @@ STAGE3_ONLY = ("negatives_from",)
 # epoch (measured: ML100K and Fashion-MNIST peaked at epoch 1 with lr 0.05)
 STAGE3_DEFAULTS = TrainConfig(lr=0.01)
 # beta_y's starting value: f = G * (s + beta) starts near the kNN ranking refined by s
-LABEL_BIAS_DEFAULT = 3.0
+LABEL_BIAS_START = 3.0
+# --label-bias-start auto: stage 3's first round is trained with each start and the one with the
+# best validation P@k is kept (the first wins ties); None is the paper's model, without beta.
+# Neither wins on every dataset (docs/defaults.md)
+LABEL_BIAS_CANDIDATES = (LABEL_BIAS_START, None)
+LABEL_BIAS_DEFAULT = "auto"
+LABEL_BIAS_START_HELP = (
+    "Stage 3: the start of the learned per-label offset beta in f = (G + b)((x U').V'_y + "
+    "beta_y); none: no beta, the paper's f = (G + b)(x U').V'_y; auto: round 1 is trained with "
+    f"{LABEL_BIAS_START:g} and with none, and the better on validation P@k is kept.")
+# --budget: the seconds stage 3's auto choices (another --label-bias-start, a further round) may
+# add to one training run; a candidate that would not fit in what is left is not tried
+SEARCH_BUDGET = 600.0
+SEARCH_BUDGET_HELP = (
+    "Seconds that stage 3's auto choices (--label-bias-start auto, --rounds auto) may add to "
+    "one training run: a candidate is tried only if, timed by the first, it fits in what is "
+    "left; 0: the first candidate of each.")
 # --max-norm auto in stage 3 for recommendation: the G-weighted scores need longer rows than
 # stage 1's 1.5 (ML100K P@10 0.2278 at 3.0 vs 0.2255 at 1.5; docs/method.md)
 STAGE3_RECOMMENDATION_MAX_NORM = 3.0

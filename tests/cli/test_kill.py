@@ -107,8 +107,9 @@ def eval_json(model: Path, test: Path, rows: str, out: Path) -> dict:
 
 TRAIN = ("--epochs", 4, "--dim", 8, "--batch-size", 48, "--valid-fraction", 0.2, "--seed", 1,
          "--threads", 1, "--quiet", "--checkpoint-every", 1)
+# one start of beta' (no search in round 1): every step of the run is checkpointed
 RETRAIN = ("--epochs", 3, "--lr", 0.01, "--batch-size", 48, "--valid-fraction", 0.2, "--seed", 2,
-           "--threads", 1, "--quiet", "--checkpoint-every", 1)
+           "--threads", 1, "--quiet", "--checkpoint-every", 1, "--label-bias-start", 3)
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,8 @@ def test_annotation_validation_rows_never_enter_any_stage(tmp_path, fits):
     assert section["n_rows"] == 300 and section["holdout"] == holdout.digest
     retrain_awe(data, model, TrainConfig(epochs=2, lr=0.01, valid_fraction=0.25, seed=0),
                 rounds=2)
-    assert [f["model"] for f in fits] == ["Wsabie", "AffinityWsabie", "AffinityWsabie"]
+    # stage 1; round 1 from each start of beta' (--label-bias-start auto); round 2
+    assert [f["model"] for f in fits] == ["Wsabie"] + ["AffinityWsabie"] * 3
     for f in fits:  # no stage trains on a validation row; every stage validates on all of them
         assert not (_rows(f["train"].dense) & held_x)
         assert _rows(f["valid"].dense) == held_x
@@ -107,7 +108,7 @@ def test_recommendation_held_labels_never_enter_any_stage(tmp_path, fits):
         r = labels.row_of_entry()
         return set(zip(r.tolist(), labels.indices.tolist(), strict=True))
 
-    assert len(fits) == 2
+    assert len(fits) == 3  # stage 1, stage 3 from each start of beta'
     for f in fits:
         assert not (pairs(f["train"].labels) & held_pairs)
     affinity = Affinity.load(model, read_card(model).stage2)
@@ -149,15 +150,17 @@ def test_g_over_other_rows_than_stage_1s_holds_none_out(tmp_path):
 @pytest.mark.slow
 def test_stage_3_validation_estimates_test_precision(tmp_path):
     """The number every choice is made on estimates the test number: on a synthetic set the
-    stage-3 valid P@1 of metrics.json is within 0.03 of test P@1 (0.653 vs 0.637 at seed 0;
-    validating on rows stage 1 was refit on gives 0.720 vs 0.653)."""
-    datasets.make_dataset("synthetic", tmp_path / "data", preset="magnatagatune", rows=6000,
+    stage-3 valid P@1 of metrics.json is within 0.03 of test P@1, after every auto choice
+    (neighbours, the start of beta', rounds) was made on those rows. Gaps at data seeds 0 / 1 / 2:
+    +0.014 / +0.027 / -0.021 (one standard error of the difference is ~0.014 on 2,000 validation
+    and 3,000 test rows). docs/validation.md has the gap of a validation that leaks."""
+    datasets.make_dataset("synthetic", tmp_path / "data", preset="magnatagatune", rows=8000,
                           test_rows=3000, classes=60)
     train = tmp_path / "data" / "train.parquet"
     model = tmp_path / "m"
-    train_wsabie(train, model, TrainConfig(valid_fraction=0.15, threads=1))
+    train_wsabie(train, model, TrainConfig(valid_fraction=0.25, threads=1))
     build_g(train, model, AffinityConfig(threads=1))
-    retrain_awe(train, model, replace(STAGE3_DEFAULTS, valid_fraction=0.15, threads=1))
+    retrain_awe(train, model, replace(STAGE3_DEFAULTS, valid_fraction=0.25, threads=1))
     valid = json.loads((model / "metrics.json").read_text())["awe"]["valid"]["P@1"]
     test = evaluate_model(model, tmp_path / "data" / "test.parquet", [1], rows=["awe"],
                           threads=1)["awe"]["P@1"]

@@ -24,7 +24,7 @@ from awe.affinity.stage import build_g
 from awe.errors import AweError, TrainingDiverged
 from awe.pipeline import retrain_awe, train_wsabie
 from awe.training.checkpoint import CHECKPOINT_DIR, Checkpoint
-from awe.training.config import TrainConfig
+from awe.training.config import LABEL_BIAS_START, TrainConfig
 from awe.training.loop import _WarpStep
 from tests.affinity.test_affinity import write_clusters
 
@@ -135,6 +135,9 @@ def test_stage1_sparse_resume_inside_a_chunk(tmp_path, monkeypatch):
                        "wsabie") == expected
 
 
+# one start of beta' (no search in round 1): these tests follow the rounds and checkpoints; the
+# search of --label-bias-start auto has its own (tests/pipeline/test_search.py)
+START = LABEL_BIAS_START
 STAGE3 = TrainConfig(epochs=2, dim=8, lr=0.01, batch_size=64, valid_fraction=0.2, seed=2,
                      threads=1)
 
@@ -156,12 +159,12 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_stage3_two_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkeypatch):
     """Round 2 rebuilds G from round 1's U': a kill there resumes at the round's start."""
     plain = _copy(stage2, tmp_path / "plain")
-    retrain_awe(data, plain, STAGE3, rounds=2, checkpoints=False)
+    retrain_awe(data, plain, STAGE3, label_bias=START, rounds=2, checkpoints=False)
     expected = outcome(plain, "awe.safetensors", "awe_history.csv", "awe")
     expected_g = (plain / "affinity.safetensors").read_bytes()
 
     calls = count_saves(monkeypatch)
-    retrain_awe(data, _copy(stage2, tmp_path / "with"), STAGE3, rounds=2)
+    retrain_awe(data, _copy(stage2, tmp_path / "with"), STAGE3, label_bias=START, rounds=2)
     n_saves = calls["n"]
     # one per epoch (select and refit phases of both rounds: one history row each), and round 2's
     # start
@@ -171,9 +174,9 @@ def test_stage3_two_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, 
         model = _copy(stage2, tmp_path / f"k{k}")
         crash_after(monkeypatch, k)
         with pytest.raises(Crash):
-            retrain_awe(data, model, STAGE3, rounds=2)
+            retrain_awe(data, model, STAGE3, label_bias=START, rounds=2)
         monkeypatch.undo()
-        retrain_awe(data, model, STAGE3, rounds=2, resume=True)
+        retrain_awe(data, model, STAGE3, label_bias=START, rounds=2, resume=True)
         assert outcome(model, "awe.safetensors", "awe_history.csv", "awe") == expected, k
         assert (model / "affinity.safetensors").read_bytes() == expected_g
         assert not (model / CHECKPOINT_DIR).exists()
@@ -289,10 +292,10 @@ def test_auto_rounds_keep_the_best_validated_round(tmp_path, data, stage2, monke
     included) and leaves exactly the files of a run of that many rounds; at most 2 rounds
     (a third would find no score)."""
     reference = _copy(stage2, tmp_path / "reference")
-    retrain_awe(data, reference, STAGE3, rounds=kept, checkpoints=False)
+    retrain_awe(data, reference, STAGE3, label_bias=START, rounds=kept, checkpoints=False)
     script_valid_scores(monkeypatch, scores)
     model = _copy(stage2, tmp_path / "auto")
-    retrain_awe(data, model, STAGE3, rounds="auto", checkpoints=False)
+    retrain_awe(data, model, STAGE3, label_bias=START, rounds="auto", checkpoints=False)
     assert round_files(model) == {**round_files(reference), "round": kept}
     metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["awe"]["round"] == kept and metrics["awe"]["rounds_run"] == len(scores)
@@ -324,12 +327,13 @@ def test_auto_rounds_is_one_round_for_recommendation_on_labels_stage_1_saw(tmp_p
                                               refit=refit), checkpoints=False)
         build_g(data, model, AffinityConfig(neighbors=5, index="flat", threads=1))
         script_valid_scores(monkeypatch, {1: 0.1, 2: 0.2})
-        retrain_awe(data, model, STAGE3, rounds="auto", checkpoints=False)
+        retrain_awe(data, model, STAGE3, label_bias=START, rounds="auto", checkpoints=False)
         metrics = json.loads((model / "metrics.json").read_text())["awe"]
         assert metrics["round"] == metrics["rounds_run"] == rounds
         assert metrics["validation"] == ("rows stage 1 trained on" if refit else "holdout")
         monkeypatch.undo()
-    retrain_awe(data, tmp_path / "m-True", STAGE3, rounds=2, checkpoints=False)  # asked for
+    retrain_awe(data, tmp_path / "m-True", STAGE3, label_bias=START, rounds=2,
+                checkpoints=False)  # asked for
     assert json.loads((tmp_path / "m-True" / "metrics.json").read_text())["awe"]["rounds_run"] == 2
 
 
@@ -337,10 +341,10 @@ def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkey
     """A kill anywhere in an auto run (round 2 worse than round 1) resumes to its outcome."""
     script_valid_scores(monkeypatch, {1: 0.5, 2: 0.4})
     plain = _copy(stage2, tmp_path / "plain")
-    retrain_awe(data, plain, STAGE3, rounds="auto", checkpoints=False)
+    retrain_awe(data, plain, STAGE3, label_bias=START, rounds="auto", checkpoints=False)
     expected = outcome(plain, "awe.safetensors", "awe_history.csv", "awe"), round_files(plain)
     calls = count_saves(monkeypatch)
-    retrain_awe(data, _copy(stage2, tmp_path / "with"), STAGE3, rounds="auto")
+    retrain_awe(data, _copy(stage2, tmp_path / "with"), STAGE3, label_bias=START, rounds="auto")
     n_saves = calls["n"]
     monkeypatch.undo()
     for k in range(1, n_saves + 1):
@@ -348,10 +352,10 @@ def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkey
         model = _copy(stage2, tmp_path / f"k{k}")
         crash_after(monkeypatch, k)
         with pytest.raises(Crash):
-            retrain_awe(data, model, STAGE3, rounds="auto")
+            retrain_awe(data, model, STAGE3, label_bias=START, rounds="auto")
         monkeypatch.undo()
         script_valid_scores(monkeypatch, {1: 0.5, 2: 0.4})
-        retrain_awe(data, model, STAGE3, rounds="auto", resume=True)
+        retrain_awe(data, model, STAGE3, label_bias=START, rounds="auto", resume=True)
         monkeypatch.undo()
         got = outcome(model, "awe.safetensors", "awe_history.csv", "awe"), round_files(model)
         assert got == expected, k
@@ -361,4 +365,4 @@ def test_auto_rounds_resume_from_every_checkpoint(tmp_path, data, stage2, monkey
 @pytest.mark.parametrize("rounds", [0, -1, "x", 1.5, True, "2.0"])
 def test_bad_rounds(tmp_path, data, stage2, rounds):
     with pytest.raises(AweError, match="rounds must be 'auto' or an integer >= 1"):
-        retrain_awe(data, _copy(stage2, tmp_path / "m"), STAGE3, rounds=rounds)
+        retrain_awe(data, _copy(stage2, tmp_path / "m"), STAGE3, label_bias=START, rounds=rounds)
