@@ -7,8 +7,6 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors import safe_open
@@ -28,6 +26,7 @@ from awe.training.checkpoint import Checkpoint
 from awe.training.config import LABEL_BIAS_CANDIDATES, LABEL_BIAS_START, TrainConfig
 from cli.main import app
 from tests.affinity.test_affinity import write_clusters
+from tests.pipeline.test_validation import write_users
 
 STAGE3 = TrainConfig(epochs=2, lr=0.01, batch_size=64, seed=2, threads=1)
 
@@ -142,11 +141,7 @@ def test_neighbors_auto_without_validation_rows_is_the_task_default(tmp_path):
 
 
 def test_neighbors_auto_for_recommendation_is_100(tmp_path):
-    rng = np.random.default_rng(0)
-    items = [sorted(rng.choice(30, rng.integers(5, 10), replace=False).tolist())
-             for _ in range(150)]
-    data = tmp_path / "train.parquet"
-    pq.write_table(pa.table({"feature_ids": [[u] for u in range(150)], "labels": items}), data)
+    data = write_users(tmp_path / "train.parquet", 150)
     model = tmp_path / "m"
     train_wsabie(data, model, TrainConfig(epochs=1, dim=8, valid_fraction=0.2, seed=0,
                                           task="recommendation", threads=1), checkpoints=False)

@@ -84,12 +84,18 @@ def test_annotation_validation_rows_never_enter_any_stage(tmp_path, fits):
     assert metrics["awe"]["validation"] == "holdout"
 
 
-def test_recommendation_held_labels_never_enter_any_stage(tmp_path, fits):
+def write_users(path, n_users: int):
+    """Recommendation rows: x a user id, 5-9 items each of 30."""
     rng = np.random.default_rng(0)
     items = [sorted(rng.choice(30, rng.integers(5, 10), replace=False).tolist())
-             for _ in range(120)]
-    data = tmp_path / "train.parquet"
-    pq.write_table(pa.table({"feature_ids": [[u] for u in range(120)], "labels": items}), data)
+             for _ in range(n_users)]
+    pq.write_table(pa.table({"feature_ids": [[u] for u in range(n_users)], "labels": items}),
+                   path)
+    return path
+
+
+def test_recommendation_held_labels_never_enter_any_stage(tmp_path, fits):
+    data = write_users(tmp_path / "train.parquet", 120)
     model = tmp_path / "m"
     train_wsabie(data, model, TrainConfig(epochs=2, dim=8, valid_fraction=0.2, seed=0,
                                           task="recommendation"))
