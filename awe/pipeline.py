@@ -345,6 +345,9 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
         torch.set_num_threads(config.threads)
     affinity, g_train = Affinity.load(model_dir, saved.card.stage2, with_train_g=True)
     g_fingerprint = saved.card.stage2.fingerprint
+    metrics_path = model_dir / artifacts.METRICS
+    chosen_n = (artifacts.read_json(metrics_path).get("g", {}).get("neighbors_search")
+                if metrics_path.exists() else None)
     train = _training_rows(train_path, saved.schema, saved.vocab, config)
     streaming = isinstance(train, ShuffleStream)
     all_rows, keep, valid = train, None, None
@@ -417,7 +420,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     if valid is None:  # nothing to choose on: the first start
         bias_starts = bias_starts[:1]
     for round_no in range(first_round, max_rounds + 1):
-        if round_no > 1 and auto_rounds and not search.fits("rounds"):
+        # decided on rank 0's clock: every rank must try the same candidates
+        if round_no > 1 and auto_rounds and not world.broadcast_object(search.fits()):
             if report is not None and world.is_main:
                 report(f"round {round_no}: not tried, --budget {budget:g}s would be exceeded "
                        f"(a round took {search.unit:.0f}s); kept round {best['round']}")
@@ -448,6 +452,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                         start["V"].clone())
                 if holdout is not None:  # built over the training part only
                     stats["holdout"] = holdout.digest
+                if chosen_n is not None:  # the count stays the one chosen on stage 1's G
+                    stats["neighbors_search"] = chosen_n
                 written += write_stage2(model_dir, affinity, g_train, stats,
                                         saved.card.stage2.train_path or str(train_path),
                                         f"awe round {round_no - 1}")
@@ -484,7 +490,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
         say = report if world.is_main and progress else None
         fits = []  # (start of beta, what fit_selected returned, valid P@k)
         for start_bias in bias_starts:
-            if fits and not search.fits("label_bias_start"):
+            if fits and not world.broadcast_object(search.fits()):
                 search.skipped("label_bias_start", start_bias)
                 continue
             if len(bias_starts) > 1 and say is not None:
@@ -496,7 +502,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
             search.spent(time.perf_counter() - t_fit, first=not fits)
             fits.append((start_bias, got, got[1].best_metrics.get(selection)))
         if len(bias_starts) > 1:
-            chosen = _best_start(fits)
+            start_chosen = world.broadcast_object(_best_start(fits)[0])  # rank 0 validates
+            chosen = next(fit_ for fit_ in fits if fit_[0] == start_chosen)
             search.record("label_bias_start", selection, fits, chosen[0])
             if report is not None and world.is_main:
                 report(f"--label-bias-start auto: {_fmt_start(chosen[0])}, by valid {selection} ("
@@ -587,7 +594,7 @@ class Search:
     used: float = 0.0
     log: dict = field(default_factory=dict)
 
-    def fits(self, what: str) -> bool:
+    def fits(self) -> bool:
         return self.unit is None or self.used + self.unit <= self.budget
 
     def spent(self, seconds: float, first: bool = False) -> None:

@@ -283,3 +283,18 @@ def test_cli_rejects_a_bad_budget_or_start(stage2, tmp_path):
     got = runner.invoke(app, ["retrain", str(data), "--model", str(model),
                               "--label-bias-start", "high"])
     assert got.exit_code == 2 and "expected a number, none or auto" in got.output
+
+
+def test_a_kept_round_2_keeps_the_neighbour_count_and_its_record(stage1, tmp_path, monkeypatch):
+    """Round 2's G is rebuilt from U' with the count chosen on stage 1's G, and metrics.json
+    still says how it was chosen."""
+    root, data = stage1
+    model = _copy(root / "m", tmp_path / "m")
+    stats, _ = build_g(data, model, AffinityConfig(index="flat", threads=1))
+    script_scores(monkeypatch, [0.5, 0.4, 0.9])  # round 1 from 3, from none; round 2
+    retrain_awe(data, model, STAGE3, rounds="auto")
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["awe"]["round"] == 2
+    assert metrics["g"]["neighbors_search"] == stats["neighbors_search"]
+    assert read_card(model).stage2.config.neighbors == stats["neighbors_search"]["chosen"]
+    assert read_card(model).stage2.source == "awe round 1"
