@@ -422,6 +422,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     for round_no in range(first_round, max_rounds + 1):
         # decided on rank 0's clock: every rank must try the same candidates
         if round_no > 1 and auto_rounds and not world.broadcast_object(search.fits()):
+            search.skipped("rounds", round_no)
             if report is not None and world.is_main:
                 report(f"round {round_no}: not tried, --budget {budget:g}s would be exceeded "
                        f"(a round took {search.unit:.0f}s); kept round {best['round']}")

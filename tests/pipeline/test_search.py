@@ -230,6 +230,7 @@ def test_budget_zero_tries_the_first_candidate_only(stage2, tmp_path, monkeypatc
     metrics = json.loads((model / "metrics.json").read_text())["awe"]
     assert metrics["rounds_run"] == 1
     assert metrics["search"]["label_bias_start"]["not_tried"] == [None]
+    assert metrics["search"]["rounds"]["not_tried"] == [2]
     assert read_card(model).stage3.label_bias_init == LABEL_BIAS_START
     assert any("--budget" in line for line in notes)
 
