@@ -613,7 +613,7 @@ class Search:
                       f"valid_{selection}": {_fmt_start(b): p for b, _, p in fits}})
 
     def summary(self) -> dict:
-        return {"budget": self.budget, "seconds_added": round(self.used, 2), **self.log}
+        return {"budget": self.budget, "added_seconds": round(self.used, 2), **self.log}
 
 
 def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> None:
