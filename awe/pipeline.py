@@ -346,8 +346,8 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     affinity, g_train = Affinity.load(model_dir, saved.card.stage2, with_train_g=True)
     g_fingerprint = saved.card.stage2.fingerprint
     metrics_path = model_dir / artifacts.METRICS
-    chosen_n = (artifacts.read_json(metrics_path).get("g", {}).get("neighbors_search")
-                if metrics_path.exists() else None)
+    g_stats = artifacts.read_json(metrics_path).get("g", {}) if metrics_path.exists() else {}
+    chosen_n = g_stats.get("neighbors_search")
     train = _training_rows(train_path, saved.schema, saved.vocab, config)
     streaming = isinstance(train, ShuffleStream)
     all_rows, keep, valid = train, None, None
@@ -421,11 +421,13 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
         bias_starts = bias_starts[:1]
     for round_no in range(first_round, max_rounds + 1):
         # decided on rank 0's clock: every rank must try the same candidates
-        if round_no > 1 and auto_rounds and not world.broadcast_object(search.fits()):
+        if round_no > 1 and auto_rounds and not world.broadcast_object(
+                search.fits(extra=_g_seconds(g_stats))):
             search.skipped("rounds", round_no)
             if report is not None and world.is_main:
                 report(f"round {round_no}: not tried, --budget {budget:g}s would be exceeded "
-                       f"(a round took {search.unit:.0f}s); kept round {best['round']}")
+                       f"(a fit took {search.unit:.0f}s, G {_g_seconds(g_stats):.0f}s); kept "
+                       f"round {best['round']}")
             break
         round_started = time.perf_counter()
         mid_round = ck is not None and ck.saved_at_or_after(round_no, "select")
@@ -455,6 +457,7 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
                     stats["holdout"] = holdout.digest
                 if chosen_n is not None:  # the count stays the one chosen on stage 1's G
                     stats["neighbors_search"] = chosen_n
+                g_stats = stats
                 written += write_stage2(model_dir, affinity, g_train, stats,
                                         saved.card.stage2.train_path or str(train_path),
                                         f"awe round {round_no - 1}")
@@ -595,8 +598,10 @@ class Search:
     used: float = 0.0
     log: dict = field(default_factory=dict)
 
-    def fits(self) -> bool:
-        return self.unit is None or self.used + self.unit <= self.budget
+    def fits(self, extra: float = 0.0) -> bool:
+        """Whether one more fit (and ``extra`` seconds, a G rebuilt for a round) stays within
+        the budget."""
+        return self.unit is None or self.used + self.unit + extra <= self.budget
 
     def spent(self, seconds: float, first: bool = False) -> None:
         if first:
@@ -614,6 +619,11 @@ class Search:
 
     def summary(self) -> dict:
         return {"budget": self.budget, "added_seconds": round(self.used, 2), **self.log}
+
+
+def _g_seconds(stats: dict) -> float:
+    """What building G took (its index, search and weights), from its metrics."""
+    return sum(float(stats.get(k, 0.0)) for k in ("index_seconds", "search_seconds", "g_seconds"))
 
 
 def _check_same_rows(n_rows: int, labels, affinity, train_path, model_dir) -> None:

@@ -28,7 +28,7 @@ from awe.models.affinity_wsabie import AffinityWsabie
 from awe.models.saved import load_wsabie
 from awe.ranking.metrics import evaluate
 from awe.training import loop
-from awe.training.config import LABEL_BIAS_DEFAULT, STAGE3_DEFAULTS
+from awe.training.config import LABEL_BIAS_START, STAGE3_DEFAULTS
 
 torch.set_num_threads(1)
 model_dir, train_path = Path(sys.argv[1]), sys.argv[2]
@@ -201,7 +201,7 @@ for variant in variants:
     config = replace(STAGE3_DEFAULTS, threads=1, seed=int(kw.get("seed", 0)), epochs=EPOCHS,
                      patience=PATIENCE, negatives_from=kw.get("neg", "all"),
                      lr=float(kw.get("lr", STAGE3_DEFAULTS.lr)))
-    lb = None if kw.get("beta") == "off" else float(kw.get("beta", LABEL_BIAS_DEFAULT))
+    lb = None if kw.get("beta") == "off" else float(kw.get("beta", LABEL_BIAS_START))
     model = cls(saved.model.shape, bias, config.init_scale,
                 torch.Generator().manual_seed(config.seed), lb)
     model.load_tensors(start)

@@ -143,10 +143,10 @@ LABEL_BIAS_START_HELP = (
 SEARCH_BUDGET = 600.0
 SEARCH_BUDGET_HELP = (
     "Seconds that stage 3's auto choices (--label-bias-start auto, --rounds auto) may add to "
-    "one training run: a candidate is tried only if, timed by the first, it fits in what is "
-    "left; 0: the first candidate of each.")
-# --max-norm auto in stage 3 for recommendation: the G-weighted scores need longer rows than
-# stage 1's 1.5 (ML100K P@10 0.2278 at 3.0 vs 0.2255 at 1.5; docs/method.md)
+    "one training run: a candidate is tried only if it fits in what is left, timed by the last "
+    "fit (and G build); 0: the first candidate of each.")
+# --max-norm auto in stage 3 for recommendation: rows bounded as in stage 1, longer than its 1.5
+# for the G-weighted scores (on validation, 3 and none are level: docs/defaults.md)
 STAGE3_RECOMMENDATION_MAX_NORM = 3.0
 
 

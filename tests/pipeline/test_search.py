@@ -21,7 +21,7 @@ from awe.csr import Csr
 from awe.errors import AweError
 from awe.io.holdout import Holdout, split_held
 from awe.io.reader import Columns, load_examples, scan
-from awe.pipeline import label_bias_starts, retrain_awe, train_wsabie
+from awe.pipeline import Search, label_bias_starts, retrain_awe, train_wsabie
 from awe.training.checkpoint import Checkpoint
 from awe.training.config import LABEL_BIAS_CANDIDATES, LABEL_BIAS_START, TrainConfig
 from cli.main import app
@@ -264,6 +264,17 @@ def test_a_kill_after_the_search_resumes_with_the_chosen_start(stage2, tmp_path,
     mine, theirs = _weights(model), _weights(plain)
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=0)
+
+
+def test_search_fits_a_candidate_by_the_last_fit_and_the_g_it_needs():
+    search = Search(10.0)
+    assert search.fits()  # nothing timed yet: the first candidate is the run's own
+    search.spent(4.0, first=True)
+    assert search.fits() and search.used == 0.0
+    search.spent(7.0)
+    assert search.used == 7.0 and not search.fits()
+    assert Search(10.0, unit=4.0, used=5.0).fits(extra=1.0) is True
+    assert Search(10.0, unit=4.0, used=5.0).fits(extra=2.0) is False
 
 
 def test_label_bias_starts():
