@@ -548,7 +548,6 @@ def _retrain_awe(train_path, model_dir, config: TrainConfig, world: World, *, in
     _drop_kept_rounds(model_dir)
     history_path = model_dir / artifacts.AWE_HISTORY
     artifacts.write_csv(history_path, history)
-    metrics_path = model_dir / artifacts.METRICS
     all_metrics = artifacts.read_json(metrics_path) if metrics_path.exists() else {}
     all_metrics["awe"] = {**best["metrics"], "rounds": str(rounds), "round": best["round"],
                           "rounds_run": max(row["round"] for row in history)}

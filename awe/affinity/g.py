@@ -507,12 +507,12 @@ def choose_neighbours(affinity: Affinity, sq_dists: np.ndarray, ids: np.ndarray,
     c = affinity.config
     n_max = max(candidates)
     v_dists, v_ids = affinity.index.search(valid.vectors, n_max)
+    label_lambda = c.label_lambda  # of the label vectors: the same for every count
+    if c.label_kernel == "embedding" and label_lambda is None:
+        label_lambda = default_label_lambda(affinity.label_vectors)
     scores = {}
     for n in candidates:
         lam = c.lam if c.lam is not None else default_lambda(sq_dists[:, :n])
-        label_lambda = c.label_lambda
-        if c.label_kernel == "embedding" and label_lambda is None:
-            label_lambda = default_label_lambda(affinity.label_vectors)
         candidate = replace(affinity, config=replace(c, neighbors=n, lam=lam,
                                                      label_lambda=label_lambda))
         g = candidate.from_neighbours(valid.vectors, v_dists[:, :n], v_ids[:, :n])
